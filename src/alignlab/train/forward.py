@@ -1,0 +1,125 @@
+"""Batches laid out so the LM head only runs where a loss is taken, and the log-probs of those tokens.
+
+Layout ("aligned" batches): each row is left-padded so that its first loss token sits at the same column
+for every row, and right-padded to a common length. The positions that predict loss tokens are then the
+last ``k`` columns for every row, so the model's own ``logits_to_keep=k`` argument slices the hidden states
+before the LM head: no logits are ever computed for prompt tokens (on SmolLM2 the LM head over a 49k
+vocabulary costs as much as the rest of the model for short answers). Position ids are derived from the
+attention mask, so left padding does not shift RoPE positions. Because the slicing happens inside the
+model's own ``forward``, this works unchanged under DDP, FSDP and DeepSpeed wrappers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignlab.losses.common import selective_log_softmax
+
+IGNORE = -100
+
+
+@dataclass
+class AlignedBatch:
+    """A padded batch whose loss positions are the last ``keep`` columns.
+
+    Shapes: ``input_ids``, ``attention_mask``, ``position_ids``: (b, t); ``targets``, ``loss_mask``: (b, k)
+    with ``k = keep``: the token predicted at each kept column and whether it carries loss.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    keep: int
+
+    def to(self, device: torch.device | str) -> AlignedBatch:
+        return AlignedBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+            self.targets.to(device), self.loss_mask.to(device), self.keep,
+        )
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def collate_aligned(
+    sequences: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    pad_token_id: int,
+) -> AlignedBatch:
+    """Pad ``sequences`` (token ids) with ``labels`` (same length; ``-100`` where no loss, else the token id
+    itself, as Hugging Face labels are) into an :class:`AlignedBatch`.
+
+    Row ``i`` with first loss token at index ``f_i`` (at least 1: token 0 has nothing to predict it) gets
+    ``S - (f_i - 1)`` pads on the left, ``S = max_i (f_i - 1)``; column ``S + j`` then predicts the token in
+    column ``S + j + 1`` for every row.
+    """
+    if len(sequences) != len(labels):
+        raise ValueError("sequences and labels differ in count")
+    starts = []
+    for ids, lab in zip(sequences, labels):
+        if len(ids) != len(lab):
+            raise ValueError("a sequence and its labels differ in length")
+        first = next((i for i, t in enumerate(lab) if t != IGNORE and i > 0), None)
+        starts.append((first if first is not None else len(ids)) - 1)
+    shift = max(starts)
+    width = max(shift - s + len(ids) for s, ids in zip(starts, sequences))
+    b = len(sequences)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    full_labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    for row, (ids, lab, s) in enumerate(zip(sequences, labels, starts)):
+        left = shift - s
+        input_ids[row, left : left + len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, left : left + len(ids)] = 1
+        lab_t = torch.as_tensor(lab, dtype=torch.long)
+        lab_t[0] = IGNORE
+        full_labels[row, left : left + len(ids)] = lab_t
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(1, width - shift - 1)
+    # column shift + j predicts column shift + j + 1; the last column predicts nothing
+    targets = full_labels[:, shift + 1 : shift + 1 + keep]
+    if targets.shape[1] < keep:
+        targets = torch.nn.functional.pad(targets, (0, keep - targets.shape[1]), value=IGNORE)
+    loss_mask = targets != IGNORE
+    return AlignedBatch(input_ids, attention_mask, position_ids, targets.clamp(min=0), loss_mask, keep)
+
+
+def aligned_logits(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
+    """Logits (b, k, v) of the kept columns only. The last kept column is ``t - 2`` (the final column
+    predicts nothing), so we ask the model for ``k + 1`` columns and drop the last."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1, :]
+
+
+def completion_logps(model: torch.nn.Module, batch: AlignedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs (b, k) of the targets, zero where ``loss_mask`` is 0. No (b, t, v) log-softmax
+    is materialised: only the kept columns get logits, and the log-prob is gathered then normalised."""
+    logits = aligned_logits(model, batch)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = selective_log_softmax(logits, batch.targets)
+    return logps * batch.loss_mask
+
+
+def sum_token_cross_entropy(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
+    """The summed negative log-likelihood of the loss tokens (a scalar), via the fused cross-entropy
+    kernel; divide by the global token count for the SFT loss."""
+    logits = aligned_logits(model, batch)
+    flat_mask = batch.loss_mask.reshape(-1)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1])[flat_mask].float(),
+        batch.targets.reshape(-1)[flat_mask],
+        reduction="sum",
+    )

@@ -1,0 +1,510 @@
+"""The parts every trainer shares, written once: the run folder, accelerate, the optimizer and schedule, the
+step plan (which examples go into which optimizer step, on which process), checkpoints that resume exactly,
+NaN guards, signals, metrics and the progress bar.
+
+A trainer (``sft.py``, ``reward.py``, ``dpo.py``, ``ppo.py``) stays a readable top-to-bottom loop and calls
+these helpers by name. Why not the HF Trainer: its loop hides the algorithm, and its accumulation and
+checkpoint semantics changed between versions; ours are small enough to read and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from alignlab.config import TrainConfig, config_to_dict
+from alignlab.errors import AlignlabError
+
+# --------------------------------------------------------------------------------------------- precision
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` on a GPU with bf16 or a CPU with native bf16, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An ``accelerate.Accelerator`` for this run: DDP/FSDP/DeepSpeed come from ``accelerate launch``;
+    bf16 becomes autocast (parameters and optimizer state stay fp32)."""
+    from accelerate import Accelerator
+
+    precision = resolve_precision(cfg.precision)
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-d tensors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise AlignlabError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warmup, then cosine/linear decay to 0 or
+    constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    """Warmup (``warmup_ratio`` of the steps) then ``cfg.schedule`` decay, as a ``LambdaLR``."""
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def fn(step: int) -> float:
+        return lr_lambda(step, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.schedule)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# --------------------------------------------------------------------------------------------- step plan
+
+
+def plan_steps(
+    lengths: Sequence[int],
+    cfg: TrainConfig,
+    world_size: int = 1,
+    *,
+    batch_builder: Callable[..., list[list[int]]] | None = None,
+) -> list[list[int]]:
+    """The example indices of every optimizer step, for the whole run, fixed by the seed.
+
+    One step takes ``batch_size x grad_accum x world_size`` examples (the global batch). Epochs are shuffled
+    with ``seed + epoch``; with ``group_by_length`` examples of similar length share a step. Because the plan
+    is a pure function of (lengths, config), a resumed run simply continues at its step number, and every
+    process computes the same plan and takes its own share (:func:`micro_batches`).
+    """
+    from alignlab.data.batching import length_grouped_batches
+
+    n = len(lengths)
+    if n == 0:
+        raise AlignlabError("no training examples")
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    steps_per_epoch = max(1, n // global_batch) if n >= global_batch else 1
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        if cfg.group_by_length:
+            batches = (batch_builder or length_grouped_batches)(
+                lengths, global_batch, seed=cfg.seed, epoch=epoch, shuffle=True
+            )
+        else:
+            rng = np.random.default_rng([cfg.seed, epoch])
+            order = rng.permutation(n).tolist()
+            batches = [order[i : i + global_batch] for i in range(0, n, global_batch)]
+        # a short last batch would weigh its few examples more; drop it unless it is all there is
+        full = [b for b in batches if len(b) == global_batch] or batches
+        plan.extend(full)
+        epoch += 1
+    return plan[:total]
+
+
+def micro_batches(step_indices: Sequence[int], lengths: Sequence[int], cfg: TrainConfig, rank: int,
+                  world_size: int) -> list[list[int]]:
+    """This process's micro-batches of one optimizer step: the global batch sorted by length (less padding),
+    cut into ``grad_accum x world_size`` slices, every ``world_size``-th slice taken by this rank."""
+    ordered = sorted(step_indices, key=lambda i: (lengths[i], i))
+    n_slices = cfg.grad_accum * world_size
+    size = math.ceil(len(ordered) / n_slices)
+    slices = [ordered[i * size : (i + 1) * size] for i in range(n_slices)]
+    return [s for s in slices[rank::world_size] if s]
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+class NonFiniteError(AlignlabError):
+    """A NaN or inf in the loss or gradients."""
+
+
+class Run:
+    """One training run's folder and bookkeeping.
+
+    Layout: ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/step-N/``, ``final/`` and, for
+    trainers that generate, ``samples.jsonl``. Only the main process writes.
+    """
+
+    def __init__(self, cfg: TrainConfig, stage: str, accelerator: Any | None = None) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
+        self.out = Path(cfg.output_dir)
+        self.is_main = self.accelerator.is_main_process
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.stop_requested: str | None = None
+        self.skipped_steps = 0
+        self.started = time.time()
+        self._bar: Any = None
+        self._tb: Any = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "checkpoints").mkdir(exist_ok=True)
+            with open(self.out / "config.yaml", "w") as f:
+                yaml.safe_dump({"stage": stage, **config_to_dict(cfg)}, f, sort_keys=False)
+        seed_everything(cfg.seed)
+        self._install_signal_handlers()
+
+    # -- logging ---------------------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: dict[str, Any], *, file: str = "metrics.jsonl") -> None:
+        """Append one JSON line (main process only) and mirror scalars to TensorBoard when installed."""
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(time.time() - self.started, 3), **metrics}
+        with open(self.out / file, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        if file == "metrics.jsonl":
+            tb = self._tensorboard()
+            if tb is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def _tensorboard(self) -> Any:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self._tb = False
+        return self._tb or None
+
+    def progress(self, total: int, start: int = 0, desc: str | None = None) -> Any:
+        """A tqdm bar with ETA on the main process (a no-op object elsewhere or when disabled)."""
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=total, initial=start, desc=desc or self.stage, dynamic_ncols=True,
+            disable=not (self.is_main and self.cfg.progress),
+        )
+        return self._bar
+
+    def print(self, *args: Any) -> None:
+        """Print on the main process without breaking the progress bar."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(" ".join(str(a) for a in args))
+        else:
+            print(*args, flush=True)
+
+    # -- signals ---------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self.stop_requested = signal.Signals(signum).name
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handlers
+            pass
+
+    # -- the optimizer step --------------------------------------------------------------------------
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> bool:
+        """False (and the step is to be skipped) for a non-finite loss with ``on_nan=skip``; raises with
+        ``on_nan=stop``."""
+        if torch.isfinite(loss).all():
+            return True
+        return self._nonfinite(f"loss is {loss.item()}", step)
+
+    def _nonfinite(self, what: str, step: int) -> bool:
+        if self.cfg.on_nan == "skip":
+            self.skipped_steps += 1
+            self.print(f"step {step}: {what}; skipping this step ({self.skipped_steps} skipped so far)")
+            return False
+        last = latest_checkpoint(self.out / "checkpoints")
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(f"{what} at step {step}; the run stops and {kept} (use on_nan=skip to skip)")
+
+    def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                       step: int) -> float | None:
+        """Clip, check the gradients are finite, step, zero. Returns the gradient norm, or None when the step
+        was skipped for a non-finite gradient."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        norm_value = float(norm)
+        if not math.isfinite(norm_value):
+            optimizer.zero_grad(set_to_none=True)
+            if not self._nonfinite(f"gradient norm is {norm_value}", step):
+                return None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm_value
+
+    @contextmanager
+    def accumulate(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
+        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
+        ctx = self.accelerator.no_sync(model) if (not last and self.world_size > 1) else nullcontext()
+        with ctx:
+            yield
+
+    def all_reduce_sum(self, value: float | int) -> float:
+        """Sum a number over processes (e.g. the loss-token count of the global batch)."""
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    def gather_mean(self, value: float) -> float:
+        """Mean of a per-process number."""
+        return self.all_reduce_sum(value) / self.world_size
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def should_save(self, step: int, total: int) -> bool:
+        done = step + 1
+        return done == total or (self.cfg.save_every > 0 and done % self.cfg.save_every == 0)
+
+    def should_eval(self, step: int, total: int) -> bool:
+        done = step + 1
+        return done == total or (self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0)
+
+    def save_checkpoint(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, extra: dict[str, Any] | None = None) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically: trainable weights (safetensors), optimizer, scheduler,
+        RNG states, ``extra`` (trainer state such as a KL controller) and a manifest of checksums."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            unwrapped = self.accelerator.unwrap_model(model)
+            weights = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters()
+                       if p.requires_grad}
+            state = {
+                "step": step + 1,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "skipped_steps": self.skipped_steps,
+                "extra": extra or {},
+            }
+            path = write_checkpoint(self.out / "checkpoints", step + 1, weights, optimizer.state_dict(), state,
+                                    keep=self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any) -> tuple[int, dict[str, Any]]:
+        """Load the newest valid checkpoint (``resume=auto``) or the one named; returns (next step, extra
+        state). A corrupted newest checkpoint is reported and the previous one used."""
+        if self.cfg.resume == "never":
+            return 0, {}
+        if self.cfg.resume == "auto":
+            found = find_valid_checkpoint(self.out / "checkpoints", warn=self.print)
+            if found is None:
+                return 0, {}
+        else:
+            found = Path(self.cfg.resume)
+            problem = verify_checkpoint(found)
+            if problem:
+                raise AlignlabError(f"cannot resume: {problem}", file=str(found))
+        weights = load_file(str(found / "trainable.safetensors"))
+        unwrapped = self.accelerator.unwrap_model(model)
+        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+        trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if unexpected or (trainable - set(weights)):
+            raise AlignlabError(
+                f"checkpoint does not fit this model (unexpected {list(unexpected)[:3]}, "
+                f"missing {sorted(trainable - set(weights))[:3]})",
+                file=str(found),
+            )
+        optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True, map_location="cpu"))
+        state = torch.load(found / "state.pt", weights_only=True)
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.print(f"resumed from {found} (step {state['step']})")
+        return int(state["step"]), state.get("extra", {})
+
+    def save_final(self, model: torch.nn.Module, tokenizer: Any, *, extra_files: dict[str, str] | None = None,
+                   name: str = "final") -> Path | None:
+        """Save the trained model as a Hugging Face checkpoint folder (LoRA merged unless ``merge_lora``
+        is off)."""
+        from alignlab.models import save_model
+
+        self.accelerator.wait_for_everyone()
+        out = None
+        if self.is_main and self.cfg.save_final:
+            unwrapped = self.accelerator.unwrap_model(model)
+            out = save_model(unwrapped, tokenizer, self.out / name, merge_lora=self.cfg.merge_lora,
+                             extra_files=extra_files)
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def peak_rss_mb(self) -> float:
+        """This process's peak resident memory so far, in MiB."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def rss_mb(self) -> float:
+        return psutil.Process().memory_info().rss / 2**20
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb:
+            self._tb.close()
+
+
+# --------------------------------------------------------------------------------------------- checkpoint files
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
+                     state: dict, *, keep: int = 2) -> Path:
+    """Write ``root/step-N`` via a temporary folder and a rename, with ``manifest.json`` (checksums) written
+    last, so a reader sees either a whole checkpoint or none. Keeps the ``keep`` newest."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(state, tmp / "state.pt")
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    manifest = tmp / "manifest.json"
+    with open(manifest, "w") as f:
+        json.dump({"step": step, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first."""
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint is whole; otherwise what is wrong with it."""
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        return "no manifest.json (the checkpoint was not finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest.json ({e})"
+    for name, digest in files.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} is corrupted (checksum mismatch)"
+    return None
+
+
+def find_valid_checkpoint(root: Path, warn: Callable[..., Any] = print) -> Path | None:
+    """The newest checkpoint that verifies; corrupted newer ones are reported and passed over."""
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"warning: checkpoint {path} is unusable: {problem}; trying the previous one")
+    return None
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint folder (without verifying it)."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None

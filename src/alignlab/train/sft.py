@@ -1,0 +1,163 @@
+"""Supervised fine-tuning: maximise the likelihood of the responses (loss on response tokens only).
+
+The loop, top to bottom: load data -> load model (+LoRA) -> plan every optimizer step -> for each step:
+take this process's micro-batches, sum the token NLL, divide by the global batch's loss-token count (so
+accumulation and multiple processes give exactly the gradient of one big batch), backward, clip, step ->
+log, evaluate, checkpoint -> save the final model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignlab.config import SFTConfig, parse_columns
+from alignlab.data.formats import load_sft_dataset
+from alignlab.data.tokenize import TokenizedExample
+from alignlab.models import add_lora, count_parameters, load_model, load_tokenizer
+from alignlab.train.forward import collate_aligned, sum_token_cross_entropy
+from alignlab.train.loop import Run, make_optimizer, make_scheduler, micro_batches, plan_steps
+
+
+def split_eval(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of the examples (at least one when fraction > 0), chosen by ``seed``."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    n_eval = max(1, int(round(fraction * len(examples))))
+    order = np.random.default_rng(seed).permutation(len(examples))
+    held = set(order[:n_eval].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def prepare_policy(cfg: Any, tokenizer: Any, head: str = "causal_lm") -> torch.nn.Module:
+    """Load the model to train, with LoRA and gradient checkpointing as configured."""
+    model = load_model(cfg.model, head=head, allow_pickle=cfg.allow_pickle,
+                       trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         target_modules=cfg.lora_targets,
+                         modules_to_save=["score"] if head == "score" else None)
+    return model
+
+
+@torch.no_grad()
+def evaluate_nll(model: torch.nn.Module, examples: list[TokenizedExample], pad_token_id: int, run: Run,
+                 batch_size: int) -> dict[str, float]:
+    """Token-mean NLL and perplexity over ``examples`` (this process's share, summed over processes)."""
+    model.eval()
+    mine = examples[run.rank :: run.world_size]
+    total_nll, total_tokens = 0.0, 0
+    order = sorted(range(len(mine)), key=lambda i: len(mine[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        chunk = [mine[i] for i in order[start : start + batch_size]]
+        batch = collate_aligned([e.input_ids for e in chunk], [e.labels for e in chunk], pad_token_id)
+        batch = batch.to(run.device)
+        with run.accelerator.autocast():
+            total_nll += float(sum_token_cross_entropy(model, batch))
+        total_tokens += batch.num_loss_tokens
+    model.train()
+    nll = run.all_reduce_sum(total_nll) / max(1.0, run.all_reduce_sum(total_tokens))
+    return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0))}
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run SFT as configured; returns the run folder."""
+    run = Run(cfg, "sft")
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if not cfg.data:
+        from alignlab.errors import AlignlabError
+
+        raise AlignlabError("no training data: pass data=FILE (e.g. --data ../shared/data/alpaca_en_demo.json)",
+                            field="data")
+
+    # -- data -----------------------------------------------------------------------------------------
+    load = dict(format=cfg.format, template=cfg.template, columns=parse_columns(cfg.columns),
+                max_length=cfg.max_length, truncation=cfg.truncation, skip_invalid=cfg.skip_invalid,
+                limit=cfg.limit or None)
+    examples, report = load_sft_dataset(cfg.data, tokenizer, **load)
+    run.print(report.summary())
+    if cfg.eval_data:
+        train_set = examples
+        eval_set, eval_report = load_sft_dataset(cfg.eval_data, tokenizer, **load)
+        run.print("eval: " + eval_report.summary())
+    else:
+        train_set, eval_set = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    lengths = [len(e.input_ids) for e in train_set]
+
+    # -- model, optimizer, plan -----------------------------------------------------------------------
+    model = prepare_policy(cfg, tokenizer)
+    trainable, total = count_parameters(model)
+    run.print(f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
+              f"{len(train_set)} train / {len(eval_set)} eval examples; {run.world_size} process(es)")
+    optimizer = make_optimizer(model, cfg)
+    plan = plan_steps(lengths, cfg, run.world_size)
+    scheduler = make_scheduler(optimizer, cfg, len(plan))
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    start, _ = run.resume(model, optimizer, scheduler)
+    model.train()
+    pad = tokenizer.pad_token_id
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    bar = run.progress(len(plan), start)
+    for step in range(start, len(plan)):
+        t0 = time.perf_counter()
+        global_loss_tokens = sum(int(np.count_nonzero(np.asarray(train_set[i].labels) != -100))
+                                 for i in plan[step])
+        mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)
+        step_nll, step_tokens = 0.0, 0
+        ok = True
+        for k, idx in enumerate(mine):
+            chunk = [train_set[i] for i in idx]
+            batch = collate_aligned([e.input_ids for e in chunk], [e.labels for e in chunk], pad).to(run.device)
+            with run.accumulate(model, last=k == len(mine) - 1):
+                with run.accelerator.autocast():
+                    nll = sum_token_cross_entropy(model, batch)
+                # mean over the global batch's loss tokens; x world because DDP averages gradients
+                loss = nll / global_loss_tokens * run.world_size
+                ok = run.check_finite(loss, step) and ok
+                run.accelerator.backward(loss)
+            step_nll += float(nll.detach())
+            step_tokens += int(batch.attention_mask.sum())
+        grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
+        if not ok:
+            optimizer.zero_grad(set_to_none=True)
+
+        # -- log, evaluate, checkpoint ------------------------------------------------------------------
+        seconds = time.perf_counter() - t0
+        tokens = run.all_reduce_sum(step_tokens)
+        metrics: dict[str, Any] = {
+            "loss": run.all_reduce_sum(step_nll) / global_loss_tokens,
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / seconds,
+            "s_per_step": seconds,
+        }
+        if run.should_eval(step, len(plan)) and eval_set:
+            metrics.update(evaluate_nll(model, eval_set, pad, run, cfg.batch_size))
+        if (step + 1) % cfg.log_every == 0 or "eval_loss" in metrics:
+            run.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        bar.update(1)
+        if run.should_save(step, len(plan)) or run.stop_requested:
+            run.save_checkpoint(step, model, optimizer, scheduler)
+        if run.stop_requested:
+            run.print(f"{run.stop_requested}: checkpoint written at step {step + 1}; rerun to resume")
+            run.close()
+            raise SystemExit(130 if run.stop_requested == "SIGINT" else 143)
+
+    final = run.save_final(model, tokenizer)
+    run.close()
+    if final is not None:
+        run.print(f"saved {final}")
+    return run.out
