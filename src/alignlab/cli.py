@@ -19,9 +19,15 @@ from alignlab.errors import AlignlabError
 
 # Stage registry: name -> (help, config class path, function path). Imported lazily so `--help` is fast.
 Stage = tuple[str, str, str]
+# A name with a space ("rm train") becomes a nested subcommand. Each trainer adds its own line below.
 STAGES: dict[str, Stage] = {
     "sft": ("supervised fine-tuning on instruction data", "alignlab.config:SFTConfig",
             "alignlab.train.sft:train_sft"),
+    # stages: reward model
+    # stages: dpo
+    # stages: ppo
+    # stages: rejection sampling / best-of-n
+    # stages: lab
 }
 
 
@@ -80,9 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never touch the network (sets HF_HUB_OFFLINE=1; built-in models work offline)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    groups: dict[str, Any] = {}
     for name, (help_text, cls_path, fn_path) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parent = sub
+        if " " in name:
+            group, name = name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND", required=True)
+            parent = groups[group]
+        p = parent.add_parser(name, help=help_text, description=help_text,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_config_options(p, _import(cls_path))
         p.set_defaults(func=_stage_command(cls_path, fn_path))
 
@@ -119,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--model", default="tiny-random", help="model whose tokenizer counts the tokens")
     di.add_argument("--max-length", type=int, default=512, help="maximum tokens per example")
     di.add_argument("--truncation", default="right", choices=["right", "drop"], help="over-length policy")
-    di.add_argument("--skip-invalid", action="store_true", help="count invalid records instead of stopping")
+    di.add_argument("--strict", action="store_true",
+                    help="stop at the first invalid record (default: count and report invalid records)")
     di.add_argument("-n", type=int, default=3, help="examples to show")
     di.set_defaults(func=cmd_data_inspect)
     return parser
@@ -203,13 +218,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         from alignlab.data.preference import inspect_preference_file
 
         print(inspect_preference_file(args.file, tokenizer, format=args.format, template=args.template,
-                                      n=args.n, skip_invalid=args.skip_invalid))
+                                      n=args.n, columns=parse_columns(args.columns),
+                                      skip_invalid=not args.strict))
     else:
         from alignlab.data.inspect import inspect_sft_file
 
         print(inspect_sft_file(args.file, tokenizer, format=args.format, template=args.template,
                                columns=parse_columns(args.columns), max_length=args.max_length,
-                               truncation=args.truncation, skip_invalid=args.skip_invalid, n=args.n))
+                               truncation=args.truncation, skip_invalid=not args.strict, n=args.n))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,11 @@ def _prompts_from_records(source: str) -> list[Any]:
         from alignlab.data.preference import load_feedback, load_preferences, prompts_of
 
         loader = load_feedback if "label" in record else load_preferences
-        records, _ = loader(source)
+        records, report = loader(source, skip_invalid=True)
+        if sum(report.skipped.values()):
+            import sys
+
+            print(f"{source}: {report.summary()}", file=sys.stderr)
         return prompts_of(records)
     from alignlab.data.formats import iter_instruction_records
 

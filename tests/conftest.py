@@ -1,0 +1,31 @@
+"""Shared fixtures: the shared data folder, the tiny model, the real model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+
+# Keep tests deterministic and quiet; never reach for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from alignlab.models import load_tokenizer
+
+    return load_tokenizer("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The converted SmolLM2 checkpoint folder (converted once into the user cache)."""
+    from alignlab.models import SMOLLM2, resolve_model
+
+    return resolve_model(SMOLLM2)
