@@ -24,7 +24,13 @@ STAGES: dict[str, Stage] = {
     "sft": ("supervised fine-tuning on instruction data", "alignlab.config:SFTConfig",
             "alignlab.train.sft:train_sft"),
     # stages: reward model
+    "rm train": ("train a reward model on preference pairs or rankings (Bradley-Terry / K-wise)",
+                 "alignlab.config:RewardConfig", "alignlab.train.reward:train_reward"),
+    "rm score": ("score a data file with a reward model or a Python function; writes a scored copy",
+                 "alignlab.config:RewardScoreConfig", "alignlab.reward:score_data"),
     # stages: dpo
+    "dpo": ("preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo (pairs) or kto (feedback)",
+            "alignlab.config:DPOConfig", "alignlab.train.dpo:train_dpo"),
     # stages: ppo
     # stages: rejection sampling / best-of-n
     # stages: lab
@@ -117,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", metavar="FILE", help="also write prompts and responses as JSONL")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weights (unsafe)")
     g.set_defaults(func=cmd_generate)
+
+    from alignlab.bench import add_bench_arguments, cmd_bench  # stdlib-only at import time
+
+    b = sub.add_parser("bench", help="benchmark a stage against TRL: tokens/s, s/step, peak memory, loss, MFU",
+                       description="Train the same model on the same data with alignlab and with TRL, each in "
+                       "its own process, and compare them (see alignlab/bench.py for what is measured).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="the main job on the built-in default (fine-tune the real model, "
+                          "show its generations before and after)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from alignlab.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(func=lambda a: _import("alignlab.demo:run_demo")(a))
 
     d = sub.add_parser("data", help="look at data before training on it")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

@@ -95,6 +95,40 @@ class SFTConfig(DataConfig, TrainConfig):
     output_dir: str = opt("runs/sft", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
 
 
+DPO_LOSSES = ("dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
+
+
+@dataclass
+class DPOConfig(DataConfig, TrainConfig):
+    """Preference optimisation from pairs (the DPO family) or unpaired feedback (KTO)."""
+
+    output_dir: str = opt("runs/dpo", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
+    lr: float = opt(1e-6, "peak learning rate (AdamW); preference losses want a small one")
+    format: str = opt("auto", "record format: auto, explicit, implicit, sharegpt, ranking, oasst (pairs; rankings "
+                      "become all their pairs) or unpaired (kto)")
+    template: str = opt("auto", "prompt template: auto (chat for message prompts, none for text), chat, alpaca, none")
+    max_length: int = opt(512, "maximum tokens of prompt + response")
+    truncation: str = opt("right", "over-long pairs: right (prompt cut to max_prompt_length from the left, responses "
+                          "cut at the end; counted) or drop (counted)", choices=["right", "drop"])
+    loss: str = opt("dpo", "preference loss", choices=list(DPO_LOSSES))
+    beta: float = opt(0.0, "the loss's beta; 0 = its usual value: 0.1 (dpo, cdpo, robust, ipo, hinge, kto; orpo's "
+                      "lambda), 2.0 (simpo)")
+    label_smoothing: float = opt(0.0, "label-flip probability: cdpo (needs > 0), robust, simpo")
+    simpo_gamma: float = opt(1.0, "SimPO's target reward margin")
+    rpo_alpha: float | None = opt(None, "weight of an NLL term on the chosen responses added to the loss (RPO); "
+                                  "none = 1 for orpo (its SFT term), 0 otherwise")
+    desirable_weight: float = opt(1.0, "KTO: weight of the desirable examples' losses")
+    undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable examples' losses")
+    reference: str = opt("", "reference model (folder or built-in name); empty = the starting model, and with LoRA "
+                         "the base weights with the adapter disabled (no second model in memory)")
+    precompute_ref: bool = opt(False, "score the data with the reference once before training and cache the "
+                               "log-probs on disk (the reference model is then not kept in memory)")
+    ref_cache_dir: str = opt("", "folder of cached reference log-probs; empty = the user cache (ALIGNLAB_CACHE)/"
+                             "ref-logps")
+    max_prompt_length: int = opt(0, "maximum prompt tokens (0 = only max_length limits); longer prompts keep their "
+                                 "end (truncation=right) or are dropped (truncation=drop)")
+
+
 def parse_columns(spec: str) -> dict[str, str] | None:
     """``'instruction=Q,output=A'`` -> ``{'instruction': 'Q', 'output': 'A'}``."""
     if not spec:
@@ -189,6 +223,7 @@ def config_fields(cls: type) -> list[tuple[str, Any, Any, str, list | None]]:
 
 
 __all__ = [
+    "DPOConfig",
     "DataConfig",
     "ModelConfig",
     "SFTConfig",
@@ -199,3 +234,42 @@ __all__ = [
     "opt",
     "parse_columns",
 ]
+
+
+@dataclass
+class RewardConfig(DataConfig, TrainConfig):
+    """Reward-model training on preference pairs and rankings (``alignlab rm train``)."""
+
+    output_dir: str = opt("runs/rm", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
+    truncation: str = opt("right", "over-long responses: right (cut the end, counted), left (cut the start of "
+                          "the prompt so the response and its EOS stay whole, counted) or drop (drop the "
+                          "record, counted)", choices=["right", "left", "drop"])
+    expand_pairs: bool = opt(False, "train on the K(K-1)/2 pairs of every ranking as separate examples "
+                             "instead of one K-wise example per prompt (for comparison)")
+    margin: str = opt("none", "Llama-2 margin in the loss: none; 'margin' (the record's margin column); "
+                      "'scores' (differences of the responses' score columns)",
+                      choices=["none", "margin", "scores"])
+    margin_scale: float = opt(1.0, "multiply every margin by this")
+    center_rewards_coef: float = opt(0.0, "reward centring: add coef x mean(r^2) (Eisenstein et al. 2023; "
+                                     "TRL suggests 0.01)")
+    stats_samples: int = opt(2000, "training responses scored after training for reward_stats.json (a seeded "
+                             "random sample when there are more; 0 = all)")
+
+
+@dataclass
+class RewardScoreConfig:
+    """Score a data file with a reward model or a Python function (``alignlab rm score``)."""
+
+    model: str = opt("", "reward model folder (from alignlab rm train), or module:function / file.py:function")
+    data: str = opt("", "preference file (pairs, rankings, OASST trees, HH) or prompt/response records")
+    output: str = opt("", "scored copy (JSONL); empty = DATA's name + .scored.jsonl in the current folder")
+    format: str = opt("auto", "preference format: auto, explicit, implicit, sharegpt, ranking, oasst")
+    columns: str = opt("", "rename columns, e.g. 'prompt=question,chosen=good'")
+    template: str = opt("", "prompt template; empty = the one the reward model was trained with",
+                        choices=["", "auto", "chat", "alpaca", "none"])
+    max_length: int = opt(0, "tokens per prompt+response; 0 = the reward model's training max_length")
+    batch_size: int = opt(16, "sequences per forward pass")
+    normalize: bool = opt(False, "report (score - mean) / std with the model's reward_stats.json")
+    skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
+    limit: int = opt(0, "read at most N records (0 = all)")
+    allow_pickle: bool = opt(False, "allow pickle-based .bin/.pt weights (unsafe with untrusted files)")

@@ -58,7 +58,9 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     precision = resolve_precision(cfg.precision)
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    # without cpu=True accelerate treats a CPU-only multi-process launch (torchrun, accelerate launch) as
+    # one process per copy instead of a gloo process group
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int) -> None:

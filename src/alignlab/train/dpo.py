@@ -1,0 +1,841 @@
+"""Preference optimisation: the DPO family (DPO, cDPO, robust DPO, IPO, hinge, SimPO, ORPO) on pairs, and KTO on
+unpaired feedback.
+
+The loop, top to bottom: load pairs (a ranking becomes all its pairs) -> tokenize each pair with an exact
+prompt/response boundary and apply the length policy (every cut and drop counted) -> load the policy (+LoRA)
+-> set up the reference -> plan every optimizer step -> for each step: this process's micro-batches, chosen and
+rejected rows in ONE forward (2b rows), log-probs of the response tokens only, the reference's log-probs of the
+same rows, the loss (mean over the pairs of the global batch, plus an optional NLL term per chosen token),
+backward, clip, step -> log rewards, margins, accuracies and KL to the reference, evaluate, checkpoint -> save
+the final model.
+
+Where the reference log-probs come from (:class:`Reference`):
+
+- a frozen copy of the starting model (or of ``reference=``), in memory next to the policy;
+- with LoRA and no ``reference=``: the policy itself with its adapter disabled, i.e. the base weights; no
+  second model in memory;
+- with ``precompute_ref``: a table computed once before training and cached on disk (safetensors) under a key
+  made of the reference weights' file checksums, the compute precision and the token ids of every sequence
+  scored (which is what the data file contents and the tokenization settings determine); a run that changes
+  any of them computes a new table, a run that changes none reuses it without loading a reference;
+- none for the reference-free losses (SimPO, ORPO).
+
+KTO takes its reference point ``z0`` (the KL of the policy from the reference) from mismatched pairs within each
+micro-batch, as TRL does: row ``j`` keeps its prompt and takes the completion of row ``j - 1``.
+
+Dropout is switched off in the policy (as TRL does by default) so that the policy and the reference score a
+sequence the same way at step 0 and the implicit rewards carry no dropout noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignlab.config import DPOConfig, parse_columns
+from alignlab.data.preference import (
+    FeedbackRecord,
+    PreferenceRecord,
+    default_template,
+    expand_to_pairs,
+    is_feedback_file,
+    load_feedback,
+    load_preferences,
+)
+from alignlab.data.tokenize import (
+    IGNORE_INDEX,
+    LONGER_THAN_MAX_LENGTH,
+    PROMPT_FILLS_MAX_LENGTH,
+    DataReport,
+    encode_prompt_completion,
+)
+from alignlab.errors import AlignlabError
+from alignlab.losses.common import row_chunks, selective_log_softmax
+from alignlab.losses.dpo import kto_kl_reference_point, kto_loss, preference_loss, rpo_sft_term
+from alignlab.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model
+from alignlab.train.forward import AlignedBatch, aligned_logits, collate_aligned
+from alignlab.train.loop import Run, make_optimizer, make_scheduler, micro_batches, plan_steps, resolve_precision
+from alignlab.train.sft import prepare_policy, split_eval
+
+__all__ = [
+    "FeedbackExample",
+    "PairExample",
+    "Reference",
+    "default_beta",
+    "encode_pair",
+    "feedback_terms",
+    "kl_rows",
+    "pair_rows",
+    "pair_terms",
+    "prepare_feedback",
+    "prepare_pairs",
+    "reference_cache_path",
+    "reference_fingerprint",
+    "response_logps",
+    "row_digest",
+    "train_dpo",
+]
+
+REFERENCE_FREE = ("simpo", "orpo")
+PROMPT_TOO_LONG = "prompt longer than max_prompt_length"
+SAME_AFTER_TRUNCATION = "chosen equals rejected after truncation"
+
+Row = tuple[list[int], list[int]]  # (input ids, labels with -100 on the prompt)
+
+
+# --------------------------------------------------------------------------------------------- examples
+
+
+@dataclass
+class PairExample:
+    """One tokenized preference pair.
+
+    Attributes:
+        prompt_ids: the shared prompt, ``(p,)``.
+        chosen_ids: the preferred response, ``(c,)``, ending with EOS unless cut.
+        rejected_ids: the other response, ``(r,)``.
+        record: the 1-based record number in the source file.
+        truncated: whether the length policy cut the prompt or a response.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    record: int
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        """The width of its rows in a batch: prompt plus the longer response."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class FeedbackExample:
+    """One tokenized unpaired example (KTO): a prompt, a completion and whether it is desirable."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    record: int
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def _row(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> Row:
+    return [*prompt_ids, *completion_ids], [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
+
+
+def pair_rows(pairs: Sequence[PairExample]) -> list[Row]:
+    """The ``2b`` rows of one concatenated forward: every chosen row, then every rejected row."""
+    return [_row(p.prompt_ids, p.chosen_ids) for p in pairs] + [_row(p.prompt_ids, p.rejected_ids) for p in pairs]
+
+
+def kl_rows(examples: Sequence[FeedbackExample], max_length: int) -> list[Row]:
+    """KTO's mismatched rows: row ``j`` is prompt ``j`` with the completion of example ``j - 1`` (cyclic), as
+    TRL builds them, cut to ``max_length``."""
+    rows = []
+    for j, example in enumerate(examples):
+        other = examples[j - 1].completion_ids
+        rows.append(_row(example.prompt_ids, other[: max(1, max_length - len(example.prompt_ids))]))
+    return rows
+
+
+def row_digest(ids: Sequence[int], labels: Sequence[int]) -> int:
+    """A 64-bit digest of one scored sequence (its token ids and where its response starts): the key of its
+    reference log-prob in the cache."""
+    start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    h = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8)
+    h.update(start.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+# --------------------------------------------------------------------------------------------- tokenization
+
+
+def encode_pair(tokenizer: Any, prompt: Any, chosen: str, rejected: str, *, template: str
+                ) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, chosen_ids, rejected_ids)`` with the exact boundary of :func:`encode_prompt_completion`.
+
+    A BPE merge across the boundary can move the prompt's last token into one response but not the other; the
+    prompt is then the shorter of the two prompts and each response keeps everything after it, so
+    ``prompt + chosen`` and ``prompt + rejected`` are still exactly the tokenizations of the whole texts (TRL takes
+    the same common prefix).
+    """
+    prompt_c, chosen_ids = encode_prompt_completion(tokenizer, prompt, chosen, template=template)
+    prompt_r, rejected_ids = encode_prompt_completion(tokenizer, prompt, rejected, template=template)
+    n = min(len(prompt_c), len(prompt_r))
+    return prompt_c[:n], prompt_c[n:] + chosen_ids, prompt_r[n:] + rejected_ids
+
+
+def fit_lengths(prompt_ids: list[int], responses: list[list[int]], *, max_length: int, max_prompt_length: int,
+                truncation: str, keep_first: int = 0) -> tuple[list[int], list[list[int]], bool] | str:
+    """Apply the length policy to a prompt and its responses.
+
+    ``truncation="right"``: a prompt over ``max_prompt_length`` keeps its last tokens (those nearest the
+    response; the first ``keep_first`` tokens, e.g. BOS, are kept too); then responses that do not fit in
+    ``max_length`` lose their end. ``"drop"``: anything over a limit drops the example. Either way a prompt that
+    leaves no room for a response token drops it (:data:`PROMPT_FILLS_MAX_LENGTH`).
+
+    Returns:
+        ``(prompt_ids, responses, truncated)``, or the reason the example is dropped.
+    """
+    truncated = False
+    if max_prompt_length > 0 and len(prompt_ids) > max_prompt_length:
+        if truncation == "drop":
+            return PROMPT_TOO_LONG
+        keep_first = min(keep_first, max_prompt_length - 1)
+        prompt_ids = prompt_ids[:keep_first] + prompt_ids[len(prompt_ids) - (max_prompt_length - keep_first):]
+        truncated = True
+    if len(prompt_ids) >= max_length:
+        return PROMPT_FILLS_MAX_LENGTH
+    room = max_length - len(prompt_ids)
+    if any(len(r) > room for r in responses):
+        if truncation == "drop":
+            return LONGER_THAN_MAX_LENGTH
+        responses = [r[:room] for r in responses]
+        truncated = True
+    return prompt_ids, responses, truncated
+
+
+def _template_for(cfg: DPOConfig, prompt: Any) -> str:
+    return default_template(prompt) if cfg.template == "auto" else cfg.template
+
+
+def _encode_or_skip(fn: Any, item: PreferenceRecord | FeedbackRecord, cfg: DPOConfig, report: DataReport) -> Any:
+    """Run an encoder on one record; a record it cannot encode is an error naming it, or a counted skip."""
+    try:
+        return fn()
+    except AlignlabError as error:
+        message = str(AlignlabError(error.message, file=item.source, record=item.record,
+                                    field=error.field or "prompt"))
+        if not cfg.skip_invalid:
+            raise AlignlabError(error.message, file=item.source, record=item.record,
+                                field=error.field or "prompt") from error
+        report.skip("cannot encode", message)
+        return None
+
+
+def _bos_kept(tokenizer: Any, prompt_ids: list[int]) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return 1 if bos is not None and prompt_ids[:1] == [bos] else 0
+
+
+def prepare_pairs(pairs: Sequence[PreferenceRecord], tokenizer: Any, cfg: DPOConfig, source: str = ""
+                  ) -> tuple[list[PairExample], DataReport]:
+    """Tokenize pairs (``responses == [chosen, rejected]``) and apply the length policy; every cut and drop is
+    counted in the returned :class:`DataReport` (``records_read`` counts pairs)."""
+    report = DataReport(source=f"{source} (pairs)" if source else "pairs", max_length=cfg.max_length)
+    examples = []
+    for item in pairs:
+        report.records_read += 1
+        template = _template_for(cfg, item.prompt)
+        encoded = _encode_or_skip(
+            lambda item=item, template=template: encode_pair(tokenizer, item.prompt, item.responses[0],
+                                                             item.responses[1], template=template),
+            item, cfg, report)
+        if encoded is None:
+            continue
+        prompt_ids, chosen_ids, rejected_ids = encoded
+        fitted = fit_lengths(prompt_ids, [chosen_ids, rejected_ids], max_length=cfg.max_length,
+                             max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                             keep_first=_bos_kept(tokenizer, prompt_ids))
+        if isinstance(fitted, str):
+            report.drop(fitted)
+            continue
+        prompt_ids, (chosen_ids, rejected_ids), truncated = fitted
+        if chosen_ids == rejected_ids:  # both cut inside a common beginning: the pair says nothing any more
+            report.drop(SAME_AFTER_TRUNCATION)
+            continue
+        example = PairExample(prompt_ids, chosen_ids, rejected_ids, item.record, truncated)
+        examples.append(example)
+        report.examples_kept += 1
+        report.truncated += int(truncated)
+        report.tokens += 2 * len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
+        report.loss_tokens += len(chosen_ids) + len(rejected_ids)
+    return examples, report
+
+
+def prepare_feedback(records: Sequence[FeedbackRecord], tokenizer: Any, cfg: DPOConfig, source: str = ""
+                     ) -> tuple[list[FeedbackExample], DataReport]:
+    """Tokenize unpaired feedback and apply the length policy (counted, as :func:`prepare_pairs`)."""
+    report = DataReport(source=f"{source} (feedback)" if source else "feedback", max_length=cfg.max_length)
+    examples = []
+    for item in records:
+        report.records_read += 1
+        template = _template_for(cfg, item.prompt)
+        encoded = _encode_or_skip(
+            lambda item=item, template=template: encode_prompt_completion(tokenizer, item.prompt, item.completion,
+                                                                          template=template),
+            item, cfg, report)
+        if encoded is None:
+            continue
+        prompt_ids, completion_ids = encoded
+        fitted = fit_lengths(prompt_ids, [completion_ids], max_length=cfg.max_length,
+                             max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                             keep_first=_bos_kept(tokenizer, prompt_ids))
+        if isinstance(fitted, str):
+            report.drop(fitted)
+            continue
+        prompt_ids, (completion_ids,), truncated = fitted
+        examples.append(FeedbackExample(prompt_ids, completion_ids, item.label, item.record, truncated))
+        report.examples_kept += 1
+        report.truncated += int(truncated)
+        report.tokens += len(prompt_ids) + len(completion_ids)
+        report.loss_tokens += len(completion_ids)
+    return examples, report
+
+
+def unpair(records: Sequence[PreferenceRecord]) -> list[FeedbackRecord]:
+    """Preference records as unpaired feedback (for KTO on pair files, as TRL's ``unpair_preference_dataset``):
+    the best response is desirable, the worst undesirable; the middle of a ranking is left out (it is neither)."""
+    out = []
+    for item in records:
+        out.append(FeedbackRecord(item.prompt, item.responses[0], True, item.record, item.source))
+        out.append(FeedbackRecord(item.prompt, item.responses[-1], False, item.record, item.source))
+    return out
+
+
+def load_examples(path: str, tokenizer: Any, cfg: DPOConfig, run: Run) -> tuple[list, list]:
+    """Read, split (by record, so the pairs of one ranking stay on one side) and tokenize the train and eval
+    data: :class:`PairExample` s, or :class:`FeedbackExample` s for KTO."""
+    columns = parse_columns(cfg.columns)
+    kto = cfg.loss == "kto"
+    feedback = is_feedback_file(path, format=cfg.format, columns=columns)
+    if feedback and not kto:
+        raise AlignlabError(f"this file holds unpaired feedback (prompt, completion, label); loss '{cfg.loss}' "
+                            "needs pairs: use --loss kto", file=path, field="loss")
+    load = dict(format=cfg.format, columns=columns, skip_invalid=cfg.skip_invalid, limit=cfg.limit or None)
+
+    def read(source: str) -> list:
+        if feedback:
+            records, report = load_feedback(source, **load)
+        else:
+            records, report = load_preferences(source, **load)
+        run.print(report.summary())
+        return records
+
+    records = read(path)
+    if cfg.eval_data:
+        train_records, eval_records = records, read(cfg.eval_data)
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.seed)
+    sets = []
+    for part, name in ((train_records, path), (eval_records, cfg.eval_data or f"{path} (held out)")):
+        if kto:
+            part = part if feedback else unpair(part)
+            examples, report = prepare_feedback(part, tokenizer, cfg, name)
+        else:
+            examples, report = prepare_pairs(expand_to_pairs(part), tokenizer, cfg, name)
+        if part:
+            run.print(report.summary())
+        sets.append(examples)
+    if not sets[0]:
+        raise AlignlabError("no training examples left after tokenization and the length policy (see the report "
+                            "above)", file=path)
+    return sets[0], sets[1]
+
+
+# --------------------------------------------------------------------------------------------- log-probs
+
+
+def response_logps(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
+    """Per-token log-probs ``(b, k)`` of the response tokens in float32, zero elsewhere.
+
+    The LM head runs on the response columns only (:func:`~alignlab.train.forward.aligned_logits`). In float32
+    this is :func:`~alignlab.train.forward.completion_logps`. Under bf16 autocast each chunk of rows is upcast
+    before its ``logsumexp``: DPO differences sums of hundreds of token log-probs, and bf16 rounding of each
+    (8 bits of mantissa) would swamp the small differences between policy and reference.
+    """
+    logits = aligned_logits(model, batch)
+    if logits.dtype in (torch.float32, torch.float64):
+        token_logps = selective_log_softmax(logits, batch.targets)
+    else:
+        pieces = []
+        for chunk, index in zip(row_chunks(logits, 256), row_chunks(batch.targets.unsqueeze(-1), 256)):
+            chunk = chunk.float()
+            pieces.append(chunk.gather(-1, index).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+        token_logps = torch.cat(pieces).reshape(batch.targets.shape)
+    return token_logps.float() * batch.loss_mask
+
+
+def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One forward over ``rows``: per-token response log-probs ``(n, k)``, their mask ``(n, k)`` and the number
+    of real tokens."""
+    batch = collate_aligned([r[0] for r in rows], [r[1] for r in rows], pad).to(run.device)
+    with run.accelerator.autocast():
+        token_logps = response_logps(model, batch)
+    return token_logps, batch.loss_mask, int(batch.attention_mask.sum())
+
+
+class Reference:
+    """Where the reference log-probs come from: a frozen ``model``; the policy with its LoRA adapter disabled
+    (``adapter_of``: the base weights, no second model); or a precomputed ``table`` (digest -> summed log-prob)."""
+
+    def __init__(self, *, model: torch.nn.Module | None = None, adapter_of: torch.nn.Module | None = None,
+                 table: dict[int, float] | None = None) -> None:
+        if sum(x is not None for x in (model, adapter_of, table)) != 1:
+            raise ValueError("give exactly one of model, adapter_of, table")
+        self.model, self.adapter_of, self.table = model, adapter_of, table
+
+    @torch.no_grad()
+    def logps(self, rows: Sequence[Row], pad: int, run: Run) -> torch.Tensor:
+        """Summed reference log-probs ``(n,)`` of the response tokens of ``rows``."""
+        if self.table is not None:
+            try:
+                values = [self.table[row_digest(*row)] for row in rows]
+            except KeyError:
+                raise AlignlabError("a sequence is missing from the reference log-prob cache; delete the cache "
+                                    "file or run without precompute_ref") from None
+            return torch.tensor(values, dtype=torch.float32, device=run.device)
+        if self.adapter_of is not None:
+            peft_model = run.accelerator.unwrap_model(self.adapter_of)
+            with peft_model.disable_adapter():
+                token_logps, _, _ = score_rows(peft_model, rows, pad, run)
+        else:
+            token_logps, _, _ = score_rows(self.model, rows, pad, run)
+        return token_logps.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------- the losses
+
+
+def default_beta(cfg: DPOConfig) -> float:
+    """``cfg.beta``, or the loss's usual value when it is 0: 2.0 for SimPO, 0.1 for the others."""
+    if cfg.beta > 0:
+        return cfg.beta
+    return 2.0 if cfg.loss == "simpo" else 0.1
+
+
+def sft_weight(cfg: DPOConfig) -> float:
+    """Weight of the NLL term on the chosen responses: ``rpo_alpha``, or 1 for ORPO and 0 otherwise."""
+    if cfg.rpo_alpha is not None:
+        return cfg.rpo_alpha
+    return 1.0 if cfg.loss == "orpo" else 0.0
+
+
+def pair_terms(cfg: DPOConfig, model: torch.nn.Module, pairs: Sequence[PairExample], reference: Reference | None,
+               pad: int, run: Run) -> dict[str, Any]:
+    """Score ``b`` pairs in one forward of ``2b`` rows and compute their losses.
+
+    Returns a dict of ``(b,)`` tensors: ``losses``, ``chosen_rewards``, ``rejected_rewards``, ``policy_chosen``,
+    ``policy_rejected`` (summed log-probs), ``reference_chosen``/``reference_rejected`` (None without a
+    reference), ``chosen_lengths``; ``chosen_token_logps`` and ``chosen_mask`` ``(b, k)`` for the NLL term;
+    ``tokens`` (int).
+    """
+    rows = pair_rows(pairs)
+    token_logps, mask, tokens = score_rows(model, rows, pad, run)
+    logps, lengths = token_logps.sum(-1), mask.sum(-1)
+    b = len(pairs)
+    reference_chosen = reference_rejected = None
+    if reference is not None:
+        reference_logps = reference.logps(rows, pad, run)
+        reference_chosen, reference_rejected = reference_logps[:b], reference_logps[b:]
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        cfg.loss, logps[:b], logps[b:], reference_chosen, reference_rejected, lengths[:b], lengths[b:],
+        beta=default_beta(cfg), label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+    )
+    return {
+        "losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+        "policy_chosen": logps[:b], "policy_rejected": logps[b:], "reference_chosen": reference_chosen,
+        "reference_rejected": reference_rejected, "chosen_lengths": lengths[:b],
+        "chosen_token_logps": token_logps[:b], "chosen_mask": mask[:b], "tokens": tokens,
+    }
+
+
+def feedback_terms(cfg: DPOConfig, model: torch.nn.Module, examples: Sequence[FeedbackExample],
+                   reference: Reference, pad: int, run: Run) -> dict[str, Any]:
+    """KTO on ``b`` examples: the matched rows (with gradient), the mismatched KL rows (no gradient) for the
+    reference point ``z0``, and the losses (desirable first). Returns tensors as :func:`pair_terms` with
+    ``policy_chosen``/``policy_rejected`` the desirable/undesirable examples, plus ``kl_reference_point``."""
+    rows = [_row(e.prompt_ids, e.completion_ids) for e in examples]
+    token_logps, mask, tokens = score_rows(model, rows, pad, run)
+    logps, lengths = token_logps.sum(-1), mask.sum(-1)
+    mismatched = kl_rows(examples, cfg.max_length)
+    with torch.no_grad():
+        policy_kl = score_rows(model, mismatched, pad, run)[0].sum(-1)
+    z0 = kto_kl_reference_point(policy_kl, reference.logps(mismatched, pad, run))
+    if run.world_size > 1:  # TRL averages the estimate over processes
+        z0 = torch.as_tensor(run.gather_mean(float(z0)), device=run.device)
+    reference_logps = reference.logps(rows, pad, run)
+    desirable = torch.tensor([e.label for e in examples], device=run.device)
+    losses, chosen_rewards, rejected_rewards = kto_loss(
+        logps[desirable], logps[~desirable], reference_logps[desirable], reference_logps[~desirable], z0,
+        beta=default_beta(cfg), desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+    )
+    return {
+        "losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+        "policy_chosen": logps[desirable], "policy_rejected": logps[~desirable],
+        "reference_chosen": reference_logps[desirable], "reference_rejected": reference_logps[~desirable],
+        "chosen_lengths": lengths[desirable], "chosen_token_logps": token_logps[desirable],
+        "chosen_mask": mask[desirable], "kl_reference_point": float(z0),
+        "tokens": tokens + sum(len(ids) for ids, _ in mismatched),
+    }
+
+
+def add_to_sums(sums: Counter, terms: dict[str, Any], nll_weight: float) -> None:
+    """Accumulate what the metrics need (sums over examples, so micro-batches and processes add up)."""
+    n_chosen, n_rejected = len(terms["policy_chosen"]), len(terms["policy_rejected"])
+    sums["examples"] += len(terms["losses"])
+    sums["preference_loss"] += float(terms["losses"].detach().sum())
+    sums["n_chosen"] += n_chosen
+    sums["n_rejected"] += n_rejected
+    sums["rewards/chosen"] += float(terms["chosen_rewards"].sum())
+    sums["rewards/rejected"] += float(terms["rejected_rewards"].sum())
+    sums["logps/chosen"] += float(terms["policy_chosen"].detach().sum())
+    sums["logps/rejected"] += float(terms["policy_rejected"].detach().sum())
+    sums["chosen_tokens"] += float(terms["chosen_lengths"].sum())
+    if "kl_reference_point" not in terms:  # pairs (KTO has no pairs to be right or wrong about)
+        sums["rewards/accuracies"] += float((terms["chosen_rewards"] > terms["rejected_rewards"]).float().sum())
+    if terms["reference_chosen"] is not None:
+        sums["kl"] += float((terms["policy_chosen"].detach() - terms["reference_chosen"]).sum())
+    if nll_weight:
+        sums["nll"] += -float((terms["chosen_token_logps"].detach() * terms["chosen_mask"]).sum())
+    if "kl_reference_point" in terms:
+        sums["kl_reference_point"] += terms["kl_reference_point"]
+        sums["micro_batches"] += 1
+    sums["tokens"] += terms["tokens"]
+
+
+def summarize(sums: Counter, run: Run, cfg: DPOConfig) -> dict[str, float]:
+    """Metrics from the sums of every process: means over examples (chosen/rejected separately for KTO), KL per
+    sequence and per token, the loss as the objective (preference loss + weight x NLL per chosen token)."""
+    keys = sorted(sums)
+    totals = dict(zip(keys, (run.all_reduce_sum(sums[k]) for k in keys)))
+    n, n_chosen, n_rejected = totals["examples"], max(totals["n_chosen"], 1), max(totals["n_rejected"], 1)
+    chosen_tokens = max(totals["chosen_tokens"], 1)
+    nll_weight = sft_weight(cfg)
+    out = {"loss": totals["preference_loss"] / max(n, 1) + nll_weight * totals.get("nll", 0.0) / chosen_tokens}
+    if nll_weight:
+        out["preference_loss"] = totals["preference_loss"] / max(n, 1)
+        out["nll"] = totals["nll"] / chosen_tokens
+    out["rewards/chosen"] = totals["rewards/chosen"] / n_chosen
+    out["rewards/rejected"] = totals["rewards/rejected"] / n_rejected
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    if cfg.loss != "kto":
+        out["rewards/accuracies"] = totals["rewards/accuracies"] / n_chosen
+    out["logps/chosen"] = totals["logps/chosen"] / n_chosen
+    out["logps/rejected"] = totals["logps/rejected"] / n_rejected
+    if "kl" in totals:
+        out["kl"] = totals["kl"] / n_chosen
+        out["kl_per_token"] = totals["kl"] / chosen_tokens
+    if "kl_reference_point" in totals:
+        out["kl_reference_point"] = totals["kl_reference_point"] / max(totals["micro_batches"], 1)
+    return out
+
+
+def eval_chunks(examples: Sequence[Any], batch_size: int) -> list[list[Any]]:
+    """Held-out examples sorted by length and cut into batches (deterministic, so KTO's eval KL rows are too)."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]), i))
+    return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def evaluate_preferences(cfg: DPOConfig, model: torch.nn.Module, examples: Sequence[Any],
+                         reference: Reference | None, pad: int, run: Run) -> dict[str, float]:
+    """The training metrics on held-out examples (this process's share; summed over processes), ``eval_``."""
+    model.eval()
+    sums: Counter = Counter()
+    for chunk in eval_chunks(examples[run.rank :: run.world_size], cfg.batch_size):
+        if cfg.loss == "kto":
+            terms = feedback_terms(cfg, model, chunk, reference, pad, run)
+        else:
+            terms = pair_terms(cfg, model, chunk, reference, pad, run)
+        add_to_sums(sums, terms, sft_weight(cfg))
+    model.train()
+    sums.pop("tokens", None)
+    return {f"eval_{k}": v for k, v in summarize(sums, run, cfg).items()}
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def reference_fingerprint(name: str) -> str | None:
+    """SHA-256 over the checksums of a checkpoint folder's weight and config files (and, for a LoRA adapter
+    folder, its base model's); None for a hub id, which has no local files to hash."""
+    folder = Path(resolve_model(name))
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".pt", ".pth")
+                            or f.name in ("config.json", "adapter_config.json")):
+            h.update(f.name.encode())
+            h.update(_file_sha256(f).encode())
+    adapter = folder / "adapter_config.json"
+    if adapter.exists():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        h.update(str(reference_fingerprint(base) if base else None).encode())
+    return h.hexdigest()
+
+
+def state_dict_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of a loaded model (for references that are not local folders)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_cache_path(root: Path, fingerprint: str, precision: str, digests: Sequence[int]) -> Path:
+    """The cache file for these reference weights, compute precision and set of scored sequences."""
+    h = hashlib.sha256(json.dumps({"reference": fingerprint, "precision": precision, "version": 1}).encode())
+    h.update(np.asarray(sorted(set(digests)), dtype=np.int64).tobytes())
+    return root / f"{h.hexdigest()[:32]}.safetensors"
+
+
+def rows_to_score(cfg: DPOConfig, train_set: Sequence[Any], eval_set: Sequence[Any], plan: list[list[int]],
+                  lengths: Sequence[int], world_size: int) -> list[Row]:
+    """Every sequence the reference will be asked about during the run (train and eval; for KTO also the KL rows
+    of every micro-batch of the plan, on every process)."""
+    if cfg.loss != "kto":
+        return pair_rows(list(train_set) + list(eval_set))
+    rows = [_row(e.prompt_ids, e.completion_ids) for e in [*train_set, *eval_set]]
+    for step in plan:
+        for rank in range(world_size):
+            for idx in micro_batches(step, lengths, cfg, rank, world_size):
+                rows += kl_rows([train_set[i] for i in idx], cfg.max_length)
+    for rank in range(world_size):
+        for chunk in eval_chunks(list(eval_set)[rank::world_size], cfg.batch_size):
+            rows += kl_rows(chunk, cfg.max_length)
+    return rows
+
+
+def compute_reference_table(reference: Reference, rows: Sequence[Row], pad: int, run: Run, batch_size: int
+                            ) -> dict[int, float]:
+    """Score ``rows`` with ``reference`` (each process a share, gathered): digest -> summed log-prob."""
+    unique = list({row_digest(*row): row for row in rows}.items())
+    unique.sort(key=lambda item: len(item[1][0]))
+    mine = unique[run.rank :: run.world_size]
+    table: dict[int, float] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (run.is_main and run.cfg.progress))
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        values = reference.logps([row for _, row in chunk], pad, run).tolist()
+        table.update((digest, value) for (digest, _), value in zip(chunk, values))
+        bar.update(len(chunk))
+    bar.close()
+    if run.world_size > 1:
+        from accelerate.utils import gather_object
+
+        merged: dict[int, float] = {}
+        for part in gather_object([table]):
+            merged.update(part)
+        table = merged
+    return table
+
+
+def write_reference_cache(path: Path, table: dict[int, float], meta: dict[str, str]) -> None:
+    """Write the table as safetensors (``digests`` int64, ``logps`` float32) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digests = torch.tensor(list(table), dtype=torch.int64)
+    logps = torch.tensor(list(table.values()), dtype=torch.float32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"digests": digests, "logps": logps}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_reference_cache(path: Path, digests: Sequence[int]) -> dict[int, float] | None:
+    """The cached table when the file exists and holds every digest asked for, else None."""
+    if not path.exists():
+        return None
+    try:
+        data = load_file(str(path))
+    except Exception:  # a damaged file is recomputed
+        return None
+    table = dict(zip(data["digests"].tolist(), data["logps"].tolist()))
+    return table if all(d in table for d in digests) else None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (as TRL's ``disable_dropout`` does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_frozen_reference(name: str, cfg: DPOConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module:
+    """A reference model: loaded, dropout off, eval mode, no gradients, on ``device``."""
+    model = load_model(name, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
+                       tokenizer=tokenizer)
+    disable_dropout(model)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def setup_reference(cfg: DPOConfig, model: torch.nn.Module, tokenizer: Any, run: Run, train_set: list,
+                    eval_set: list, plan: list[list[int]], lengths: list[int]) -> Reference | None:
+    """The reference for this run (see the module docstring); must run before the policy is trained or
+    resumed, since with ``precompute_ref`` and no LoRA the untouched policy scores the data itself."""
+    if cfg.loss in REFERENCE_FREE:
+        if cfg.reference or cfg.precompute_ref:
+            run.print(f"note: loss '{cfg.loss}' is reference-free; reference/precompute_ref are ignored")
+        return None
+    name = cfg.reference or cfg.model
+    adapter_off = cfg.lora and not cfg.reference
+    if not cfg.precompute_ref:
+        if adapter_off:
+            run.print("reference: the base weights (LoRA adapter disabled)")
+            return Reference(adapter_of=model)
+        run.print(f"reference: a frozen copy of {name}")
+        return Reference(model=load_frozen_reference(name, cfg, tokenizer, run.device))
+
+    pad = tokenizer.pad_token_id
+    rows = rows_to_score(cfg, train_set, eval_set, plan, lengths, run.world_size)
+    digests = [row_digest(*row) for row in rows]
+    frozen = None
+    fingerprint = reference_fingerprint(name)
+    if fingerprint is None:  # a hub id: hash the weights themselves
+        frozen = load_frozen_reference(name, cfg, tokenizer, run.device)
+        fingerprint = state_dict_fingerprint(frozen)
+    root = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else cache_dir() / "ref-logps"
+    precision = resolve_precision(cfg.precision)
+    path = reference_cache_path(root, fingerprint, precision, digests)
+    table = read_reference_cache(path, digests)
+    if table is not None:
+        run.print(f"reference log-probs: reused {path} ({len(table)} sequences)")
+        return Reference(table=table)
+    if adapter_off:
+        scorer = Reference(adapter_of=model)
+    elif not cfg.reference:  # the policy has not been trained yet: it is the reference
+        scorer = Reference(model=model)
+    else:
+        scorer = Reference(model=frozen or load_frozen_reference(name, cfg, tokenizer, run.device))
+    was_training = model.training
+    model.eval()
+    table = compute_reference_table(scorer, rows, pad, run, 2 * cfg.batch_size)
+    model.train(was_training)
+    del scorer, frozen
+    if run.is_main:
+        write_reference_cache(path, table, {"reference": str(name), "fingerprint": fingerprint,
+                                            "precision": precision, "sequences": str(len(table))})
+    run.accelerator.wait_for_everyone()
+    run.print(f"reference log-probs: computed {len(table)} sequences, cached in {path}")
+    return Reference(table=table)
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+
+
+def check_config(cfg: DPOConfig) -> None:
+    """Refuse settings that cannot work, before any model is loaded."""
+    if not cfg.data:
+        raise AlignlabError("no training data: pass data=FILE (e.g. --data ../shared/data/dpo_en_demo.json)",
+                            field="data")
+    if cfg.loss == "cdpo" and cfg.label_smoothing <= 0:
+        raise AlignlabError("cdpo needs label_smoothing > 0 (with 0 it is plain dpo)", field="label_smoothing")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise AlignlabError(f"must lie in [0, 0.5), got {cfg.label_smoothing}", field="label_smoothing")
+    if cfg.loss == "kto" and cfg.batch_size < 2:
+        raise AlignlabError("kto needs batch_size >= 2: its KL reference point comes from mismatched pairs within "
+                            "a micro-batch", field="batch_size")
+    if cfg.max_prompt_length < 0 or cfg.max_length < 2:
+        raise AlignlabError("max_length must be at least 2 and max_prompt_length non-negative", field="max_length")
+
+
+def train_dpo(cfg: DPOConfig) -> Path:
+    """Run preference optimisation as configured; returns the run folder."""
+    check_config(cfg)
+    run = Run(cfg, "dpo")
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pad = tokenizer.pad_token_id
+    kto = cfg.loss == "kto"
+    nll_weight = sft_weight(cfg)
+
+    # -- data -----------------------------------------------------------------------------------------
+    train_set, eval_set = load_examples(cfg.data, tokenizer, cfg, run)
+    lengths = [len(e) for e in train_set]
+    plan = plan_steps(lengths, cfg, run.world_size)
+
+    # -- policy, reference, optimizer -----------------------------------------------------------------
+    model = prepare_policy(cfg, tokenizer)
+    disable_dropout(model)
+    model.to(run.device)
+    reference = setup_reference(cfg, model, tokenizer, run, train_set, eval_set, plan, lengths)
+    trainable, total = count_parameters(model)
+    run.print(f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters; loss {cfg.loss} "
+              f"(beta {default_beta(cfg)}{f', nll weight {nll_weight}' if nll_weight else ''}); "
+              f"{len(train_set)} train / {len(eval_set)} eval {'examples' if kto else 'pairs'}; "
+              f"{len(plan)} steps; {run.world_size} process(es)")
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(plan))
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    if reference is not None and reference.adapter_of is not None:
+        reference.adapter_of = model
+    start, _ = run.resume(model, optimizer, scheduler)
+    model.train()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    bar = run.progress(len(plan), start)
+    for step in range(start, len(plan)):
+        t0 = time.perf_counter()
+        global_examples = len(plan[step])
+        # the NLL term is a mean over the chosen (desirable) tokens of the whole global batch
+        global_chosen_tokens = sum(len(train_set[i].completion_ids if kto else train_set[i].chosen_ids)
+                                   for i in plan[step] if not kto or train_set[i].label)
+        mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)
+        sums: Counter = Counter()
+        ok = True
+        for k, idx in enumerate(mine):
+            chunk = [train_set[i] for i in idx]
+            with run.accumulate(model, last=k == len(mine) - 1):
+                if kto:
+                    terms = feedback_terms(cfg, model, chunk, reference, pad, run)
+                else:
+                    terms = pair_terms(cfg, model, chunk, reference, pad, run)
+                # mean over the global batch's examples; x world because DDP averages gradients
+                loss = terms["losses"].sum() / global_examples * run.world_size
+                if nll_weight:
+                    loss = loss + run.world_size * rpo_sft_term(terms["chosen_token_logps"], terms["chosen_mask"],
+                                                                nll_weight, num_items=max(global_chosen_tokens, 1))
+                ok = run.check_finite(loss, step) and ok
+                run.accelerator.backward(loss)
+            add_to_sums(sums, terms, nll_weight)
+        grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
+        if not ok:
+            optimizer.zero_grad(set_to_none=True)
+
+        # -- log, evaluate, checkpoint ------------------------------------------------------------------
+        seconds = time.perf_counter() - t0
+        tokens = run.all_reduce_sum(sums.pop("tokens"))
+        metrics: dict[str, Any] = summarize(sums, run, cfg)
+        metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens=int(tokens),
+                       tokens_per_s=tokens / seconds, s_per_step=seconds)
+        if run.should_eval(step, len(plan)) and eval_set:
+            metrics.update(evaluate_preferences(cfg, model, eval_set, reference, pad, run))
+        if (step + 1) % cfg.log_every == 0 or "eval_loss" in metrics:
+            run.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}", refresh=False)
+        bar.update(1)
+        if run.should_save(step, len(plan)) or run.stop_requested:
+            run.save_checkpoint(step, model, optimizer, scheduler)
+        if run.stop_requested:
+            run.print(f"{run.stop_requested}: checkpoint written at step {step + 1}; rerun to resume")
+            run.close()
+            raise SystemExit(130 if run.stop_requested == "SIGINT" else 143)
+
+    final = run.save_final(model, tokenizer)
+    run.close()
+    if final is not None:
+        run.print(f"saved {final}")
+    return run.out

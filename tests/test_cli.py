@@ -1,0 +1,104 @@
+"""The command line: every command documents its options; configs, overrides and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alignlab.cli import STAGES, build_parser, main
+from alignlab.config import SFTConfig, build_config
+from alignlab.errors import AlignlabError
+
+
+def _subcommands(parser):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            yield from action.choices.items()
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    seen = 0
+    stack = list(_subcommands(parser))
+    while stack:
+        name, sub = stack.pop()
+        stack.extend(_subcommands(sub))
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+                seen += 1
+    assert seen > 40
+
+
+def test_help_lists_stage_options():
+    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "sft", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--model", "--lora", "--grad-accum", "--precision", "--resume", "--truncation", "--columns"):
+        assert flag in out.stdout
+    assert "sft" in STAGES
+
+
+def test_yaml_then_overrides(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("lr: 0.001\nbatch_size: 4\nmodel: tiny-random\n")
+    cfg = build_config(SFTConfig, yaml_file=str(cfg_file), overrides={"batch_size": "2", "lora": "true"})
+    assert cfg.lr == 0.001 and cfg.batch_size == 2 and cfg.lora is True
+
+
+def test_bad_options_are_clear(tmp_path):
+    with pytest.raises(AlignlabError, match="unknown option 'learning_rate'"):
+        build_config(SFTConfig, overrides={"learning_rate": 1})
+    with pytest.raises(AlignlabError, match="field 'batch_size': expected an integer"):
+        build_config(SFTConfig, overrides={"batch_size": "2.5"})
+    with pytest.raises(AlignlabError, match="not one of"):
+        build_config(SFTConfig, overrides={"schedule": "exponential"})
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr: [1,\n")
+    with pytest.raises(AlignlabError, match="invalid YAML"):
+        build_config(SFTConfig, yaml_file=str(bad_yaml))
+
+
+def test_cli_prints_errors_without_traceback(tmp_path, capsys):
+    code = main(["sft", "--model", "tiny-random", "--data", str(tmp_path / "missing.json"),
+                 f"output_dir={tmp_path / 'r'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "missing.json" in err and "Traceback" not in err
+
+
+def test_sft_then_generate_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: ", "completion": "yes"}) + "\n" for i in range(8)))
+    assert main(["sft", "--model", "tiny-random", "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                 "max_steps=2", "batch_size=4", "progress=false", "eval_fraction=0"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    out_file = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(tmp_path / "run" / "final"), "--template", "none", "--prompt", "Q1: ",
+                 "--max-new-tokens", "4", "--output", str(out_file)]) == 0
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert rows[0]["prompt"] == "Q1: " and isinstance(rows[0]["response"], str)
+
+
+def test_data_inspect_marks_loss_tokens(capsys):
+    from pathlib import Path
+
+    data = Path(__file__).parent / "_inspect.json"
+    try:
+        data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi there."}]))
+        assert main(["data", "inspect", str(data), "-n", "1"]) == 0
+    finally:
+        data.unlink()
+    out = capsys.readouterr().out
+    assert "### Instruction:\nSay hi." in out
+    assert "[[Hi there." in out
+    assert "1 records read" in out or "records read" in out
+
+
+def test_demo_quick_runs(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["last_loss"] < summary["first_loss"]
+    assert len(summary["generations"]) == 3

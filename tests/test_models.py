@@ -1,0 +1,93 @@
+"""Model loading: built-ins, local folders, hub ids offline, safe loading, LoRA export."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from alignlab.errors import AlignlabError
+from alignlab.models import add_lora, load_model, load_tokenizer, resolve_model, save_model
+
+
+def test_tiny_model_is_deterministic_and_has_a_chat_template(tiny_tokenizer):
+    a, b = load_model("tiny-random"), load_model("tiny-random")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                               add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+
+
+def test_missing_local_path_names_it():
+    with pytest.raises(AlignlabError, match="does not exist"):
+        load_model("./no/such/model")
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(AlignlabError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_hub_id_offline_names_the_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AlignlabError, match="smollm2-135m-instruct"):
+        load_tokenizer("someone/some-model-that-is-not-cached")
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path):
+    model = load_model("tiny-random")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # an old-style pickle checkpoint
+    with pytest.raises(AlignlabError, match="allow-pickle"):
+        load_model(tmp_path)
+    loaded = load_model(tmp_path, allow_pickle=True)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_lora_export_merges_into_full_weights(tmp_path, tiny_tokenizer):
+    model = add_lora(load_model("tiny-random"), r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(ids).logits
+    out = save_model(model, tiny_tokenizer, tmp_path / "merged")
+    merged = load_model(out)
+    with torch.no_grad():
+        got = merged(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_adapter_only_export_reloads_with_peft(tmp_path, tiny_tokenizer):
+    model = add_lora(load_model("tiny-random"), r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.02)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(ids).logits
+    out = save_model(model, tiny_tokenizer, tmp_path / "adapter", merge_lora=False)
+    assert (out / "adapter_config.json").exists()
+    with torch.no_grad():
+        got = load_model(out)(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_reloads_from_cache_quickly(smollm2_path):
+    start = time.perf_counter()
+    model = load_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    assert time.perf_counter() - start < 5.0  # < 2 s on an idle machine; slack for a loaded CI box
+    assert resolve_model("smollm2-135m-instruct") == smollm2_path
+    assert model.config.quantization_config is None if hasattr(model.config, "quantization_config") else True
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
