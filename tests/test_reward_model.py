@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, needs_shared
 
 from alignlab.cli import main as cli_main
 from alignlab.config import RewardConfig
@@ -27,8 +28,6 @@ from alignlab.reward import (
 )
 from alignlab.train.loop import list_checkpoints
 from alignlab.train.reward import collate_rankings, encode_preferences, rewards_grid, train_reward
-
-from conftest import SHARED, needs_shared
 
 GOOD = ["great", "wonderful", "lovely", "delightful", "beautiful", "happy"]
 BAD = ["awful", "terrible", "boring", "hated", "long", "bad"]
@@ -76,6 +75,15 @@ def _cfg(tmp_path: Path, name: str, **kw) -> RewardConfig:
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a shared CPU spinning threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +164,15 @@ def test_kwise_loss_equals_mean_of_expanded_pairs(tiny_rm):
 # ------------------------------------------------------------------------------------------ training
 
 
-def test_learns_a_synthetic_preference(tmp_path):
+def test_learns_a_synthetic_preference(tmp_path, tiny_rm):
     data = _pairs_file(tmp_path / "train.jsonl", 160, seed=0)
     held = _pairs_file(tmp_path / "held.jsonl", 64, seed=123)
-    cfg = _cfg(tmp_path, "learn", data=str(data), eval_data=str(held), max_steps=40, eval_every=20,
+    pairs = [json.loads(line) for line in held.read_text().splitlines()]
+    untrained = ModelScorer(*tiny_rm, template="none", max_length=64)
+    chosen = untrained.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = untrained.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(pairs) < 0.75  # a fresh head is no judge
+    cfg = _cfg(tmp_path, "learn", data=str(data), eval_data=str(held), max_steps=20, eval_every=10,
                center_rewards_coef=0.01, save_final=True)
     run = train_reward(cfg)
     evals = [m for m in _metrics(run) if "eval_accuracy" in m]
@@ -301,7 +314,7 @@ def test_function_scorer_from_a_file(tmp_path):
     assert scorer.score(["a", [{"role": "user", "content": "b"}]], ["xy", "xyz"]) == [2.0, 3.0]
     with pytest.raises(AlignlabError, match=r"boom raised ValueError: no bad words \(on item 1"):
         load_scorer(f"{module}:boom").score(["p", "q", "r"], ["good", "bad", "fine"])
-    with pytest.raises(AlignlabError, match=r"short returned 1 scores for 2 .* item 1 has no score"):
+    with pytest.raises(AlignlabError, match=r"short returned 1 scores for 2 .*\(item 1 has no score\)"):
         load_scorer(f"{module}:short").score(["p", "q"], ["a", "b"])
     with pytest.raises(AlignlabError, match=r"nan: item 1: the score is nan"):
         load_scorer(f"{module}:nan").score(["p", "q"], ["a", "b"])

@@ -1,0 +1,70 @@
+"""The lab's task plug-in and its evaluation measures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignlab.errors import AlignlabError
+from alignlab.evaluate import distinct_n, evaluate_samples, mean_ci95, response_logps, win_rate
+from alignlab.generation import SamplingConfig, generate
+from alignlab.models import load_model
+from alignlab.tasks import load_task
+
+
+def test_sentiment_task_splits_and_scores():
+    task = load_task("sentiment", n_eval=50)
+    assert len(task.train_prompts) + len(task.eval_prompts) == 360
+    assert not set(task.train_prompts) & set(task.eval_prompts)
+    assert len(task.demonstrations) == 128
+    assert all(d["input"] in task.train_prompts for d in task.demonstrations)
+    good, neutral, bad = task.gold_score(None, ["A wonderful, great film.", "It is a film.", "Awful and boring."])
+    assert good > 0.5 and neutral == 0.0 and bad < -0.5
+    assert load_task("sentiment", n_eval=50).eval_prompts == task.eval_prompts  # fixed by the seed
+
+
+def test_prompt_file_replaces_prompts_and_bad_files_fail_early(tmp_path):
+    ok = tmp_path / "p.txt"
+    ok.write_text("\n".join(f"Opening number {i}." for i in range(40)))
+    task = load_task("sentiment", prompts_file=str(ok), n_eval=10)
+    assert len(task.train_prompts) == 30 and len(task.eval_prompts) == 10
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(AlignlabError, match="no prompts"):
+        load_task("sentiment", prompts_file=str(empty))
+    small = tmp_path / "small.txt"
+    small.write_text("one\ntwo\n")
+    with pytest.raises(AlignlabError, match="too few"):
+        load_task("sentiment", prompts_file=str(small), n_eval=10)
+    with pytest.raises(AlignlabError, match="unknown task"):
+        load_task("poetry")
+
+
+def test_measures_against_hand_computation():
+    mean, ci = mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and ci == pytest.approx(1.96 * 1.0 / math.sqrt(3))
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert win_rate([1, 0, 0.5], [0, 1, 0.5]) == pytest.approx(0.5)
+
+
+def test_kl_is_zero_against_itself_and_positive_against_another_model(tiny_tokenizer):
+    model = load_model("tiny-random")
+    other = load_model("tiny-random")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["The movie was", "I think", "Hello there"]
+    samples = generate(model, tiny_tokenizer, prompts, SamplingConfig(max_new_tokens=6, seed=0), template="none")
+    same = evaluate_samples(samples, prompts, gold_score=lambda p, r: [0.0] * len(r), policy=model,
+                            reference=model, pad_token_id=tiny_tokenizer.pad_token_id)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-5)
+    logps = response_logps(model, samples, tiny_tokenizer.pad_token_id)
+    tokens = sum(len(x) for x in logps)
+    assert same["fluency_nll"] == pytest.approx(-sum(float(x.sum()) for x in logps) / tokens)
+    diff = evaluate_samples(samples, prompts, gold_score=lambda p, r: [0.0] * len(r), policy=model,
+                            reference=other, pad_token_id=tiny_tokenizer.pad_token_id, baseline_gold=[0.0] * 3)
+    assert diff["kl"] != pytest.approx(0.0, abs=1e-3)
+    assert diff["win_rate"] == 0.5
