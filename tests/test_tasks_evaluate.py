@@ -68,3 +68,20 @@ def test_kl_is_zero_against_itself_and_positive_against_another_model(tiny_token
                             reference=other, pad_token_id=tiny_tokenizer.pad_token_id, baseline_gold=[0.0] * 3)
     assert diff["kl"] != pytest.approx(0.0, abs=1e-3)
     assert diff["win_rate"] == 0.5
+
+
+def test_annotators_exact_at_zero_temperature_and_noisy_above():
+    import random
+
+    from alignlab.lab.annotate import annotate, plackett_luce_order
+
+    assert plackett_luce_order([0.1, 0.9, 0.5], 0.0, random.Random(0)) == [1, 2, 0]
+    rng = random.Random(0)
+    firsts = [plackett_luce_order([1.0, 0.0], 1.0, rng)[0] for _ in range(4000)]
+    # Bradley-Terry: P(0 first) = sigmoid(1) = 0.731
+    assert firsts.count(0) / 4000 == pytest.approx(1 / (1 + math.exp(-1)), abs=0.03)
+    records, report = annotate(["p1", "p2"], [["good", "bad", "good"], ["same", "same"]],
+                               [[0.9, -0.5, 0.9], [0.0, 0.0]], temperature=0.0, seed=0)
+    assert len(records) == 1 and records[0].responses == ["good", "bad"]
+    assert report["skipped"]["fewer than 2 distinct responses"] == 1
+    assert report["pairwise_agreement_with_gold"] == 1.0

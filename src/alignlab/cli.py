@@ -33,6 +33,10 @@ STAGES: dict[str, Stage] = {
             "alignlab.config:DPOConfig", "alignlab.train.dpo:train_dpo"),
     # stages: ppo
     # stages: rejection sampling / best-of-n
+    "bon": ("best-of-n: sample n answers per prompt, keep the best by reward, with the KL and reward curve",
+            "alignlab.train.rejection:BoNConfig", "alignlab.train.rejection:run_bon"),
+    "rs": ("rejection-sampling fine-tuning: sample, keep the best, fine-tune, repeat",
+           "alignlab.train.rejection:RSConfig", "alignlab.train.rejection:run_rs"),
     # stages: lab
 }
 

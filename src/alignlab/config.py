@@ -240,7 +240,10 @@ __all__ = [
 class RewardConfig(DataConfig, TrainConfig):
     """Reward-model training on preference pairs and rankings (``alignlab rm train``)."""
 
-    output_dir: str = opt("runs/rm", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
+    output_dir: str = opt("runs/rm", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/ (+ "
+                          "reward_stats.json), eval_scores.jsonl, eval_stats.json, reward_hist.png")
+    format: str = opt("auto", "preference format: auto, explicit, implicit (HH transcripts), sharegpt, ranking, "
+                      "oasst")
     truncation: str = opt("right", "over-long responses: right (cut the end, counted), left (cut the start of "
                           "the prompt so the response and its EOS stay whole, counted) or drop (drop the "
                           "record, counted)", choices=["right", "left", "drop"])
@@ -273,3 +276,82 @@ class RewardScoreConfig:
     skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
     limit: int = opt(0, "read at most N records (0 = all)")
     allow_pickle: bool = opt(False, "allow pickle-based .bin/.pt weights (unsafe with untrusted files)")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """RLHF with PPO (``alignlab ppo``): sample responses, score them, and push the policy towards high scores
+    at a controlled KL from the reference. One *iteration* = one rollout + ``ppo_epochs`` passes over it; the
+    rollout holds ``batch_size x grad_accum x num_mini_batches`` responses per process. ``epochs`` and
+    ``max_steps`` are not used (``iterations`` counts the run); ``save_every``/``eval_every``/``log_every``
+    count iterations."""
+
+    output_dir: str = opt("runs/ppo", "run folder: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/")
+    policy: str = opt("", "the policy to train (an alias of --model; the SFT model, a folder or a built-in)")
+    lr: float = opt(1e-5, "peak learning rate (AdamW) of the policy and the value model; LoRA wants ~1e-4")
+    schedule: str = opt("linear", "learning-rate decay over the run's optimizer steps",
+                        choices=["cosine", "linear", "constant"])
+    warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent in linear warmup")
+    batch_size: int = opt(8, "responses per forward/backward micro-batch on each process")
+    # -- prompts
+    prompts: str = opt("", "training prompts: .txt (one per line), a JSON/JSONL list, or any instruction or "
+                       "preference file (its prompts)")
+    eval_prompts: str = opt("", "held-out prompts (same formats); empty = eval_fraction of --prompts")
+    eval_fraction: float = opt(0.1, "fraction of --prompts held out when --eval-prompts is empty (0 = none)")
+    limit: int = opt(0, "read at most N prompts (0 = all)")
+    template: str = opt("auto", "how a prompt is rendered: auto (the tokenizer's chat template when it has one, "
+                        "else alpaca for instruction records and none for text), chat, alpaca, none",
+                        choices=["auto", "chat", "alpaca", "none"])
+    max_prompt_length: int = opt(512, "longest prompt in tokens (prompt + max_new_tokens must also fit the model's "
+                                 "context)")
+    long_prompts: str = opt("error", "a prompt that does not fit: error (naming it) or drop (counted)",
+                            choices=["error", "drop"])
+    # -- roles
+    reward_model: str = opt("", "reward: a reward-model folder (alignlab rm train), or module:function")
+    reward: str = opt("", "reward: a Python function module:function or file.py:function, "
+                      "f(prompts, responses) -> list[float] (e.g. alignlab.rewards:sentiment)")
+    reward_batch_size: int = opt(16, "sequences per reward-model forward pass")
+    reference: str = opt("", "reference model; empty = the starting policy (with LoRA: the policy with its adapter "
+                         "disabled, no second model)")
+    value_model: str = opt("", "value model (critic) initialisation: empty = the reward model when --reward-model "
+                           "is a folder, else the policy (with a zeroed head); or a checkpoint folder")
+    share_backbone: bool = opt(False, "no separate value model: a value head on the policy's own last hidden "
+                               "states (saves a model's memory and compute; the value loss then also shapes the "
+                               "policy's features)")
+    # -- rollout
+    iterations: int = opt(20, "PPO iterations (rollout -> score -> advantages -> update)")
+    num_mini_batches: int = opt(1, "optimizer steps per PPO epoch over the rollout")
+    ppo_epochs: int = opt(4, "passes over each rollout")
+    max_new_tokens: int = opt(64, "longest response in tokens")
+    temperature: float = opt(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    stop_strings: list[str] = field(default_factory=list, metadata={
+        "help": "comma-separated strings that end a response (like EOS; \\n escapes are decoded)"})
+    generation_batch_size: int = opt(0, "prompts sampled together (0 = the whole rollout at once)")
+    unfinished_penalty: float = opt(0.0, "subtracted from the score of a response that ends neither with EOS nor "
+                                    "a stop string within max_new_tokens")
+    # -- rewards
+    kl_estimator: str = opt("k1", "per-token KL penalty estimator: k1 (log ratio, unbiased, the classic RLHF "
+                            "penalty) or k3 (unbiased and >= 0, lower variance)", choices=["k1", "k3"])
+    kl_coef: float = opt(0.05, "KL penalty coefficient beta (the starting value when target_kl > 0)")
+    target_kl: float = opt(0.0, "adaptive KL controller (Ziegler et al. 2019): steer the KL per response (nats) "
+                           "to this target; 0 = a fixed kl_coef")
+    kl_horizon: float = opt(10000, "adaptive KL controller horizon, in responses")
+    reward_normalization: str = opt("none", "normalise scores: none; running (running mean/std of the scores "
+                                    "seen so far); stats (the reward model's reward_stats.json)",
+                                    choices=["none", "running", "stats"])
+    reward_clip: float = opt(0.0, "clip (normalised) scores to [-c, c] (0 = off)")
+    whiten_rewards: bool = opt(False, "rescale the per-token rewards to unit variance before GAE")
+    # -- update
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    whiten_advantages: bool = opt(True, "normalise advantages to zero mean, unit variance over real tokens")
+    clip_range: float = opt(0.2, "PPO policy ratio clip epsilon")
+    clip_range_value: float = opt(0.2, "value clip around the rollout-time values (0 = no clipping)")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    entropy_coef: float = opt(0.0, "weight of the entropy bonus (0 = off; entropy is still logged)")
+    # -- evaluation and logging
+    eval_greedy: bool = opt(False, "held-out generations by greedy decoding (default: sampled at the rollout "
+                            "temperature with a fixed seed, so the KL estimate is unbiased)")
+    log_samples: int = opt(4, "sample responses written to samples.jsonl each iteration (and at each evaluation)")

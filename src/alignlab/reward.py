@@ -239,6 +239,8 @@ class Scorer:
     stats: dict[str, Any] | None = None
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """One float per (prompt, response) pair, in order. A prompt is a string or a list of chat messages
+        ``{role, content}`` ending with a user turn; a response is the assistant's text."""
         raise NotImplementedError
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:

@@ -329,9 +329,9 @@ def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_t
     return metrics, per_example
 
 
-def plot_histogram(path: Path, best: list[float], worst: list[float], others: list[float],
-                   title: str) -> Path | None:
-    """A PNG histogram of the scores of best, worst and middle responses (None when matplotlib is absent)."""
+def plot_histogram(path: Path, groups: dict[str, list[float]], title: str) -> Path | None:
+    """A PNG histogram of reward scores, one colour per group (e.g. best / worst responses); None when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -339,13 +339,14 @@ def plot_histogram(path: Path, best: list[float], worst: list[float], others: li
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    everything = [v for values in groups.values() for v in values]
+    if not everything:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    everything = best + worst + others
-    bins = np.linspace(min(everything), max(everything) + 1e-9, 40) if everything else 10
-    for values, label, color in ((best, "best (chosen)", "tab:green"), (worst, "worst (rejected)", "tab:red"),
-                                 (others, "in between", "tab:gray")):
+    bins = np.linspace(min(everything), max(everything) + 1e-9, 40)
+    for (label, values), color in zip(groups.items(), ("tab:green", "tab:red", "tab:gray", "tab:blue")):
         if values:
-            ax.hist(values, bins=bins, alpha=0.5, label=f"{label}, n={len(values)}", color=color)
+            ax.hist(values, bins=bins, alpha=0.5, label=f"{label} (n={len(values)})", color=color)
     ax.set_xlabel("reward")
     ax.set_ylabel("responses")
     ax.set_title(title)
@@ -480,17 +481,24 @@ def train_reward(cfg: RewardConfig) -> Path:
     if eval_set and eval_scores is None:  # the run had already finished: evaluate the loaded weights
         eval_metrics, eval_scores = evaluate_reward(model, eval_set, pad, run, cfg.batch_size * 4)
         run.log(len(plan), eval_metrics)
-    stats = training_reward_stats(model, train_set, pad, run, cfg)
+    stats, train_scores = training_reward_stats(model, train_set, pad, run, cfg)
     if run.is_main:
         with open(run.out / REWARD_STATS_FILE, "w") as f:
             json.dump(stats, f, indent=2)
         if eval_set and eval_scores is not None:
-            write_eval_scores(run.out / "eval_scores.jsonl", eval_set, eval_scores)
             best = [s[0] for s in eval_scores]
             worst = [s[-1] for s in eval_scores]
             middle = [v for s in eval_scores for v in s[1:-1]]
-            plot_histogram(run.out / "reward_hist.png", best, worst, middle,
+            write_eval_scores(run.out / "eval_scores.jsonl", eval_set, eval_scores)
+            with open(run.out / "eval_stats.json", "w") as f:
+                json.dump({**eval_metrics, "prompts": len(eval_set), "scores": reward_stats(best + worst + middle),
+                           "best": reward_stats(best), "worst": reward_stats(worst)}, f, indent=2)
+            plot_histogram(run.out / "reward_hist.png",
+                           {"best (chosen)": best, "worst (rejected)": worst, "in between": middle},
                            f"held-out rewards ({len(eval_set)} prompts)")
+        else:
+            plot_histogram(run.out / "reward_hist.png", {"training responses": train_scores},
+                           f"training rewards ({len(train_scores)} responses)")
         run.print(_summary(stats, eval_metrics if eval_set and eval_scores is not None else None))
     final = run.save_final(model, tokenizer, extra_files={REWARD_STATS_FILE: json.dumps(stats, indent=2)})
     run.close()
@@ -500,9 +508,10 @@ def train_reward(cfg: RewardConfig) -> Path:
 
 
 def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample], pad_token_id: int, run: Run,
-                          cfg: RewardConfig) -> dict[str, Any]:
+                          cfg: RewardConfig) -> tuple[dict[str, Any], list[float]]:
     """Mean, std and quantiles of the trained model's scores on the training responses (a seeded sample of
-    ``stats_samples`` of them when there are more), with the encoding the model was trained with."""
+    ``stats_samples`` of them when there are more), with the encoding the model was trained with; and the
+    scores."""
     from accelerate.utils import gather_object
 
     sequences = [s for e in train_set for s in e.sequences]
@@ -523,7 +532,7 @@ def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample]
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
     }
-    return stats
+    return stats, scores
 
 
 def write_eval_scores(path: Path, examples: list[RewardExample], scores: list[list[float]]) -> None:

@@ -1,0 +1,339 @@
+"""Best-of-n and rejection-sampling fine-tuning (Llama 2 style).
+
+Best-of-n (``alignlab bon``): sample n answers per prompt, keep the one the reward scores highest. It needs
+no training and is the baseline the other methods are measured against. Its KL from the sampling policy is
+known in closed form (Stiennon et al. 2020; Beirami et al. 2024): ``KL(best-of-n || policy) <= log n -
+(n - 1) / n``, the value usually quoted. Sampling once at the largest n gives the whole curve for smaller k:
+the expected best of k out of the n samples is an average over all k-subsets, computed exactly from the
+sorted scores (:func:`expected_best_of_k`).
+
+Rejection sampling (``alignlab rs``): for R rounds, sample n answers per prompt from the current policy,
+score them, keep the best per prompt (or the top k, or those above a threshold), fine-tune on the kept set
+with the SFT trainer, and sample the next round from the new policy. Each round writes ``samples.jsonl``
+(every sample, its score, whether kept), ``kept.jsonl`` (the SFT data) and ``sft/`` (the round's run); a
+rerun skips finished rounds, so a stopped run resumes at the round it was in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from alignlab.config import SFTConfig, TrainConfig, opt
+from alignlab.data.prompts import load_prompts
+from alignlab.data.templates import render_prompt
+from alignlab.errors import AlignlabError
+from alignlab.generation import Sample, SamplingConfig, generate_from_ids
+from alignlab.models import load_model, load_tokenizer
+
+# ----------------------------------------------------------------------------------------------- selection
+
+
+def best_of_n_kl(n: int) -> float:
+    """The analytic KL of best-of-n from its base policy: ``log n - (n - 1) / n`` (nats)."""
+    if n < 1:
+        raise AlignlabError(f"n must be at least 1, got {n}", field="n")
+    return math.log(n) - (n - 1) / n
+
+
+def select(scores: Sequence[float], *, mode: str = "best", top_k: int = 1, threshold: float = 0.0) -> list[int]:
+    """Indices of the kept samples of one prompt.
+
+    ``best``: the argmax (ties: the earliest sample, so the choice is deterministic); ``top_k``: the k
+    highest (ties by index); ``threshold``: every sample scoring at least ``threshold``, best first.
+    """
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    if mode == "best":
+        return order[:1]
+    if mode == "top_k":
+        return order[:top_k]
+    if mode == "threshold":
+        return [i for i in order if scores[i] >= threshold]
+    raise AlignlabError(f"unknown selection '{mode}' (best, top_k, threshold)", field="select")
+
+
+def best_of_first_k(scores: Sequence[float], k: int) -> float:
+    """The score best-of-k picks among the first k samples: exactly what a direct best-of-k run with the same
+    sampling seed and order would pick."""
+    return max(scores[:k])
+
+
+def expected_best_of_k(scores: Sequence[float], k: int) -> float:
+    """E[max of k samples drawn without replacement from ``scores``], exactly: with scores sorted ascending
+    s_1 <= ... <= s_n, the i-th is the maximum of C(i-1, k-1) of the C(n, k) subsets."""
+    n = len(scores)
+    if not 1 <= k <= n:
+        raise AlignlabError(f"k must be in 1..{n}, got {k}", field="n")
+    s = sorted(scores)
+    total = math.comb(n, k)
+    return sum(s[i - 1] * math.comb(i - 1, k - 1) for i in range(k, n + 1)) / total
+
+
+def curve_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (and n itself)."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def sample_n(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int, sampling: SamplingConfig,
+             template: str, max_prompt_tokens: int) -> tuple[list[list[Sample]], dict[str, int]]:
+    """n samples per prompt (prompts that leave no room under ``max_prompt_tokens`` are skipped, counted)."""
+    from alignlab.data.tokenize import encode_prompt
+
+    if n < 1:
+        raise AlignlabError(f"n must be at least 1, got {n}", field="n")
+    kept_prompts, ids, skipped = [], [], {"prompt too long": 0}
+    for p in prompts:
+        p_ids = encode_prompt(tokenizer, p, template=template)
+        if len(p_ids) > max_prompt_tokens:
+            skipped["prompt too long"] += 1
+            continue
+        kept_prompts.append(p)
+        ids.append(p_ids)
+    if not ids:
+        raise AlignlabError(f"every prompt is longer than {max_prompt_tokens} tokens", field="prompts")
+    flat = generate_from_ids(model, tokenizer, [p for p in ids for _ in range(n)], sampling)
+    return [flat[i * n : (i + 1) * n] for i in range(len(ids))], {"kept_prompts": kept_prompts, **skipped}
+
+
+def score_samples(scorer: Any, prompts: Sequence[Any], groups: Sequence[Sequence[Sample]],
+                  on_bad_score: str) -> tuple[list[list[float | None]], int]:
+    """Scores per group; with ``on_bad_score=skip`` a failing or NaN score is None (counted), else an error."""
+    flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
+    flat_texts = [s.text for g in groups for s in g]
+    try:
+        flat = scorer.score(flat_prompts, flat_texts)
+        bad = 0
+    except AlignlabError:
+        if on_bad_score != "skip":
+            raise
+        flat, bad = [], 0  # score one by one to find the failures
+        for p, t in zip(flat_prompts, flat_texts):
+            try:
+                flat.append(scorer.score([p], [t])[0])
+            except AlignlabError:
+                flat.append(None)
+                bad += 1
+    out, i = [], 0
+    for g in groups:
+        out.append(flat[i : i + len(g)])
+        i += len(g)
+    return out, bad
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class SampleConfig:
+    """What to sample from and how to score it (shared by ``bon`` and ``rs``)."""
+
+    prompts: str = opt("", "prompts: .txt (one per line) or any instruction/preference file")
+    reward_model: str = opt("", "reward model folder (from alignlab rm train)")
+    reward: str = opt("", "or a Python reward function module:function(prompts, responses) -> scores")
+    n: int = opt(4, "samples per prompt")
+    template: str = opt("chat", "how prompts are rendered", choices=["chat", "alpaca", "none"])
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = opt(64, "tokens generated per sample")
+    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)")
+    gen_batch_size: int = opt(32, "sequences generated together")
+    limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
+    on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
+                            choices=["stop", "skip"])
+
+
+@dataclass
+class BoNConfig(SampleConfig):
+    """Best-of-n at inference."""
+
+    model: str = opt("smollm2-135m-instruct", "the policy to sample from")
+    gold: str = opt("", "optional second scorer module:function to judge the chosen samples (e.g. a gold score)")
+    output_dir: str = opt("runs/bon", "folder for samples.jsonl and summary.json")
+    seed: int = opt(0, "sampling seed")
+    allow_pickle: bool = opt(False, "allow pickle-based weights (unsafe)")
+
+
+@dataclass
+class RSConfig(SampleConfig, SFTConfig):
+    """Rejection-sampling fine-tuning: the SFT options apply to every round's fine-tuning."""
+
+    output_dir: str = opt("runs/rs", "run folder: round-N/{samples,kept}.jsonl, round-N/sft/, final/")
+    rounds: int = opt(2, "rounds of sample -> select -> fine-tune")
+    select: str = opt("best", "which samples to keep per prompt", choices=["best", "top_k", "threshold"])
+    top_k: int = opt(1, "with select=top_k: how many to keep per prompt")
+    threshold: float = opt(0.0, "with select=threshold: keep samples scoring at least this")
+    data: str = opt("", "(unused: rejection sampling makes its own data)")
+
+
+def _scorer(cfg: SampleConfig) -> Any:
+    from alignlab.reward import load_scorer
+
+    if bool(cfg.reward_model) == bool(cfg.reward):
+        raise AlignlabError("give exactly one of --reward-model FOLDER or --reward module:function",
+                            field="reward")
+    return load_scorer(cfg.reward_model or cfg.reward)
+
+
+def _sampling(cfg: SampleConfig, seed: int) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          batch_size=cfg.gen_batch_size, seed=seed)
+
+
+def _prompts(cfg: SampleConfig) -> list[Any]:
+    if not cfg.prompts:
+        raise AlignlabError("no prompts: pass --prompts FILE", field="prompts")
+    return load_prompts(cfg.prompts, limit=cfg.limit_prompts or None)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any, seed: int,
+                        mode: str = "best", top_k: int = 1, threshold: float = 0.0) -> dict[str, Any]:
+    """Sample n per prompt, score, select. Returns rows for samples.jsonl, the kept rows and counts."""
+    groups, info = sample_n(model, tokenizer, prompts, cfg.n, _sampling(cfg, seed), cfg.template,
+                            cfg.max_prompt_tokens)
+    kept_prompts = info.pop("kept_prompts")
+    scores, bad = score_samples(scorer, kept_prompts, groups, cfg.on_bad_score)
+    rows, kept = [], []
+    for p_index, (prompt, group, group_scores) in enumerate(zip(kept_prompts, groups, scores)):
+        valid = [i for i, s in enumerate(group_scores) if s is not None and math.isfinite(s)]
+        chosen = {valid[i] for i in select([group_scores[i] for i in valid], mode=mode, top_k=top_k,
+                                           threshold=threshold)} if valid else set()
+        rendered = render_prompt(tokenizer, prompt, cfg.template)
+        for i, (sample, score) in enumerate(zip(group, group_scores)):
+            row = {"prompt_index": p_index, "sample": i, "prompt": prompt, "response": sample.text,
+                   "score": score, "finished": sample.finished, "kept": i in chosen}
+            rows.append(row)
+            if i in chosen:
+                kept.append({"prompt": rendered, "completion": sample.text, "score": score})
+    return {"rows": rows, "kept": kept, "scores": scores, "groups": groups, "prompts": kept_prompts,
+            "skipped": {**info, "bad score": bad}}
+
+
+# ----------------------------------------------------------------------------------------------- bon
+
+
+def run_bon(cfg: BoNConfig) -> dict[str, Any]:
+    """``alignlab bon``: best-of-n with its curve over k and the analytic KL."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    scorer = _scorer(cfg)
+    start = time.perf_counter()
+    result = sample_score_select(model, tokenizer, _prompts(cfg), cfg, scorer, cfg.seed)
+    gold = None
+    if cfg.gold:
+        from alignlab.reward import load_scorer
+
+        gold_scorer = load_scorer(cfg.gold)
+        flat_prompts = [r["prompt"] for r in result["rows"]]
+        gold = gold_scorer.score(flat_prompts, [r["response"] for r in result["rows"]])
+        for row, g in zip(result["rows"], gold):
+            row["gold"] = g
+    _write_jsonl(out / "samples.jsonl", result["rows"])
+    curve = []
+    valid_groups = [[s for s in g if s is not None] for g in result["scores"]]
+    valid_groups = [g for g in valid_groups if len(g) == cfg.n]
+    gold_groups = None
+    if gold is not None:
+        gold_groups = [gold[i * cfg.n : (i + 1) * cfg.n] for i in range(len(result["scores"]))]
+    for k in curve_ks(cfg.n):
+        point = {"n": k, "kl_bound": best_of_n_kl(k),
+                 "reward": sum(expected_best_of_k(g, k) for g in valid_groups) / max(1, len(valid_groups))}
+        if gold_groups is not None:  # gold of the sample the reward picks among the first k
+            picks = [max(range(k), key=lambda i, s=s: (s[i], -i)) for s in result["scores"]]
+            point["gold_of_first_k_pick"] = sum(g[i] for g, i in zip(gold_groups, picks)) / len(picks)
+        curve.append(point)
+    summary = {"n": cfg.n, "prompts": len(result["prompts"]), "samples": len(result["rows"]),
+               "skipped": result["skipped"], "kl_bound": best_of_n_kl(cfg.n), "curve": curve,
+               "seconds": time.perf_counter() - start}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"best-of-{cfg.n} on {summary['prompts']} prompts ({summary['samples']} samples, "
+          f"{summary['seconds']:.0f} s); skipped: {summary['skipped']}")
+    print(f"{'n':>4} {'KL bound':>9} {'E[best reward]':>15}" + (" gold" if gold is not None else ""))
+    for p in curve:
+        g = f" {p['gold_of_first_k_pick']:.3f}" if "gold_of_first_k_pick" in p else ""
+        print(f"{p['n']:>4} {p['kl_bound']:>9.3f} {p['reward']:>15.4f}{g}")
+    print(f"samples: {out / 'samples.jsonl'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- rs
+
+
+def run_rs(cfg: RSConfig) -> Path:
+    """``alignlab rs``: R rounds of sample -> score -> select -> SFT; finished rounds are reused."""
+    from alignlab.train.sft import train_sft
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = _prompts(cfg)
+    scorer = _scorer(cfg)
+    policy = cfg.model
+    history = []
+    for r in range(1, cfg.rounds + 1):
+        round_dir = out / f"round-{r}"
+        final = round_dir / "sft" / "final"
+        round_dir.mkdir(exist_ok=True)
+        if final.exists() and (round_dir / "summary.json").exists():
+            print(f"round {r}: done earlier, reusing {final}")
+            history.append(json.loads((round_dir / "summary.json").read_text()))
+            policy = str(final)
+            continue
+        tokenizer = load_tokenizer(policy)
+        model = load_model(policy, allow_pickle=cfg.allow_pickle)
+        t0 = time.perf_counter()
+        result = sample_score_select(model, tokenizer, prompts, cfg, scorer, cfg.seed + r, cfg.select, cfg.top_k,
+                                     cfg.threshold)
+        del model
+        _write_jsonl(round_dir / "samples.jsonl", result["rows"])
+        _write_jsonl(round_dir / "kept.jsonl", result["kept"])
+        if not result["kept"]:
+            raise AlignlabError(f"round {r}: no sample was kept (select={cfg.select}); nothing to fine-tune on")
+        all_scores = [s for g in result["scores"] for s in g if s is not None]
+        kept_scores = [k["score"] for k in result["kept"]]
+        sft_cfg = replace(SFTConfig(**{k: getattr(cfg, k) for k in _sft_fields()}),
+                          model=policy, data=str(round_dir / "kept.jsonl"), format="prompt_completion",
+                          template="none", output_dir=str(round_dir / "sft"), seed=cfg.seed + r)
+        train_sft(sft_cfg)
+        summary = {"round": r, "policy": policy, "samples": len(result["rows"]), "kept": len(result["kept"]),
+                   "mean_score": sum(all_scores) / max(1, len(all_scores)),
+                   "mean_kept_score": sum(kept_scores) / max(1, len(kept_scores)),
+                   "skipped": result["skipped"], "seconds": time.perf_counter() - t0}
+        (round_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"round {r}: mean sample score {summary['mean_score']:.4f}, kept {summary['kept']} "
+              f"(mean {summary['mean_kept_score']:.4f})")
+        history.append(summary)
+        policy = str(final)
+    (out / "rounds.json").write_text(json.dumps(history, indent=1))
+    print(f"final policy: {policy}")
+    return Path(policy)
+
+
+def _sft_fields() -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(SFTConfig)]
+
+
+__all__ = ["BoNConfig", "RSConfig", "TrainConfig", "best_of_first_k", "best_of_n_kl", "curve_ks",
+           "expected_best_of_k", "run_bon", "run_rs", "sample_n", "select"]
