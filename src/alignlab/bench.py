@@ -9,7 +9,10 @@ What is measured, per library
 -----------------------------
 - **step seconds**: wall time from the end of one optimizer step to the end of the next, so everything the
   loop does (collation, forward, backward, clipping, optimizer, logging) is in it; the first step is timed
-  from its own start. The first ``warmup_steps`` steps are left out of every number below.
+  from the start of the loop. The first ``warmup_steps`` steps are left out of every number below.
+- **tokens per CPU-second**: the same tokens over the worker's CPU time (all threads) in those steps; on a
+  shared machine this moves less with other processes' load than wall time, and ``cpu_utilisation`` (CPU
+  seconds / wall seconds, about the thread count on an idle machine) shows how contended the run was.
 - **tokens/s**: non-pad tokens (attention-mask ones) of the timed steps / their summed seconds.
 - **s/step**: mean seconds of the timed steps.
 - **peak RSS**: the worker process's maximum resident set size, read by the parent with ``os.wait4``.
@@ -204,36 +207,48 @@ def matmul_peaks(*, cache: bool = True, refresh: bool = False) -> dict[str, floa
     return peaks
 
 
-def summarize(raw: dict[str, Any], warmup_steps: int, peak_flops: dict[str, float] | None) -> dict[str, Any]:
-    """Reported numbers from a runner's raw measurements (see the module docstring), warmup steps left out."""
-    seconds = list(raw["step_seconds"])[warmup_steps:]
-    tokens = list(raw["step_tokens"])[warmup_steps:]
-    losses = list(raw["losses"])
+def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
+              peak_flops: dict[str, float] | None) -> dict[str, Any]:
+    """Reported numbers from a runner's raw measurements (see the module docstring): one dict per round,
+    each round's first ``warmup_steps`` steps left out, the timed steps of all rounds pooled."""
+    rounds = [raws] if isinstance(raws, dict) else list(raws)
+    seconds = [x for raw in rounds for x in list(raw["step_seconds"])[warmup_steps:]]
+    tokens = [x for raw in rounds for x in list(raw["step_tokens"])[warmup_steps:]]
+    first = rounds[0]
+    losses = list(first["losses"])
     if not seconds or sum(seconds) <= 0:
-        raise AlignlabError(f"no timed steps: {len(raw['step_seconds'])} steps ran, {warmup_steps} of them warmup")
+        raise AlignlabError(f"no timed steps: {len(first['step_seconds'])} steps ran, {warmup_steps} of them warmup")
     tokens_per_s = sum(tokens) / sum(seconds)
-    out = {
+    rss = [raw["peak_rss_mib"] for raw in rounds if raw.get("peak_rss_mib") is not None]
+    out: dict[str, Any] = {
         "tokens_per_s": tokens_per_s,
         "s_per_step": sum(seconds) / len(seconds),
         "tokens_per_step": sum(tokens) / len(tokens),
         "timed_steps": len(seconds),
+        "rounds": len(rounds),
         "final_loss": float(losses[-1]) if losses else float("nan"),
-        "peak_rss_mib": raw.get("peak_rss_mib"),
-        "precision": raw.get("precision"),
-        "trainable_params": raw.get("trainable_params"),
-        "total_params": raw.get("total_params"),
+        "peak_rss_mib": max(rss) if rss else None,
+        "precision": first.get("precision"),
+        "trainable_params": first.get("trainable_params"),
+        "total_params": first.get("total_params"),
     }
-    peak = (peak_flops or {}).get(raw.get("precision") or "")
-    if peak and raw.get("trainable_params"):
+    cpu = [x for raw in rounds for x in list(raw.get("step_cpu_seconds") or [])[warmup_steps:]]
+    if len(cpu) == len(seconds) and sum(cpu) > 0:
+        # CPU seconds of the worker (all its threads): less sensitive than wall time to other processes on a
+        # shared machine; cpu_utilisation ~ the thread count when the machine is otherwise idle
+        out["tokens_per_cpu_s"] = sum(tokens) / sum(cpu)
+        out["cpu_utilisation"] = sum(cpu) / sum(seconds)
+    peak = (peak_flops or {}).get(first.get("precision") or "")
+    if peak and first.get("trainable_params"):
         out["peak_flops"] = peak
-        out["mfu"] = mfu(raw["trainable_params"], tokens_per_s, peak)
+        out["mfu"] = mfu(first["trainable_params"], tokens_per_s, peak)
     return out
 
 
 def ratios(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, float]:
     """ours / TRL for every number both have."""
     out = {}
-    for key in ("tokens_per_s", "s_per_step", "peak_rss_mib", "final_loss", "mfu"):
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib", "final_loss", "mfu"):
         a, b = ours.get(key), trl.get(key)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
             out[key] = a / b
@@ -268,12 +283,13 @@ def run_worker(spec_path: str, out_path: str) -> int:
     return rc
 
 
-def launch(spec: BenchSpec, workdir: Path, *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+def launch(spec: BenchSpec, workdir: Path, *, name: str = "", echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run one library's worker in a fresh process; returns its raw measurements plus ``peak_rss_mib`` (the
-    child's maximum RSS from ``os.wait4``) and ``wall_s``. Output goes to ``workdir/<library>.log``."""
-    spec_file = workdir / f"{spec.library}.spec.json"
-    out_file = workdir / f"{spec.library}.result.json"
-    log_file = workdir / f"{spec.library}.log"
+    child's maximum RSS from ``os.wait4``) and ``wall_s``. Output goes to ``workdir/<name>.log``."""
+    name = name or spec.library
+    spec_file = workdir / f"{name}.spec.json"
+    out_file = workdir / f"{name}.result.json"
+    log_file = workdir / f"{name}.log"
     spec_file.write_text(json.dumps(dataclasses.asdict(spec)))
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
                TRANSFORMERS_OFFLINE=os.environ.get("TRANSFORMERS_OFFLINE", "1"),
@@ -299,7 +315,7 @@ def launch(spec: BenchSpec, workdir: Path, *, echo: Callable[[str], Any] = print
                             f"{raw.get('error', 'no result')}\n--- last lines of {log_file} ---\n{tail}")
     raw["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
     raw["wall_s"] = wall
-    echo(f"  {spec.library}: done in {wall:.1f} s")
+    echo(f"  {name}: done in {wall:.1f} s")
     return raw
 
 
@@ -327,8 +343,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                   max_length: int = 512, steps: int = 5, warmup_steps: int = 1, precision: str = "auto",
                   settings: str = "matched", which: str = "both", seed: int = 0,
                   extra: dict[str, Any] | None = None, measure_peak: bool = True, refresh_peak: bool = False,
-                  keep_workdir: str = "",
-                  echo: Callable[[str], Any] = print) -> dict[str, Any]:
+                  rounds: int = 1, keep_workdir: str = "", echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run ``stage`` with our trainer and/or TRL's (``which``), one after the other, each in its own process;
     returns the report (machine, settings, per-library summaries, ours/TRL ratios, raw measurements)."""
     import datetime
@@ -337,8 +352,8 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
         raise AlignlabError(f"no benchmark for stage '{stage}' (known: {', '.join(PAIRS)})")
     if settings not in SETTINGS:
         raise AlignlabError(f"settings must be one of {SETTINGS}, got '{settings}'", field="settings")
-    if steps < 1 or warmup_steps < 0 or batch_size < 1:
-        raise AlignlabError("need steps >= 1, warmup_steps >= 0 and batch_size >= 1")
+    if steps < 1 or warmup_steps < 0 or batch_size < 1 or rounds < 1:
+        raise AlignlabError("need steps >= 1, warmup_steps >= 0, batch_size >= 1 and rounds >= 1")
     pair = PAIRS[stage]
     if not data:
         found = shared_data_file(pair.default_data) if pair.default_data else None
@@ -357,7 +372,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
         "stage": stage, "settings": settings, "date": started.isoformat(timespec="seconds"),
         "command": " ".join(["alignlab", *sys.argv[1:]]) if sys.argv and "alignlab" in sys.argv[0] else None,
         "config": {"model": model, "data": data, "batch_size": batch_size, "max_length": max_length,
-                   "steps": steps, "warmup_steps": warmup_steps, "seed": seed, "lr": LEARNING_RATE,
+                   "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds, "seed": seed, "lr": LEARNING_RATE,
                    "precision": resolved if settings == "matched" else "each library's default",
                    "extra": extra or {}},
         "machine": machine_info(),
@@ -373,27 +388,34 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
     resolve_model(model)
     workdir = Path(keep_workdir) if keep_workdir else Path(tempfile.mkdtemp(prefix=f"alignlab-bench-{stage}-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    raws: dict[str, dict[str, Any]] = {}
+    raws: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libraries}
     try:
-        for library in libraries:
-            echo(f"running {library} {stage} ({settings}, {warmup_steps}+{steps} steps) ...")
-            spec = BenchSpec(stage=stage, library=library, model=model, data=data, batch_size=batch_size,
-                             max_length=max_length, steps=steps, warmup_steps=warmup_steps, precision=resolved,
-                             settings=settings, seed=seed, workdir=str(workdir / library), extra=dict(extra or {}))
-            Path(spec.workdir).mkdir(parents=True, exist_ok=True)
-            raws[library] = launch(spec, workdir, echo=echo)
+        for round_index in range(rounds):
+            # ABBA order over rounds, so a drift in the machine's load does not favour one library
+            order = libraries if round_index % 2 == 0 else tuple(reversed(libraries))
+            for library in order:
+                name = library if rounds == 1 else f"{library}-r{round_index + 1}"
+                echo(f"running {name} {stage} ({settings}, {warmup_steps}+{steps} steps) ...")
+                spec = BenchSpec(stage=stage, library=library, model=model, data=data, batch_size=batch_size,
+                                 max_length=max_length, steps=steps, warmup_steps=warmup_steps,
+                                 precision=resolved, settings=settings, seed=seed, workdir=str(workdir / name),
+                                 extra=dict(extra or {}))
+                Path(spec.workdir).mkdir(parents=True, exist_ok=True)
+                raws[library].append(launch(spec, workdir, name=name, echo=echo))
     finally:
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report["results"] = {lib: summarize(raw, warmup_steps, peaks) for lib, raw in raws.items()}
-    for lib, raw in raws.items():
-        for key in ("settings", "notes", "wall_s", "worker_maxrss_mib", "torch_threads"):
-            if key in raw:
-                report["results"][lib][key] = raw[key]
+    report["results"] = {lib: summarize(runs, warmup_steps, peaks) for lib, runs in raws.items()}
+    for lib, runs in raws.items():
+        for key in ("settings", "notes", "worker_maxrss_mib", "torch_threads"):
+            if key in runs[0]:
+                report["results"][lib][key] = runs[0][key]
+        report["results"][lib]["wall_s"] = [raw["wall_s"] for raw in runs]
     if len(raws) == 2:
         report["ratios"] = ratios(report["results"]["ours"], report["results"]["trl"])
-    report["raw"] = {lib: {k: raw[k] for k in ("step_seconds", "step_tokens", "losses") if k in raw}
-                     for lib, raw in raws.items()}
+    report["raw"] = {lib: [{k: raw[k] for k in ("step_seconds", "step_cpu_seconds", "step_tokens", "losses",
+                                                "peak_rss_mib") if k in raw} for raw in runs]
+                     for lib, runs in raws.items()}
     return report
 
 
@@ -414,6 +436,8 @@ def _fmt(value: Any, kind: str) -> str:
 
 TABLE_ROWS = (  # (label, key, format)
     ("tokens/s (non-pad)", "tokens_per_s", "1"),
+    ("tokens per CPU-second", "tokens_per_cpu_s", "1"),
+    ("CPU utilisation (cores)", "cpu_utilisation", "2"),
     ("s/step", "s_per_step", "2"),
     ("tokens/step", "tokens_per_step", "1"),
     ("peak RSS (MiB)", "peak_rss_mib", "0"),
@@ -477,6 +501,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="matched: same dtype/optimizer/batches for both; defaults: each library's defaults")
     parser.add_argument("--which", default="both", choices=["both", *LIBRARIES], help="which libraries to run")
     parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each library this many times, alternating the order (ours, TRL, TRL, ours, ...), "
+                        "and pool the timed steps: evens out a shared machine's changing load")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="stage-specific option passed to the runners (repeatable)")
     parser.add_argument("--json", dest="json_out", metavar="OUT",
@@ -497,7 +524,8 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     report = run_benchmark(args.stage, model=args.model, data=args.data, batch_size=args.batch_size,
                            max_length=args.max_length, steps=args.steps, warmup_steps=args.warmup_steps,
                            precision=args.precision, settings=args.settings, which=args.which, seed=args.seed,
-                           extra=extra, refresh_peak=args.remeasure_peak, keep_workdir=args.keep_workdir)
+                           extra=extra, refresh_peak=args.remeasure_peak, rounds=args.rounds,
+                           keep_workdir=args.keep_workdir)
     print_report(report)
     out = Path(args.json_out or f"runs/bench/{args.stage}-{args.settings}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -539,36 +567,57 @@ def _ours_sft_config(spec: BenchSpec) -> Any:
 
 
 def ours_sft(spec: BenchSpec) -> dict[str, Any]:
-    """Our SFT trainer, unmodified (``train_sft``); per-step numbers read back from its ``metrics.jsonl``.
+    """Our SFT trainer, unmodified (``train_sft``); per-step tokens and losses read back from its
+    ``metrics.jsonl``.
 
-    Step seconds: the first step's ``s_per_step``, then the differences of the logged ``time`` stamps (each
-    written after the step finished, so the whole loop body between two steps is counted)."""
+    Timing: ``Run.progress`` (called right before the loop) and ``Run.log`` (called after each step) are
+    wrapped to stamp the wall clock and this process's CPU time, so a step's seconds run from the end of the
+    previous step (or the start of the loop) to its own end. The wrappers only record; the loop is ours as
+    shipped."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from alignlab.models import resolve_model
-    from alignlab.train.loop import resolve_precision
+    from alignlab.train import loop
     from alignlab.train.sft import train_sft
 
+    stamps: list[tuple[float, float]] = []
+    original_log, original_progress = loop.Run.log, loop.Run.progress
+
+    def stamped_log(self: Any, step: int, metrics: dict[str, Any], **kw: Any) -> None:
+        if kw.get("file", "metrics.jsonl") == "metrics.jsonl" and "tokens" in metrics:
+            stamps.append((time.perf_counter(), time.process_time()))
+        original_log(self, step, metrics, **kw)
+
+    def stamped_progress(self: Any, *args: Any, **kw: Any) -> Any:
+        bar = original_progress(self, *args, **kw)
+        stamps.append((time.perf_counter(), time.process_time()))
+        return bar
+
     cfg = _ours_sft_config(spec)
-    run_dir = train_sft(cfg)
+    loop.Run.log, loop.Run.progress = stamped_log, stamped_progress
+    try:
+        run_dir = train_sft(cfg)
+    finally:
+        loop.Run.log, loop.Run.progress = original_log, original_progress
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     records = [r for r in records if "tokens" in r]
-    if len(records) != spec.total_steps:
+    if len(records) != spec.total_steps or len(stamps) != spec.total_steps + 1:
         raise AlignlabError(f"expected {spec.total_steps} logged steps, found {len(records)}")
-    seconds = [records[0]["s_per_step"]] + [b["time"] - a["time"] for a, b in zip(records, records[1:])]
-    import torch
-
+    seconds = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu_seconds = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     with torch.device("meta"):  # count parameters without allocating weights
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(spec.model)))
     model.tie_weights()
     trainable, total = count_params(model)
     return {
         "step_seconds": seconds,
+        "step_cpu_seconds": cpu_seconds,
         "step_tokens": [r["tokens"] for r in records],
         "losses": [r["loss"] for r in records],
         "trainable_params": trainable,
         "total_params": total,
-        "precision": resolve_precision(cfg.precision),
+        "precision": loop.resolve_precision(cfg.precision),
         "settings": {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "torch.optim.AdamW",
                      "schedule": cfg.schedule, "warmup_ratio": cfg.warmup_ratio, "lr": cfg.lr,
                      "group_by_length": cfg.group_by_length},
@@ -638,15 +687,17 @@ def trl_sft(spec: BenchSpec) -> dict[str, Any]:
         rows, examples = rows[: spec.total_steps * spec.batch_size], examples[: spec.total_steps * spec.batch_size]
 
     class StepClock(TrainerCallback):
+        """(wall, CPU) stamps: the start of the first step, then the end of every step."""
+
         def __init__(self) -> None:
-            self.begin: list[float] = []
-            self.end: list[float] = []
+            self.stamps: list[tuple[float, float]] = []
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.begin.append(time.perf_counter())
+            if not self.stamps:
+                self.stamps.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.end.append(time.perf_counter())
+            self.stamps.append((time.perf_counter(), time.process_time()))
 
     class MeasuredSFTTrainer(SFTTrainer):
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -681,12 +732,14 @@ def trl_sft(spec: BenchSpec) -> dict[str, Any]:
         same = sum(list(ids) == list(ex.input_ids) and list(lab) == list(ex.labels)
                    for ids, lab, ex in zip(prepared["input_ids"], prepared["labels"], examples))
     trainer.train()
-    if len(clock.end) != spec.total_steps:
-        raise AlignlabError(f"TRL ran {len(clock.end)} steps, expected {spec.total_steps}")
-    seconds = [clock.end[0] - clock.begin[0]] + [b - a for a, b in zip(clock.end, clock.end[1:])]
+    if len(clock.stamps) != spec.total_steps + 1:
+        raise AlignlabError(f"TRL ran {len(clock.stamps) - 1} steps, expected {spec.total_steps}")
+    seconds = [b[0] - a[0] for a, b in zip(clock.stamps, clock.stamps[1:])]
+    cpu_seconds = [b[1] - a[1] for a, b in zip(clock.stamps, clock.stamps[1:])]
     trainable, total = count_params(trainer.model)
     return {
         "step_seconds": seconds,
+        "step_cpu_seconds": cpu_seconds,
         "step_tokens": trainer.bench_tokens,
         "losses": [float(x) for x in trainer.bench_losses],
         "trainable_params": trainable,

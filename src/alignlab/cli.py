@@ -32,12 +32,16 @@ STAGES: dict[str, Stage] = {
     "dpo": ("preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo (pairs) or kto (feedback)",
             "alignlab.config:DPOConfig", "alignlab.train.dpo:train_dpo"),
     # stages: ppo
+    "ppo": ("RLHF with PPO: sample, score with a reward model or a Python function, update at a controlled KL",
+            "alignlab.config:PPOConfig", "alignlab.train.ppo:train_ppo"),
     # stages: rejection sampling / best-of-n
     "bon": ("best-of-n: sample n answers per prompt, keep the best by reward, with the KL and reward curve",
             "alignlab.train.rejection:BoNConfig", "alignlab.train.rejection:run_bon"),
     "rs": ("rejection-sampling fine-tuning: sample, keep the best, fine-tune, repeat",
            "alignlab.train.rejection:RSConfig", "alignlab.train.rejection:run_rs"),
     # stages: lab
+    "lab run": ("run the lab: the whole pipeline on one task, every method compared, report.md/html",
+                "alignlab.lab.pipeline:LabConfig", "alignlab.lab.pipeline:run_lab"),
 }
 
 
@@ -69,12 +73,16 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    yaml_file = getattr(args, "config", None)
     for word in getattr(args, "overrides", []) or []:
+        if "=" not in word and word.endswith((".yaml", ".yml")) and yaml_file is None:
+            yaml_file = word  # `alignlab lab run CONFIG.yaml`
+            continue
         if "=" not in word:
-            raise AlignlabError(f"expected KEY=VALUE, got '{word}'")
+            raise AlignlabError(f"expected KEY=VALUE (or a .yaml config file), got '{word}'")
         key, value = word.split("=", 1)
         overrides[key.strip().replace("-", "_")] = value
-    return build_config(cls, yaml_file=getattr(args, "config", None), overrides=overrides)
+    return build_config(cls, yaml_file=yaml_file, overrides=overrides)
 
 
 def _stage_command(cls_path: str, fn_path: str) -> Callable[[argparse.Namespace], Any]:

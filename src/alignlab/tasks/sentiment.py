@@ -130,7 +130,7 @@ def sentiment_task(n_eval: int = 64, seed: int = 0, prompts: Sequence[str] | Non
     rng.shuffle(order)
     held = sorted(order[:n_eval])
     held_set = set(held)
-    train = [openings[i] for i in range(len(openings)) if i not in held_set]
+    train = [openings[i] for i in order if i not in held_set]  # shuffled: any first-N slice mixes sentiments
     evals = [openings[i] for i in held]
     demo_rng = random.Random(seed + 1)
     demos = [

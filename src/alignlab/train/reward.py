@@ -50,6 +50,7 @@ __all__ = [
     "RankingBatch",
     "RewardDataReport",
     "RewardExample",
+    "batch_sums",
     "collate_rankings",
     "encode_preferences",
     "evaluate_reward",
@@ -281,6 +282,24 @@ def rewards_grid(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device).masked_scatter(mask, rewards)
 
 
+def batch_sums(rewards: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sums over one micro-batch for the training log: ``wins`` (pairs ``i < j`` with ``r_i > r_j``, ties
+    half), ``pairs``, ``reward`` (sum over real responses) and ``margin`` (sum of best minus worst reward).
+
+    Args:
+        rewards: ``(b, k)`` best first; ``mask``: ``(b, k)`` bool, True on real responses.
+    """
+    diff = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)  # (b, k, k): r_i - r_j
+    pairs = torch.ones_like(diff, dtype=torch.bool).triu(1) & mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    worst = rewards.gather(1, (mask.sum(-1) - 1).unsqueeze(1)).squeeze(1)
+    return {
+        "wins": float(((diff > 0).float() + 0.5 * (diff == 0).float())[pairs].sum()),
+        "pairs": float(pairs.sum()),
+        "reward": float(rewards[mask].sum()),
+        "margin": float((rewards[:, 0] - worst).sum()),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -415,7 +434,7 @@ def train_reward(cfg: RewardConfig) -> Path:
         global_prompts = len(plan[step])
         global_responses = sum(len(train_set[i].sequences) for i in plan[step])
         mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)
-        sums = Counter()  # ranking loss, centring, pair wins, pairs, reward sum, best - worst, tokens
+        sums: Counter[str] = Counter()  # summed over micro-batches, then over processes
         ok = True
         for n, idx in enumerate(mine):
             batch = collate_rankings([train_set[i] for i in idx], pad).to(run.device)
@@ -429,18 +448,8 @@ def train_reward(cfg: RewardConfig) -> Path:
                 loss = (ranking / global_prompts + centring / global_responses) * run.world_size
                 ok = run.check_finite(loss, step) and ok
                 run.accelerator.backward(loss)
-            with torch.no_grad():
-                diff = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)  # (b, k, k): r_i - r_j
-                pairs = torch.ones_like(diff, dtype=torch.bool).triu(1) & batch.mask.unsqueeze(-1) \
-                    & batch.mask.unsqueeze(-2)
-                last = batch.mask.sum(-1) - 1
-                sums["ranking"] += float(ranking)
-                sums["centring"] += float(centring)
-                sums["wins"] += float(((diff > 0).float() + 0.5 * (diff == 0).float())[pairs].sum())
-                sums["pairs"] += float(pairs.sum())
-                sums["reward"] += float(flat.sum())
-                sums["margin"] += float((rewards[:, 0] - rewards.gather(1, last.unsqueeze(1)).squeeze(1)).sum())
-                sums["tokens"] += int(batch.attention_mask.sum())
+            sums.update(ranking=float(ranking), centring=float(centring), tokens=int(batch.attention_mask.sum()),
+                        **batch_sums(rewards.detach(), batch.mask))
         grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
         if not ok:
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,232 @@
+"""The lab: the whole pipeline on one task, every method on the same data and budget, then one report.
+
+    base model -> SFT (task demonstrations, Alpaca template)
+               -> preference data (K samples per train prompt from the SFT model, ranked by simulated
+                  annotators who see the gold score through Plackett-Luce noise)
+               -> reward model (K-wise loss on those rankings)
+               -> methods, each starting from the SFT model:
+                    ppo (KL penalty), ppo_nokl (beta = 0), dpo, ipo, simpo (the preference pairs),
+                    rs (rejection sampling with the reward model), bon (best-of-n at inference)
+               -> evaluation on held-out prompts -> report (markdown + self-contained html + plots)
+
+Every stage is cached by its inputs: its folder holds ``stage.json`` with a key (a hash of the stage's
+parameters and the keys of the stages it reads); a rerun reuses a stage whose key matches and recomputes it
+(and what depends on it) when anything changed. Within a method, time and peak memory are measured around
+the training stage (peak RSS is reset before each stage through ``/proc/self/clear_refs``).
+
+All prompts are rendered once with the Alpaca template, and every trainer reads them as plain text
+(template ``none``), so every method sees exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignlab import __version__
+from alignlab.config import opt
+from alignlab.data.templates import render_alpaca_prompt
+from alignlab.errors import AlignlabError
+
+ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
+MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
+    "sft": "1 (policy)",
+    "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA)",
+    "ppo_nokl": "3-4 roles: policy, reward, value (no reference needed at beta = 0, kept for logging)",
+    "dpo": "2: policy, reference (adapter-off policy with LoRA)",
+    "ipo": "2: policy, reference (adapter-off policy with LoRA)",
+    "simpo": "1: policy (reference-free)",
+    "rs": "2: policy, reward model",
+    "bon": "2 at inference: policy, reward model",
+}
+
+
+@dataclass
+class LabConfig:
+    """One lab run: a task, a base model, the methods and their budgets."""
+
+    name: str = opt("demo", "run name: the report goes to OUTPUT_ROOT/NAME/report.md")
+    output_root: str = opt("runs", "folder holding lab runs")
+    task: str = opt("sentiment", "task: a built-in name or module:function returning a Task")
+    prompts: str = opt("", "replace the task's prompts with this file (e.g. IMDb review prefixes)")
+    model: str = opt("smollm2-135m-instruct", "base model")
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
+                               metadata={"help": f"methods to compare (comma list of {', '.join(ALL_METHODS)})"})
+    seed: int = opt(0, "one seed for everything")
+    n_eval: int = opt(32, "held-out prompts for evaluation")
+    n_train: int = opt(48, "training prompts used by every method")
+    lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
+    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
+    gen_batch_size: int = opt(48, "sequences generated together")
+    # SFT
+    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
+    sft_lr: float = opt(5e-4, "SFT learning rate")
+    # preference data
+    k_annotate: int = opt(4, "answers sampled per training prompt for the annotators to rank")
+    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
+    # reward model
+    rm_steps: int = opt(12, "reward-model optimizer steps")
+    rm_lr: float = opt(1e-3, "reward-model learning rate")
+    # DPO family
+    dpo_steps: int = opt(12, "optimizer steps for dpo, ipo and simpo")
+    dpo_lr: float = opt(5e-4, "learning rate for dpo, ipo and simpo")
+    dpo_beta: float = opt(0.1, "beta of dpo and ipo")
+    # PPO
+    ppo_iterations: int = opt(6, "PPO iterations (rollouts)")
+    ppo_rollout: int = opt(32, "responses per PPO rollout")
+    ppo_lr: float = opt(5e-4, "PPO learning rate")
+    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
+    # rejection sampling / best-of-n
+    rs_n: int = opt(4, "samples per prompt in rejection sampling")
+    rs_steps: int = opt(6, "SFT steps on the kept samples")
+    rs_lr: float = opt(5e-4, "rejection-sampling fine-tuning learning rate")
+    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
+    batch_size: int = opt(16, "training micro-batch size for every method")
+    progress: bool = opt(True, "show progress bars")
+
+
+def quick_config(**overrides: Any) -> LabConfig:
+    """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
+    base = dict(name="quick", model="tiny-random", n_eval=12, n_train=16, max_new_tokens=12, sft_steps=4,
+                sft_lr=3e-3, k_annotate=3, rm_steps=6, rm_lr=3e-3, dpo_steps=4, dpo_lr=3e-3, ppo_iterations=3,
+                ppo_rollout=8, ppo_lr=3e-3, rs_n=3, rs_steps=3, rs_lr=3e-3, bon_n=4, batch_size=8,
+                gen_batch_size=48, lora=False)
+    base.update(overrides)
+    return LabConfig(**base)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _trim_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (Linux: write 5 to /proc/self/clear_refs); a no-op elsewhere."""
+    _trim_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last reset, in MiB (VmHWM), else the process's lifetime peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+class Lab:
+    """Runs stages with caching and keeps their results."""
+
+    def __init__(self, cfg: LabConfig) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.output_root) / cfg.name
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.keys: dict[str, str] = {}
+
+    def stage(self, name: str, params: dict[str, Any], after: list[str], fn: Callable[[Path], dict]) -> dict:
+        """Run ``fn(folder)`` unless a finished stage with the same key exists. The key hashes ``params``,
+        the keys of the stages in ``after`` and the alignlab version."""
+        key_src = json.dumps({"params": params, "after": {a: self.keys[a] for a in after},
+                              "version": __version__}, sort_keys=True, default=str)
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+        folder = self.root / name
+        marker = folder / "stage.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if saved.get("key") == key:
+                print(f"[lab] {name}: cached ({folder})")
+                self.keys[name], self.results[name] = key, saved["result"]
+                return saved["result"]
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        print(f"[lab] {name}: running")
+        reset_peak_rss()
+        start = time.perf_counter()
+        result = fn(folder)
+        result.setdefault("wall_s", time.perf_counter() - start)
+        result.setdefault("peak_rss_mb", peak_rss_mb())
+        marker.write_text(json.dumps({"key": key, "params": params, "result": result}, indent=1, default=float))
+        self.keys[name], self.results[name] = key, result
+        print(f"[lab] {name}: done in {result['wall_s']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MiB")
+        return result
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_lab(cfg: LabConfig) -> Path:
+    """Run (or reuse) every stage and write the report; returns the report's path."""
+    from alignlab.lab import stages
+    from alignlab.lab.report import write_report
+    from alignlab.tasks import load_task
+
+    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
+    if unknown:
+        raise AlignlabError(f"unknown methods {unknown} (choose from {', '.join(ALL_METHODS)})", field="methods")
+    task = load_task(cfg.task, prompts_file=cfg.prompts or None, n_eval=cfg.n_eval, seed=cfg.seed)
+    if len(task.train_prompts) < cfg.n_train:
+        raise AlignlabError(f"the task has {len(task.train_prompts)} training prompts, fewer than n_train="
+                            f"{cfg.n_train}", field="n_train")
+    lab = Lab(cfg)
+    (lab.root / "lab_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    train_prompts = [render_alpaca_prompt(task.instruction, p) for p in task.train_prompts[: cfg.n_train]]
+    eval_prompts = [render_alpaca_prompt(task.instruction, p) for p in task.eval_prompts]
+    ctx = stages.Context(cfg=cfg, task=task, lab=lab, train_prompts=train_prompts, eval_prompts=eval_prompts)
+    common = {"model": cfg.model, "task": cfg.task, "prompts": cfg.prompts, "seed": cfg.seed,
+              "n_train": cfg.n_train, "n_eval": cfg.n_eval, "lora": cfg.lora, "max_new_tokens": cfg.max_new_tokens,
+              "batch_size": cfg.batch_size}
+
+    lab.stage("sft", {**common, "steps": cfg.sft_steps, "lr": cfg.sft_lr}, [], ctx.sft)
+    lab.stage("preferences", {**common, "k": cfg.k_annotate, "temperature": cfg.annotator_temperature}, ["sft"],
+              ctx.preferences)
+    lab.stage("reward_model", {**common, "steps": cfg.rm_steps, "lr": cfg.rm_lr}, ["preferences"],
+              ctx.reward_model)
+    lab.stage("eval_sft", {**common}, ["sft", "reward_model"], ctx.evaluate_sft)
+    method_params = {
+        "ppo": {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr,
+                "kl_coef": cfg.ppo_kl_coef},
+        "ppo_nokl": {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr, "kl_coef": 0.0},
+        "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta},
+        "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta},
+        "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr},
+        "rs": {"n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
+        "bon": {"n": cfg.bon_n},
+    }
+    for method in cfg.methods:
+        params = {**common, **method_params[method]}
+        lab.stage(method, params, ["sft", "preferences", "reward_model"], ctx.method(method))
+        lab.stage(f"eval_{method}", params, [method, "eval_sft"], ctx.evaluate_method(method))
+    report = write_report(lab, task)
+    print(f"[lab] report: {report} (and {report.with_suffix('.html')})")
+    return report

@@ -1,0 +1,344 @@
+"""The lab's report: ``report.md`` and a self-contained ``report.html`` (plots embedded as PNG), both built
+from the stage results of this run only."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from alignlab.lab.pipeline import MODELS_IN_MEMORY, Lab  # noqa: E402
+from alignlab.tasks import Task  # noqa: E402
+
+LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "dpo": "DPO", "ipo": "IPO",
+          "simpo": "SimPO", "rs": "Rejection sampling", "bon": "Best-of-n"}
+COLORS = {"sft": "#444444", "ppo": "#1f77b4", "ppo_nokl": "#d62728", "dpo": "#2ca02c", "ipo": "#9467bd",
+          "simpo": "#8c564b", "rs": "#ff7f0e", "bon": "#17becf"}
+
+
+def summary_rows(lab: Lab) -> list[dict[str, Any]]:
+    """One row per method (SFT first) with the report's columns."""
+    sft_eval = lab.results["eval_sft"]
+    sft_gold, sft_nll = sft_eval["gold"], sft_eval.get("fluency_nll", float("nan"))
+    rows = []
+    for method in ["sft", *[m for m in lab.cfg.methods if f"eval_{m}" in lab.results]]:
+        ev = sft_eval if method == "sft" else lab.results[f"eval_{method}"]
+        trained = lab.results["sft" if method == "sft" else method]
+        gap = (ev["gold"] - sft_gold) / (1.0 - sft_gold) if method != "sft" and sft_gold < 1 else 0.0
+        fluency = ev.get("fluency_nll", float("nan"))
+        kl = ev.get("kl", 0.0)
+        rows.append({
+            "method": method, "gold": ev["gold"], "gold_ci95": ev["gold_ci95"], "proxy": ev.get("proxy"),
+            "kl": kl, "fluency_nll": fluency, "distinct_2": ev["distinct_2"],
+            "win_rate": ev.get("win_rate", 0.5), "gap_closed": gap,
+            "meets_target": bool(method != "sft" and gap >= 0.5 and kl <= 10 and fluency <= sft_nll + 1.0),
+            "wall_s": trained["wall_s"], "peak_rss_mb": trained["peak_rss_mb"],
+            "samples": trained.get("samples", trained.get("examples")),
+            "optimizer_steps": trained.get("optimizer_steps"), "models": MODELS_IN_MEMORY.get(method, ""),
+            "length": ev["length"],
+        })
+    return rows
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if x != x else f"{x:.{digits}f}"
+    return str(x)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def plot_frontier(lab: Lab, rows: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in ("ppo", "ppo_nokl"):
+        curve = lab.results.get(method, {}).get("curve") or []
+        if curve:
+            ax.plot([c["kl"] for c in curve], [c["gold"] for c in curve], "o--", alpha=0.5, ms=3,
+                    color=COLORS[method], label=f"{LABELS[method]} along training (rollouts)")
+    bon = lab.results.get("bon", {}).get("curve") or []
+    if bon:
+        ax.plot([c["kl"] for c in bon], [c["gold"] for c in bon], "s-", color=COLORS["bon"], ms=4,
+                label="Best-of-n, n = " + ", ".join(str(c["n"]) for c in bon) + " (KL bound)")
+    for r in rows:
+        ax.errorbar(r["kl"], r["gold"], yerr=r["gold_ci95"], fmt="*", ms=12, color=COLORS[r["method"]],
+                    label=f"{LABELS[r['method']]} (held-out)")
+    ax.set_xlabel("KL(policy || SFT reference), nats per response")
+    ax.set_ylabel("gold score (held-out mean)")
+    ax.set_title("Reward / KL frontier")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_hacking(lab: Lab, path: Path) -> Path | None:
+    methods = [m for m in ("ppo", "ppo_nokl") if lab.results.get(m, {}).get("curve")]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        curve = lab.results[method]["curve"]
+        it = [c["iteration"] for c in curve]
+        ax.plot(it, [c["proxy"] for c in curve], "o-", label="proxy (reward model)", color="#1f77b4")
+        ax.plot(it, [c["gold"] for c in curve], "s-", label="gold (simulated user)", color="#2ca02c")
+        ax2 = ax.twinx()
+        ax2.plot(it, [c["kl"] for c in curve], "^:", color="#d62728", label="KL (nats)")
+        ax2.set_ylabel("KL to reference", color="#d62728")
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel("score on rollouts")
+        ax.set_title(LABELS[method])
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training(lab: Lab, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    sft = lab.results["sft"].get("curve") or []
+    axes[0].plot(range(1, len(sft) + 1), sft, color=COLORS["sft"])
+    axes[0].set_title("SFT loss")
+    axes[0].set_xlabel("step")
+    for method in ("dpo", "ipo", "simpo"):
+        curve = lab.results.get(method, {}).get("curve") or []
+        if curve:
+            axes[1].plot([c["step"] for c in curve], [c["margin"] for c in curve], color=COLORS[method],
+                         label=LABELS[method])
+    axes[1].set_title("implicit reward margin (chosen - rejected)")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    for method in ("ppo", "ppo_nokl"):
+        curve = lab.results.get(method, {}).get("curve") or []
+        if curve:
+            axes[2].plot([c["iteration"] for c in curve], [c["proxy"] for c in curve], color=COLORS[method],
+                         label=LABELS[method])
+    axes[2].set_title("PPO: mean reward-model score of rollouts")
+    axes[2].set_xlabel("iteration")
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_costs(rows: list[dict], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    names = [LABELS[r["method"]] for r in rows]
+    colors = [COLORS[r["method"]] for r in rows]
+    axes[0].barh(names, [r["wall_s"] for r in rows], color=colors)
+    axes[0].set_xlabel("training wall time (s)")
+    axes[1].barh(names, [r["peak_rss_mb"] for r in rows], color=colors)
+    axes[1].set_xlabel("peak RSS during training (MiB)")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "gold (95% CI)", "proxy", "KL", "fluency NLL/token", "distinct-2", "win rate vs SFT",
+            "gap closed", "target met", "train time (s)", "peak RSS (MiB)", "samples", "opt. steps",
+            "models held in memory"]
+    body = []
+    for r in rows:
+        body.append([
+            LABELS[r["method"]], f"{r['gold']:.3f} ± {_fmt(r['gold_ci95'])}", _fmt(r["proxy"]), _fmt(r["kl"], 2),
+            _fmt(r["fluency_nll"], 2), _fmt(r["distinct_2"], 2), _fmt(r["win_rate"], 2),
+            "-" if r["method"] == "sft" else f"{r['gap_closed']:.0%}",
+            "-" if r["method"] == "sft" else ("yes" if r["meets_target"] else "no"),
+            f"{r['wall_s']:.0f}", f"{r['peak_rss_mb']:.0f}", _fmt(r["samples"]), _fmt(r["optimizer_steps"]),
+            r["models"],
+        ])
+    return head, body
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _examples(lab: Lab, n: int = 3) -> list[tuple[str, list[tuple[str, str]]]]:
+    out = []
+    methods = ["sft", *[m for m in lab.cfg.methods if f"eval_{m}" in lab.results]]
+    prompts = _eval_inputs(lab)
+    for i in range(min(n, len(prompts))):
+        answers = []
+        for m in methods:
+            ev = lab.results["eval_sft" if m == "sft" else f"eval_{m}"]
+            answers.append((LABELS[m], f"{ev['examples'][i]!s}  (gold {ev['gold_scores'][i]:+.2f})"))
+        out.append((prompts[i], answers))
+    return out
+
+
+def _eval_inputs(lab: Lab) -> list[str]:
+    rows = [json.loads(line) for line in (lab.root / "eval_sft" / "samples.jsonl").read_text().splitlines()]
+    return [r["prompt"].split("### Input:\n")[-1].split("\n\n### Response:")[0] for r in rows]
+
+
+def write_report(lab: Lab, task: Task) -> Path:
+    """Write report.md, report.html and the PNG plots into the lab's folder."""
+    rows = summary_rows(lab)
+    root = lab.root
+    plots = {
+        "frontier": plot_frontier(lab, rows, root / "frontier.png"),
+        "hacking": plot_hacking(lab, root / "reward_hacking.png"),
+        "training": plot_training(lab, root / "training.png"),
+        "costs": plot_costs(rows, root / "costs.png"),
+    }
+    (root / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
+    cfg = lab.cfg
+    prefs, rm, sft_eval = lab.results["preferences"], lab.results["reward_model"], lab.results["eval_sft"]
+    head, body = _table(rows)
+    missed = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
+              and not r["meets_target"]]
+    hacking = lab.results.get("eval_ppo_nokl")
+    intro = [
+        f"# alignlab lab report: {cfg.name}",
+        "",
+        f"Task **{task.name}**: {task.description}. Base model `{cfg.model}`; {cfg.n_train} training prompts, "
+        f"{len(sft_eval['gold_scores'])} held-out prompts; responses of up to {cfg.max_new_tokens} tokens; "
+        f"{'LoRA (r=16)' if cfg.lora else 'full fine-tuning'}; seed {cfg.seed}.",
+        "",
+        "## The answer",
+        "",
+        f"The SFT model's held-out gold score is {sft_eval['gold']:.3f} (the base model's: "
+        f"{sft_eval['base_gold']:.3f}); the maximum is 1.0. A method meets the target when it closes at least half "
+        f"of that gap at a KL of at most 10 nats with fluency no more than 1 nat/token worse than SFT's. "
+        + (f"Missed here: {', '.join(missed)}." if missed else "Every trained method met it in this run."),
+        "",
+        _md_table(head, body),
+        "",
+        "Columns: gold = the simulated user's score (VADER for the sentiment task) of one sampled response per "
+        "held-out prompt (temperature 1); proxy = the trained reward model's score; KL = sum over response "
+        "tokens of log pi - log ref on the policy's own samples, reference = the SFT model (best-of-n: the "
+        "analytic bound log n - (n-1)/n); fluency = the SFT model's negative log-likelihood per token of the "
+        "responses; win rate = share of prompts where the gold score beats SFT's response (ties 1/2); "
+        "samples = responses generated for training (SFT: demonstrations); opt. steps = optimizer steps.",
+        "",
+        "## Budgets",
+        "",
+        f"- Preference data: {prefs['samples']} SFT samples ({cfg.k_annotate} per training prompt) ranked by "
+        f"simulated annotators (Plackett-Luce temperature {cfg.annotator_temperature}): {prefs['rankings']} "
+        f"rankings, {prefs['pairs']} pairs; agreement of the annotators' pairs with the exact gold order "
+        f"{prefs['pairwise_agreement_with_gold']:.2f}.",
+        f"- Reward model: {rm['optimizer_steps']} steps, K-wise loss on the rankings; held-out: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rm.get("eval", {}).items() if isinstance(v, float)) + ".",
+        f"- DPO / IPO / SimPO: the same {prefs['pairs']} pairs, {cfg.dpo_steps} steps each. PPO: "
+        f"{cfg.ppo_iterations} rollouts of {cfg.ppo_rollout} responses on the same training prompts. Rejection "
+        f"sampling: {cfg.rs_n} samples per training prompt, the best by the reward model kept, {cfg.rs_steps} SFT "
+        f"steps. Best-of-n: n up to {cfg.bon_n} at inference, picked by the reward model.",
+        "",
+        "## Reward / KL frontier",
+        "",
+        "![frontier](frontier.png)",
+        "",
+        "Each star is a method on held-out prompts; dashed lines follow PPO along training on its rollouts; the "
+        "best-of-n line is the cheapest way to trade KL for reward and the baseline for the others.",
+        "",
+    ]
+    if plots["hacking"]:
+        intro += [
+            "## Reward hacking: proxy against gold over PPO iterations",
+            "",
+            "![reward hacking](reward_hacking.png)",
+            "",
+            "Without the KL penalty (beta = 0) the policy is free to chase the reward model wherever it is wrong: "
+            "watch the proxy rise faster than the gold score while KL grows."
+            + (f" Held out, PPO at beta = 0 ends at KL {hacking['kl']:.2f}, fluency NLL "
+               f"{hacking['fluency_nll']:.2f} (SFT {sft_eval['fluency_nll']:.2f}), distinct-2 "
+               f"{hacking['distinct_2']:.2f} (SFT {sft_eval['distinct_2']:.2f}), proxy {hacking['proxy']:.3f} "
+               f"against gold {hacking['gold']:.3f}." if hacking else ""),
+            "",
+        ]
+    intro += ["## Training curves", "", "![training](training.png)", "", "## Time and memory", "",
+              "![costs](costs.png)", "", "## Example generations (held-out prompts)", ""]
+    for prompt, answers in _examples(lab):
+        intro += [f"**Prompt:** {prompt}", ""]
+        intro += [f"- *{name}*: {text.strip()}" for name, text in answers]
+        intro += [""]
+    intro += ["## Stage times", ""]
+    intro += [f"- {name}: {res['wall_s']:.0f} s" for name, res in lab.results.items()]
+    md = "\n".join(intro) + "\n"
+    report = root / "report.md"
+    report.write_text(md)
+    (root / "report.html").write_text(_html(md, root))
+    return report
+
+
+def _html(md: str, root: Path) -> str:
+    """A self-contained HTML rendering of the report's markdown subset (headings, tables, lists, images)."""
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>alignlab report</title><style>"
+           "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+           "th{background:#f3f3f3}img{max-width:100%}</style></head><body>"]
+    lines = md.splitlines()
+    i = 0
+    in_list = False
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            head = [c.strip() for c in line.strip("|").split("|")]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip("|").split("|")]
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+                i += 1
+            out.append("</table>")
+            continue
+        if line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{_inline(line[2:])}</li>")
+            i += 1
+            continue
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("![") and "](" in line:
+            src = line.split("](", 1)[1].rstrip(")")
+            data = base64.b64encode((root / src).read_bytes()).decode()
+            out.append(f"<p><img alt='{html.escape(src)}' src='data:image/png;base64,{data}'></p>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    if in_list:
+        out.append("</ul>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"\*(.+?)\*", r"<i>\1</i>", text)

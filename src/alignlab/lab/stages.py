@@ -1,0 +1,241 @@
+"""The lab's stages: each composes a trainer or an evaluation and returns a JSON-able result.
+
+Stages never parse files the trainers own beyond their documented outputs (``final/``, ``metrics.jsonl``,
+``samples.jsonl``, ``eval_stats.json``); every number in the report comes from these results.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignlab.evaluate import evaluate_samples
+from alignlab.generation import Sample, SamplingConfig, generate_from_ids
+from alignlab.lab.annotate import annotate
+from alignlab.lab.pipeline import Lab, LabConfig, _write_jsonl
+from alignlab.models import load_model, load_tokenizer
+from alignlab.tasks import Task
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Context:
+    """What every stage needs: the config, the task, the lab (for earlier results) and the prompts."""
+
+    cfg: LabConfig
+    task: Task
+    lab: Lab
+    train_prompts: list[str]
+    eval_prompts: list[str]
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def result(self, stage: str) -> dict[str, Any]:
+        return self.lab.results[stage]
+
+    @property
+    def sft_model(self) -> str:
+        return self.result("sft")["model"]
+
+    @property
+    def rm_path(self) -> str:
+        return self.result("reward_model")["model"]
+
+    def sampling(self, seed: int) -> SamplingConfig:
+        # temperature 1: samples from the policy itself, so the KL estimate is unbiased
+        return SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0,
+                              batch_size=self.cfg.gen_batch_size, seed=seed)
+
+    def sample(self, model_path: str, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
+        """n samples per prompt (prompts already rendered as text)."""
+        from alignlab.data.tokenize import encode_prompt
+
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path)
+        ids = [encode_prompt(tokenizer, p, template="none") for p in prompts]
+        flat = generate_from_ids(model, tokenizer, [i for i in ids for _ in range(n)], self.sampling(seed))
+        return [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
+
+    def prompts_file(self, folder: Path) -> str:
+        return str(_write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in self.train_prompts]))
+
+    def train_common(self, folder: Path) -> dict[str, Any]:
+        return dict(output_dir=str(folder / "run"), seed=self.cfg.seed, lora=self.cfg.lora, lora_r=16,
+                    lora_alpha=32, batch_size=self.cfg.batch_size, progress=self.cfg.progress, warmup_ratio=0.0,
+                    resume="never")
+
+    # -- SFT -------------------------------------------------------------------------------------------
+
+    def sft(self, folder: Path) -> dict[str, Any]:
+        from alignlab.config import SFTConfig
+        from alignlab.train.sft import train_sft
+
+        demos = folder / "demonstrations.json"
+        demos.write_text(json.dumps(self.task.demonstrations, indent=1))
+        cfg = SFTConfig(model=self.cfg.model, data=str(demos), template="alpaca", max_steps=self.cfg.sft_steps,
+                        lr=self.cfg.sft_lr, eval_fraction=0.1, max_length=256,
+                        **self.train_common(folder))
+        run = train_sft(cfg)
+        metrics = _read_jsonl(run / "metrics.jsonl")
+        return {"model": str(run / "final"), "optimizer_steps": len(metrics), "examples": len(self.task.demonstrations),
+                "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"],
+                "eval_loss": metrics[-1].get("eval_loss"), "curve": [m["loss"] for m in metrics]}
+
+    # -- preference data -------------------------------------------------------------------------------
+
+    def preferences(self, folder: Path) -> dict[str, Any]:
+        k = self.cfg.k_annotate
+        groups = self.sample(self.sft_model, self.train_prompts, k, seed=self.cfg.seed + 1)
+        texts = [[s.text for s in g] for g in groups]
+        gold = [self.task.gold_score([p] * len(t), t) for p, t in zip(self.train_prompts, texts)]
+        records, report = annotate(self.train_prompts, texts, gold, temperature=self.cfg.annotator_temperature,
+                                   seed=self.cfg.seed)
+        path = _write_jsonl(folder / "preferences.jsonl",
+                            [{"prompt": r.prompt, "responses": r.responses} for r in records])
+        flat_gold = [g for row in gold for g in row]
+        return {"file": str(path), "samples": len(flat_gold), "rankings": len(records),
+                "pairs": sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in records),
+                "sample_gold_mean": sum(flat_gold) / len(flat_gold), **report}
+
+    # -- reward model ----------------------------------------------------------------------------------
+
+    def reward_model(self, folder: Path) -> dict[str, Any]:
+        from alignlab.config import RewardConfig
+        from alignlab.train.reward import train_reward
+
+        cfg = RewardConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
+                           template="none", max_steps=self.cfg.rm_steps, lr=self.cfg.rm_lr, eval_fraction=0.2,
+                           max_length=256, **{**self.train_common(folder), "batch_size": max(1, self.cfg.batch_size
+                                                                                           // self.cfg.k_annotate)})
+        run = train_reward(cfg)
+        stats_file = run / "eval_stats.json"
+        evals = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        return {"model": str(run / "final"), "optimizer_steps": self.cfg.rm_steps,
+                "eval": {k: v for k, v in evals.items() if isinstance(v, (int, float))}}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+
+    def _evaluate(self, folder: Path, samples: list[Sample], policy_path: str | None,
+                  baseline_gold: list[float] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        from alignlab.reward import load_scorer
+
+        tokenizer = load_tokenizer(self.sft_model)
+        reference = load_model(self.sft_model)
+        policy = load_model(policy_path) if policy_path else None
+        result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
+                                  reference=reference, pad_token_id=tokenizer.pad_token_id,
+                                  proxy_scorer=load_scorer(self.rm_path), baseline_gold=baseline_gold)
+        result.update(extra or {})
+        _write_jsonl(folder / "samples.jsonl", [
+            {"prompt": p, "response": s.text, "gold": g} for p, s, g in
+            zip(self.eval_prompts, samples, result["gold_scores"])])
+        result["examples"] = [s.text for s in samples]
+        return result
+
+    def evaluate_sft(self, folder: Path) -> dict[str, Any]:
+        samples = [g[0] for g in self.sample(self.sft_model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+        result = self._evaluate(folder, samples, self.sft_model, None)
+        base = [g[0] for g in self.sample(self.cfg.model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+        result["base_gold"] = sum(self.task.gold_score(self.eval_prompts, [s.text for s in base])) / len(base)
+        return result
+
+    def evaluate_method(self, method: str) -> Callable[[Path], dict[str, Any]]:
+        def run(folder: Path) -> dict[str, Any]:
+            trained = self.result(method)
+            baseline = self.result("eval_sft")["gold_scores"]
+            if method == "bon":
+                samples = [Sample(**s) for s in trained["chosen_samples"]]
+                return self._evaluate(folder, samples, None, baseline, {"kl": trained["kl_bound"],
+                                                                        "kl_note": "analytic bound"})
+            samples = [g[0] for g in self.sample(trained["model"], self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+            return self._evaluate(folder, samples, trained["model"], baseline)
+
+        return run
+
+    # -- methods ---------------------------------------------------------------------------------------
+
+    def method(self, name: str) -> Callable[[Path], dict[str, Any]]:
+        return {"ppo": lambda f: self.ppo(f, self.cfg.ppo_kl_coef), "ppo_nokl": lambda f: self.ppo(f, 0.0),
+                "dpo": lambda f: self.dpo(f, "dpo"), "ipo": lambda f: self.dpo(f, "ipo"),
+                "simpo": lambda f: self.dpo(f, "simpo"), "rs": self.rs, "bon": self.bon}[name]
+
+    def ppo(self, folder: Path, kl_coef: float) -> dict[str, Any]:
+        from alignlab.config import PPOConfig
+        from alignlab.train.ppo import train_ppo
+
+        c = self.cfg
+        cfg = PPOConfig(model=self.sft_model, prompts=self.prompts_file(folder), eval_fraction=0.0,
+                        reward_model=self.rm_path, kl_coef=kl_coef, iterations=c.ppo_iterations,
+                        num_mini_batches=max(1, c.ppo_rollout // c.batch_size), ppo_epochs=2,
+                        max_new_tokens=c.max_new_tokens, template="none", lr=c.ppo_lr,
+                        log_samples=c.ppo_rollout, generation_batch_size=c.gen_batch_size,
+                        reward_normalization="stats", **{**self.train_common(folder),
+                                                         "batch_size": min(c.batch_size, c.ppo_rollout)})
+        run = train_ppo(cfg)
+        metrics = [m for m in _read_jsonl(run / "metrics.jsonl") if "kl" in m and "score" in m]
+        rollouts = [r for r in _read_jsonl(run / "samples.jsonl") if r.get("split") == "train"]
+        curve = []
+        for m in metrics:  # gold along training, from the rollouts the policy actually produced
+            rows = [r for r in rollouts if r["step"] == m["step"]]
+            if rows:
+                gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
+                curve.append({"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
+                              "kl": m["kl"], "length": m.get("response_length")})
+        steps = c.ppo_iterations * 2 * max(1, c.ppo_rollout // c.batch_size)
+        return {"model": str(run / "final"), "optimizer_steps": steps, "samples": c.ppo_iterations * c.ppo_rollout,
+                "curve": curve}
+
+    def dpo(self, folder: Path, loss: str) -> dict[str, Any]:
+        from alignlab.config import DPOConfig
+        from alignlab.train.dpo import train_dpo
+
+        c = self.cfg
+        beta = c.dpo_beta if loss in ("dpo", "ipo") else 0.0  # 0 = the loss's own default (SimPO: 2.0)
+        cfg = DPOConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
+                        template="none", loss=loss, beta=beta, max_steps=c.dpo_steps, lr=c.dpo_lr, max_length=256,
+                        eval_fraction=0.0, **self.train_common(folder))
+        run = train_dpo(cfg)
+        metrics = _read_jsonl(run / "metrics.jsonl")
+        return {"model": str(run / "final"), "optimizer_steps": len(metrics),
+                "samples": self.result("preferences")["samples"],
+                "curve": [{"step": m["step"], "loss": m.get("loss"), "margin": m.get("rewards/margins"),
+                           "accuracy": m.get("rewards/accuracies")} for m in metrics]}
+
+    def rs(self, folder: Path) -> dict[str, Any]:
+        from alignlab.train.rejection import RSConfig, run_rs
+
+        c = self.cfg
+        cfg = RSConfig(model=self.sft_model, prompts=self.prompts_file(folder), reward_model=self.rm_path,
+                       n=c.rs_n, rounds=1, template="none", temperature=1.0, max_new_tokens=c.max_new_tokens,
+                       gen_batch_size=c.gen_batch_size, max_steps=c.rs_steps, lr=c.rs_lr, eval_fraction=0.0,
+                       max_length=256, **{**self.train_common(folder), "output_dir": str(folder / "run")})
+        final = run_rs(cfg)
+        rounds = json.loads((folder / "run" / "rounds.json").read_text())
+        return {"model": str(final), "optimizer_steps": c.rs_steps, "samples": len(self.train_prompts) * c.rs_n,
+                "rounds": rounds}
+
+    def bon(self, folder: Path) -> dict[str, Any]:
+        from alignlab.reward import load_scorer
+        from alignlab.train.rejection import best_of_n_kl, curve_ks
+
+        n = self.cfg.bon_n
+        groups = self.sample(self.sft_model, self.eval_prompts, n, seed=self.cfg.seed + 11)
+        scorer = load_scorer(self.rm_path)
+        curve, chosen = [], []
+        proxy = [scorer.score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
+        gold = [self.task.gold_score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
+        for k in curve_ks(n):
+            picks = [max(range(k), key=lambda i, s=s: (s[i], -i)) for s in proxy]
+            curve.append({"n": k, "kl": best_of_n_kl(k),
+                          "gold": sum(g[i] for g, i in zip(gold, picks)) / len(picks),
+                          "proxy": sum(s[i] for s, i in zip(proxy, picks)) / len(picks)})
+        picks = [max(range(n), key=lambda i, s=s: (s[i], -i)) for s in proxy]
+        chosen = [groups[j][i] for j, i in enumerate(picks)]
+        return {"n": n, "kl_bound": best_of_n_kl(n), "samples": n * len(self.eval_prompts), "optimizer_steps": 0,
+                "curve": curve, "chosen_samples": [s.__dict__ for s in chosen]}
