@@ -97,8 +97,21 @@ def test_data_inspect_marks_loss_tokens(capsys):
     assert "1 records read" in out or "records read" in out
 
 
-def test_demo_quick_runs(tmp_path, capsys):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["last_loss"] < summary["first_loss"]
-    assert len(summary["generations"]) == 3
+def test_demo_quick_runs_the_whole_lab(tmp_path):
+    import json
+
+    assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0
+    root = tmp_path / "quick"
+    rows = json.loads((root / "summary.json").read_text())
+    assert [r["method"] for r in rows] == ["sft", "ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
+    for png in ("frontier.png", "reward_hacking.png", "training.png", "costs.png"):
+        assert (root / png).stat().st_size > 10_000
+    html = (root / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    report = (root / "report.md").read_text()
+    sft_gold = rows[0]["gold"]
+    assert f"{sft_gold:.3f}" in report
+    # a rerun reuses every stage
+    before = (root / "sft" / "stage.json").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0
+    assert (root / "sft" / "stage.json").stat().st_mtime_ns == before

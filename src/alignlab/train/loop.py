@@ -375,8 +375,24 @@ class Run:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.skipped_steps = state.get("skipped_steps", 0)
+        self._truncate_logs(int(state["step"]))
         self.print(f"resumed from {found} (step {state['step']})")
         return int(state["step"]), state.get("extra", {})
+
+    def _truncate_logs(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (a killed run may have logged steps it
+        never saved), so the resumed run's logs read like an uninterrupted run's."""
+        if not self.is_main:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = self.out / name
+            if not path.exists():
+                continue
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
     def save_final(self, model: torch.nn.Module, tokenizer: Any, *, extra_files: dict[str, str] | None = None,
                    name: str = "final") -> Path | None:

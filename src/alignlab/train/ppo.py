@@ -336,14 +336,14 @@ class RunningMoments:
         self.count, self.mean, self.var = float(state["count"]), float(state["mean"]), float(state["var"])
 
 
-def as_scorer(reward: Scorer | Callable[..., Any] | str, cfg: PPOConfig) -> Scorer:
+def as_scorer(reward: Scorer | Callable[..., Any] | str, cfg: PPOConfig, device: Any = None) -> Scorer:
     """A :class:`Scorer` from a spec (folder or ``module:function``), a Scorer, or a bare Python function."""
     if isinstance(reward, Scorer):
         return reward
     if callable(reward):
         return FunctionScorer(reward, getattr(reward, "__qualname__", repr(reward)))
     return load_scorer(reward, batch_size=cfg.reward_batch_size, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, device=device)
 
 
 def score_responses(scorer: Scorer, prompts: list[Any], texts: list[str]) -> torch.Tensor:
@@ -495,7 +495,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     pad = tokenizer.pad_token_id
 
     # -- the four roles -------------------------------------------------------------------------------
-    scorer = as_scorer(reward if reward is not None else (cfg.reward_model or cfg.reward), cfg)
+    scorer = as_scorer(reward if reward is not None else (cfg.reward_model or cfg.reward), cfg, run.device)
     policy = prepare_policy(cfg, tokenizer)
     disable_dropout(policy)
     if cfg.reference:
