@@ -75,8 +75,8 @@ def test_harness_runs_both_libraries_on_tiny_random(tiny_alpaca, settings):
     assert {"tokens_per_s", "s_per_step", "peak_rss_mib", "final_loss"} <= set(report["ratios"])
     if settings == "matched":
         # same batches, same dtype, same optimizer: the same token counts and (nearly) the same losses
-        assert report["raw"]["ours"]["step_tokens"] == report["raw"]["trl"]["step_tokens"]
-        assert report["raw"]["ours"]["losses"] == pytest.approx(report["raw"]["trl"]["losses"], rel=1e-4)
+        assert report["raw"]["ours"][0]["step_tokens"] == report["raw"]["trl"][0]["step_tokens"]
+        assert report["raw"]["ours"][0]["losses"] == pytest.approx(report["raw"]["trl"][0]["losses"], rel=1e-4)
         assert trl["notes"]["examples_identical_to_ours"] == trl["notes"]["examples_compared"] == 12
         assert ours["precision"] == trl["precision"] == "fp32"
     else:

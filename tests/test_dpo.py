@@ -77,7 +77,8 @@ def fake_run():
 def _examples(tokenizer, n: int = 4) -> list[dpo.PairExample]:
     records = [PreferenceRecord(r["prompt"], [r["chosen"], r["rejected"]], record=i + 1) for i, r in
                enumerate(_pairs(n))]
-    examples, report = dpo.prepare_pairs(records, tokenizer, _cfg(Path("/tmp"), "unused", template="none"))
+    cfg = _cfg(Path("unused"), "unused", data="unused", template="none")
+    examples, report = dpo.prepare_pairs(records, tokenizer, cfg)
     assert report.examples_kept == n
     return examples
 
@@ -88,7 +89,7 @@ def _examples(tokenizer, n: int = 4) -> list[dpo.PairExample]:
 def test_concatenated_forward_equals_two_forwards(tiny, fake_run):
     model, tokenizer = tiny
     pairs = _examples(tokenizer)
-    cfg = _cfg(Path("/tmp"), "unused", loss="simpo")
+    cfg = _cfg(Path("unused"), "unused", data="unused", loss="simpo")
     with torch.no_grad():
         terms = dpo.pair_terms(cfg, model, pairs, None, tokenizer.pad_token_id, fake_run)
         rows = dpo.pair_rows(pairs)
@@ -155,7 +156,7 @@ def test_reference_cache_reused_and_rebuilt(tmp_path, monkeypatch):
     dpo.train_dpo(_cfg(tmp_path, "c", data=other_data, **kw))  # the data changed
     assert len(calls) == 2 and len(list(cache.glob("*.safetensors"))) == 2
 
-    dpo.train_dpo(_cfg(tmp_path, "d", max_length=40, **kw))  # the tokenization changed (responses cut)
+    dpo.train_dpo(_cfg(tmp_path, "d", max_length=28, **kw))  # the tokenization changed (responses cut)
     assert len(calls) == 3
 
     model, tokenizer = load_model("tiny-random"), load_tokenizer("tiny-random")
@@ -198,7 +199,7 @@ def test_dpo_raises_held_out_margin_and_accuracy(tmp_path, tiny, fake_run):
 
 def test_lora_dpo_leaves_base_weights_unchanged(tmp_path, monkeypatch, tiny, fake_run):
     captured = {}
-    monkeypatch.setattr(Run, "save_final", lambda self, model, tokenizer, **kw: captured.setdefault("model", model))
+    monkeypatch.setattr(Run, "save_final", lambda self, model, tokenizer, **kw: captured.update(model=model))
     cfg = _cfg(tmp_path, "lora", lora=True, lora_r=4, lr=2e-2, max_steps=3)
     metrics = _metrics(dpo.train_dpo(cfg))
     assert metrics[-1]["rewards/margins"] > 0
@@ -290,7 +291,7 @@ def test_prepare_pairs_reports_cuts_and_identical_pairs(tmp_path):
     records = [
         PreferenceRecord("Tell me about movie 1.", [" It was great.", " It was awful."], record=1),
         PreferenceRecord(long_prompt, [" It was great.", " It was awful."], record=2),  # prompt fills max_length
-        PreferenceRecord("Hi.", [" The movie was great" + " and good" * 20, " The movie was great" + " yes" * 20],
+        PreferenceRecord("Hi.", [" The movie" * 20 + " was great.", " The movie" * 20 + " was awful."],
                          record=3),  # the same after the cut
         PreferenceRecord("Hi.", [" Good" * 30, " Bad."], record=4),  # cut
     ]

@@ -75,7 +75,7 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
     proc = subprocess.Popen(_cmd(data, out, 100000), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for("checkpoints/step-0000003", out, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "SIGTERM: checkpoint written at step" in err
     step = int(err.split("checkpoint written at step ")[1].split(";")[0])
