@@ -68,7 +68,7 @@ def test_harness_runs_both_libraries_on_tiny_random(tiny_alpaca, settings):
                            echo=lambda *_: None)
     ours, trl = report["results"]["ours"], report["results"]["trl"]
     for result in (ours, trl):
-        assert result["tokens_per_s"] > 0 and result["timed_steps"] == 2
+        assert result["tokens_per_s"] > 0 and result["tokens_per_cpu_s"] > 0 and result["timed_steps"] == 2
         assert math.isfinite(result["final_loss"])
         assert result["peak_rss_mib"] > 100  # torch alone is more than that
     assert all(math.isfinite(v) and v > 0 for v in report["ratios"].values())
