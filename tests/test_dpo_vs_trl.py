@@ -13,7 +13,11 @@ How the runs are made comparable:
   only add BOS when the tokenizer adds it itself;
 - ORPO: TRL's NLL term counts the prompt tokens too (``labels = input_ids``), ours only the response (as the
   paper); with one-token prompts the first token is never predicted, so both count the same tokens and the
-  whole objective matches. With longer prompts only the odds-ratio term and the rewards match (checked at step 0).
+  whole objective matches. With longer prompts only the odds-ratio term and the rewards match (checked at step 0);
+- KTO: TRL's mismatched (KL) pairs are fixed by dataset position, ours by the batch sorted by length; with
+  consecutive batches of increasing lengths they are the same pairs;
+- chat data: TRL's responses end with the template's ``"\n"`` after ``<|im_end|>``, ours at ``<|im_end|>``
+  (checked on the token ids), so chat runs differ by that token's log-prob; the comparisons use plain text.
 """
 
 from __future__ import annotations
@@ -213,3 +217,66 @@ def test_orpo_with_longer_prompts_differs_only_in_the_nll_term(tmp_path, monkeyp
              {"preference_loss": ("log_odds_ratio", -0.1)})
     # TRL's NLL also averages over the prompt tokens (predicted from the prompt's own start): a different number
     assert abs(ours[0]["nll"] - theirs[0]["nll_loss"]) > 1e-3
+
+
+def test_chat_tokenization_differs_from_trl_only_by_the_template_trailer(tmp_path):
+    """For conversational data TRL's response is everything the chat template writes after the prompt,
+    ``"...<|im_end|>\\n"``; ours stops at the EOS (``<|im_end|>``), as every alignlab stage does (the ``"\\n"``
+    is the template's separator before the next turn, not something the model should learn to end a reply
+    with). Chat-format runs therefore differ from TRL by that one token's log-prob per response."""
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    from alignlab.train.dpo import encode_pair
+
+    tokenizer = load_tokenizer("tiny-random")
+    prompt = [{"role": "user", "content": "Tell me about the movie."}]
+    records = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "It was great."}],
+                "rejected": [{"role": "assistant", "content": "It was awful."}]}]
+    args = TRLDPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
+                        gradient_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=load_model("tiny-random"), ref_model=load_model("tiny-random"), args=args,
+                             train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    theirs = trainer.train_dataset[0]
+    prompt_ids, chosen_ids, rejected_ids = encode_pair(tokenizer, prompt, "It was great.", "It was awful.",
+                                                       template="chat")
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    assert theirs["prompt_ids"] == prompt_ids
+    assert theirs["chosen_ids"] == chosen_ids + newline and theirs["rejected_ids"] == rejected_ids + newline
+    assert chosen_ids[-1] == tokenizer.eos_token_id
+
+
+def test_kto_matches_trl(tmp_path, monkeypatch):
+    """KTO with its KL reference point from mismatched pairs within each batch. TRL fixes the mismatched pairs
+    when it prepares the data (rotating completions within consecutive chunks of ``batch_size``) and so requires
+    sequential batches; we rotate within each micro-batch sorted by length. Both agree when the batches are
+    consecutive chunks whose lengths increase with the index: our plan is set to that here."""
+    from trl import KTOConfig, KTOTrainer
+
+    records = [{"prompt": f"Tell me about the movie number {i}.",
+                "completion": " The movie was" + " very" * i + (" good." if i % 3 != 1 else " bad."),
+                "label": i % 3 != 1}
+               for i in range(8)]
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7]] * (STEPS // 2)
+    monkeypatch.setattr(dpo_module, "plan_steps", lambda *args, **kwargs: [list(b) for b in batches])
+    data = tmp_path / "feedback.json"
+    data.write_text(json.dumps(records))
+    tokenizer = load_tokenizer("tiny-random")
+    lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in records]
+    assert lengths == sorted(set(lengths))  # so sorting a batch by length keeps its order
+    cfg = DPOConfig(model="tiny-random", data=str(data), output_dir=str(tmp_path / "ours"), loss="kto", beta=0.1,
+                    desirable_weight=1.0, undesirable_weight=1.5, precision="fp32", warmup_ratio=0.0,
+                    schedule="constant", eval_fraction=0.0, progress=False, template="none", max_steps=STEPS,
+                    **COMMON)
+    run = dpo_module.train_dpo(cfg)
+    ours = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    theirs, model = _trl(tmp_path, KTOTrainer, KTOConfig, records, batches,
+                         tokenizer=load_tokenizer("tiny-random"), ref_model=load_model("tiny-random"), beta=0.1,
+                         desirable_weight=1.0, undesirable_weight=1.5, max_length=None,
+                         train_sampling_strategy="sequential")
+    assert ours[-1]["rewards/margins"] > 0.1
+    _compare(ours, theirs, ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                            "logps/rejected", "grad_norm"], {"kl_reference_point": ("kl", 1.0)})
+    _same_weights(load_model(run / "final").state_dict(), model)

@@ -10,10 +10,11 @@ What is measured, per library
 - **step seconds**: wall time from the end of one optimizer step to the end of the next, so everything the
   loop does (collation, forward, backward, clipping, optimizer, logging) is in it; the first step is timed
   from the start of the loop. The first ``warmup_steps`` steps are left out of every number below.
+- **tokens/s**: non-pad tokens (attention-mask ones) of the timed steps / their summed seconds.
 - **tokens per CPU-second**: the same tokens over the worker's CPU time (all threads) in those steps; on a
   shared machine this moves less with other processes' load than wall time, and ``cpu_utilisation`` (CPU
   seconds / wall seconds, about the thread count on an idle machine) shows how contended the run was.
-- **tokens/s**: non-pad tokens (attention-mask ones) of the timed steps / their summed seconds.
+  ``--rounds N`` runs each library N times in ABBA order and pools the timed steps.
 - **s/step**: mean seconds of the timed steps.
 - **peak RSS**: the worker process's maximum resident set size, read by the parent with ``os.wait4``.
 - **final loss**: the training loss (mean NLL per loss token) of the last step.
@@ -43,7 +44,9 @@ Adding a stage (``bench rm``, ``bench dpo``, ``bench ppo``)
 
    ``step_seconds`` (list, one per step, warmup included), ``step_tokens`` (non-pad tokens per step),
    ``losses`` (per step), ``trainable_params``, ``total_params``, ``precision`` (``"fp32"``/``"bf16"``, what
-   it really computed in) and optionally ``settings`` (a dict of what it configured) and ``notes``.
+   it really computed in) and optionally ``step_cpu_seconds`` (``time.process_time`` per step), ``settings``
+   (a dict of what it configured) and ``notes``. Stamp the time at the end of each step (a TRL
+   ``TrainerCallback.on_step_end``; for our trainers, wrap ``Run.log`` as :func:`ours_sft` does).
 
    :func:`summarize` turns these into the reported numbers, so every stage is measured the same way.
 2. Register them: ``PAIRS["dpo"] = Pair("alignlab.bench:ours_dpo", "alignlab.bench:trl_dpo",
@@ -59,6 +62,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -150,7 +154,7 @@ def mfu(params: int, tokens_per_s: float, peak_flops: float) -> float:
     return 6.0 * params * tokens_per_s / peak_flops
 
 
-def measure_matmul_peak(precision: str = "fp32", size: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_peak(precision: str = "fp32", size: int = 2048, repeats: int = 10) -> float:
     """This machine's matmul throughput (FLOP/s) in ``precision`` (``fp32`` or ``bf16``): the best of
     ``repeats`` timings of a ``size x size`` ``torch.matmul`` (2 size^3 FLOPs), after one untimed call."""
     import torch
@@ -488,9 +492,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=sorted(PAIRS), help="which stage to benchmark")
+    parser.add_argument("stage", choices=sorted(PAIRS),
+                        help="which stage to benchmark: " + "; ".join(f"{k}: {v.help}" for k, v in PAIRS.items()))
     parser.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint folder, hub id or built-in")
-    parser.add_argument("--data", default="", help="training data (default: the stage's file in ../shared/data)")
+    parser.add_argument("--data", help="training data (default: the stage's file in ../shared/data)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (no accumulation)")
     parser.add_argument("--max-length", type=int, default=512, help="maximum tokens per example (truncated)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per library")
@@ -521,7 +526,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
             raise AlignlabError(f"expected KEY=VALUE, got '{word}'", field="set")
         key, value = word.split("=", 1)
         extra[key.strip()] = value
-    report = run_benchmark(args.stage, model=args.model, data=args.data, batch_size=args.batch_size,
+    report = run_benchmark(args.stage, model=args.model, data=args.data or "", batch_size=args.batch_size,
                            max_length=args.max_length, steps=args.steps, warmup_steps=args.warmup_steps,
                            precision=args.precision, settings=args.settings, which=args.which, seed=args.seed,
                            extra=extra, refresh_peak=args.remeasure_peak, rounds=args.rounds,

@@ -110,7 +110,9 @@ class DPOConfig(DataConfig, TrainConfig):
     max_length: int = opt(512, "maximum tokens of prompt + response")
     truncation: str = opt("right", "over-long pairs: right (prompt cut to max_prompt_length from the left, responses "
                           "cut at the end; counted) or drop (counted)", choices=["right", "drop"])
-    loss: str = opt("dpo", "preference loss", choices=list(DPO_LOSSES))
+    loss: str = opt("dpo", "preference loss: dpo, cdpo, robust, ipo, hinge (with a reference), simpo, orpo "
+                    "(reference-free), kto (unpaired feedback, or pairs split into both kinds)",
+                    choices=list(DPO_LOSSES))
     beta: float = opt(0.0, "the loss's beta; 0 = its usual value: 0.1 (dpo, cdpo, robust, ipo, hinge, kto; orpo's "
                       "lambda), 2.0 (simpo)")
     label_smoothing: float = opt(0.0, "label-flip probability: cdpo (needs > 0), robust, simpo")

@@ -534,10 +534,11 @@ def score_data(cfg: Any) -> Path:
     """``alignlab rm score``: write a scored copy of a data file (see :class:`~alignlab.config.RewardScoreConfig`).
 
     Preference files (pairs, rankings, OASST trees, HH transcripts) give one JSONL line per normalised record:
-    ``{record, prompt, responses, scores}`` with ``responses`` in the file's order (best first) and ``scores``
-    the scorer's, plus ``label_scores``/``margin`` when the file had them; the agreement of the scores with
-    the file's order (pairwise accuracy, and top-1 accuracy and Kendall's tau for rankings) is printed.
-    Records with ``prompt`` and ``response`` (or ``completion``) are copied with a ``score`` field added.
+    ``{record, prompt, responses, rewards}`` with ``responses`` best first as the file ranks them and
+    ``rewards`` the scorer's, plus the file's own ``scores``/``margin`` when it had them (so the copy is still
+    ranking data in the file's order); the agreement of the rewards with that order (pairwise accuracy, and
+    top-1 accuracy and Kendall's tau for rankings) is printed. Records with ``prompt`` and ``response`` (or
+    ``completion``) are copied with a ``reward`` field added.
     """
     from alignlab.config import parse_columns
     from alignlab.data.io import read_records
@@ -570,9 +571,10 @@ def score_data(cfg: Any) -> Path:
             scores = flat[position : position + len(r.responses)]
             position += len(r.responses)
             per_record.append(scores)
-            line: dict[str, Any] = {"record": r.record, "prompt": r.prompt, "responses": r.responses, "scores": scores}
+            line: dict[str, Any] = {"record": r.record, "prompt": r.prompt, "responses": r.responses,
+                                    "rewards": scores}
             if r.scores is not None:
-                line["label_scores"] = r.scores
+                line["scores"] = r.scores
             if r.margin is not None:
                 line["margin"] = r.margin
             lines.append(line)
@@ -648,4 +650,4 @@ def _score_prompt_response_records(cfg: Any, scorer: Scorer, columns: dict[str, 
         prompts.append(prompt)
         responses.append(response)
     scores = scorer.score(prompts, responses)
-    return [{**raw, "score": score} for raw, score in zip(raws, scores)]
+    return [{**raw, "reward": score} for raw, score in zip(raws, scores)]

@@ -219,12 +219,10 @@ def _encode_or_skip(fn: Any, item: PreferenceRecord | FeedbackRecord, cfg: DPOCo
     try:
         return fn()
     except AlignlabError as error:
-        message = str(AlignlabError(error.message, file=item.source, record=item.record,
-                                    field=error.field or "prompt"))
+        located = AlignlabError(error.message, file=item.source, record=item.record, field=error.field or "prompt")
         if not cfg.skip_invalid:
-            raise AlignlabError(error.message, file=item.source, record=item.record,
-                                field=error.field or "prompt") from error
-        report.skip("cannot encode", message)
+            raise located from error
+        report.skip("cannot encode", str(located))
         return None
 
 
@@ -457,10 +455,11 @@ def pair_terms(cfg: DPOConfig, model: torch.nn.Module, pairs: Sequence[PairExamp
 
 
 def feedback_terms(cfg: DPOConfig, model: torch.nn.Module, examples: Sequence[FeedbackExample],
-                   reference: Reference, pad: int, run: Run) -> dict[str, Any]:
+                   reference: Reference, pad: int, run: Run, *, sync: bool = True) -> dict[str, Any]:
     """KTO on ``b`` examples: the matched rows (with gradient), the mismatched KL rows (no gradient) for the
     reference point ``z0``, and the losses (desirable first). Returns tensors as :func:`pair_terms` with
-    ``policy_chosen``/``policy_rejected`` the desirable/undesirable examples, plus ``kl_reference_point``."""
+    ``policy_chosen``/``policy_rejected`` the desirable/undesirable examples, plus ``kl_reference_point``.
+    With ``sync`` (training) ``z0`` is averaged over processes, which then must all call this together."""
     rows = [_row(e.prompt_ids, e.completion_ids) for e in examples]
     token_logps, mask, tokens = score_rows(model, rows, pad, run)
     logps, lengths = token_logps.sum(-1), mask.sum(-1)
@@ -468,7 +467,7 @@ def feedback_terms(cfg: DPOConfig, model: torch.nn.Module, examples: Sequence[Fe
     with torch.no_grad():
         policy_kl = score_rows(model, mismatched, pad, run)[0].sum(-1)
     z0 = kto_kl_reference_point(policy_kl, reference.logps(mismatched, pad, run))
-    if run.world_size > 1:  # TRL averages the estimate over processes
+    if sync and run.world_size > 1:  # TRL averages the estimate over processes
         z0 = torch.as_tensor(run.gather_mean(float(z0)), device=run.device)
     reference_logps = reference.logps(rows, pad, run)
     desirable = torch.tensor([e.label for e in examples], device=run.device)
@@ -515,21 +514,27 @@ def summarize(sums: Counter, run: Run, cfg: DPOConfig) -> dict[str, float]:
     sequence and per token, the loss as the objective (preference loss + weight x NLL per chosen token)."""
     keys = sorted(sums)
     totals = dict(zip(keys, (run.all_reduce_sum(sums[k]) for k in keys)))
-    n, n_chosen, n_rejected = totals["examples"], max(totals["n_chosen"], 1), max(totals["n_rejected"], 1)
+    n, n_chosen, n_rejected = totals["examples"], totals["n_chosen"], totals["n_rejected"]
     chosen_tokens = max(totals["chosen_tokens"], 1)
     nll_weight = sft_weight(cfg)
     out = {"loss": totals["preference_loss"] / max(n, 1) + nll_weight * totals.get("nll", 0.0) / chosen_tokens}
     if nll_weight:
         out["preference_loss"] = totals["preference_loss"] / max(n, 1)
         out["nll"] = totals["nll"] / chosen_tokens
-    out["rewards/chosen"] = totals["rewards/chosen"] / n_chosen
-    out["rewards/rejected"] = totals["rewards/rejected"] / n_rejected
-    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    # a KTO batch may hold only one kind: its means are then left out, not reported as 0
+    if n_chosen:
+        out["rewards/chosen"] = totals["rewards/chosen"] / n_chosen
+    if n_rejected:
+        out["rewards/rejected"] = totals["rewards/rejected"] / n_rejected
+    if n_chosen and n_rejected:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     if cfg.loss != "kto":
         out["rewards/accuracies"] = totals["rewards/accuracies"] / n_chosen
-    out["logps/chosen"] = totals["logps/chosen"] / n_chosen
-    out["logps/rejected"] = totals["logps/rejected"] / n_rejected
-    if "kl" in totals:
+    if n_chosen:
+        out["logps/chosen"] = totals["logps/chosen"] / n_chosen
+    if n_rejected:
+        out["logps/rejected"] = totals["logps/rejected"] / n_rejected
+    if "kl" in totals and n_chosen:
         out["kl"] = totals["kl"] / n_chosen
         out["kl_per_token"] = totals["kl"] / chosen_tokens
     if "kl_reference_point" in totals:
@@ -551,7 +556,8 @@ def evaluate_preferences(cfg: DPOConfig, model: torch.nn.Module, examples: Seque
     sums: Counter = Counter()
     for chunk in eval_chunks(examples[run.rank :: run.world_size], cfg.batch_size):
         if cfg.loss == "kto":
-            terms = feedback_terms(cfg, model, chunk, reference, pad, run)
+            # processes may hold different numbers of eval batches: each keeps its own z0 estimate
+            terms = feedback_terms(cfg, model, chunk, reference, pad, run, sync=False)
         else:
             terms = pair_terms(cfg, model, chunk, reference, pad, run)
         add_to_sums(sums, terms, sft_weight(cfg))
@@ -825,7 +831,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
             metrics.update(evaluate_preferences(cfg, model, eval_set, reference, pad, run))
         if (step + 1) % cfg.log_every == 0 or "eval_loss" in metrics:
             run.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics.get('rewards/margins', 0.0):.3f}",
+                        refresh=False)
         bar.update(1)
         if run.should_save(step, len(plan)) or run.stop_requested:
             run.save_checkpoint(step, model, optimizer, scheduler)

@@ -496,6 +496,9 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
 
     # -- the four roles -------------------------------------------------------------------------------
     scorer = as_scorer(reward if reward is not None else (cfg.reward_model or cfg.reward), cfg, run.device)
+    if cfg.reward_normalization == "stats" and not (scorer.stats and "mean" in scorer.stats):
+        raise AlignlabError(f"reward_normalization=stats needs the reward model's reward_stats.json; {scorer.name} "
+                            "has none (use running)", field="reward_normalization")
     policy = prepare_policy(cfg, tokenizer)
     disable_dropout(policy)
     if cfg.reference:
@@ -549,9 +552,6 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     else:
         kl_controller = FixedKLController(cfg.kl_coef)
     running = RunningMoments()
-    if cfg.reward_normalization == "stats" and not (scorer.stats and "mean" in scorer.stats):
-        raise AlignlabError(f"reward_normalization=stats needs the reward model's reward_stats.json; {scorer.name} "
-                            "has none (use running)", field="reward_normalization")
     start, extra = run.resume(model, optimizer, scheduler)
     if extra:
         kl_controller.value = float(extra["kl_coef"])
@@ -585,6 +585,12 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
         samples: list[Sample] = generate_from_ids(run.accelerator.unwrap_model(model).policy, tokenizer,
                                                   [train_ids[i] for i in mine], sampling)
+        t_generation = time.perf_counter() - t0
+
+        # -- 2. score ---------------------------------------------------------------------------------------
+        t = time.perf_counter()
+        all_scores = score_responses(scorer, [train_prompts[i] for i in mine], [s.text for s in samples])
+        t_scoring = time.perf_counter() - t
         # a response cut to nothing (the model's first token was padding) has no action to learn from
         kept = [j for j, s in enumerate(samples) if s.response_ids]
         empty = len(samples) - len(kept)
@@ -595,12 +601,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         response_ids = [samples[j].response_ids for j in kept]
         texts = [samples[j].text for j in kept]
         finished = torch.tensor([samples[j].finished for j in kept], device=run.device)
-        t_generation = time.perf_counter() - t0
-
-        # -- 2. score ---------------------------------------------------------------------------------------
-        t = time.perf_counter()
-        raw_scores = score_responses(scorer, prompts, texts).to(run.device)
-        t_scoring = time.perf_counter() - t
+        raw_scores = all_scores[kept].to(run.device)
 
         # -- 3. old log-probs, values, reference log-probs: once per rollout, no gradient ---------------
         t = time.perf_counter()
@@ -613,7 +614,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         # -- 4. rewards and advantages ----------------------------------------------------------------------
         scores = raw_scores
         if cfg.reward_normalization == "running":  # scores on a stable scale whatever the reward's units
-            running.update(run.accelerator.gather(raw_scores))
+            running.update(run.accelerator.gather(all_scores.to(run.device)))  # every process's scores
             scores = running.normalize(scores)
         elif cfg.reward_normalization == "stats":  # the reward model's own training statistics
             scores = (scores - float(scorer.stats["mean"])) / max(float(scorer.stats["std"]), 1e-8)

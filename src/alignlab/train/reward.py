@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,10 +305,37 @@ def batch_sums(rewards: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+@contextmanager
+def full_precision(run: Run, model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` in fp32 inside this block, without accelerate's mixed-precision forward wrapper.
+
+    ``accelerator.prepare`` wraps the model's ``forward`` in bf16 autocast (and keeps the original as
+    ``_original_forward``); an outer ``autocast(enabled=False)`` cannot switch that off. Held-out scores and
+    reward statistics are computed in fp32 so they equal what :func:`alignlab.reward.load_scorer` returns for
+    the saved model: bf16 rounds rewards to about three digits, enough to move them by a few hundredths.
+    """
+    inner = run.accelerator.unwrap_model(model)
+    original = inner.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    wrapped = inner.__dict__.get("forward")
+    inner.forward = original
+    try:
+        yield
+    finally:
+        if wrapped is not None:
+            inner.forward = wrapped
+        else:
+            del inner.forward
+
+
 @torch.no_grad()
 def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_token_id: int, run: Run,
                     batch_size: int) -> tuple[dict[str, float], list[list[float]]]:
     """Held-out metrics and every example's scores (on every process).
+
+    Scoring runs in fp32 (:func:`full_precision`), as :func:`alignlab.reward.load_scorer` does.
 
     Metrics: ``eval_loss`` (K-wise loss with the configured margins), ``eval_accuracy`` (pairwise accuracy
     over every pair ``i < j`` of every prompt; for pair data the usual accuracy), ``eval_top1_accuracy`` and
@@ -317,8 +346,8 @@ def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_t
 
     mine = list(range(run.rank, len(examples), run.world_size))
     sequences = [s for i in mine for s in examples[i].sequences]
-    flat = score_sequences(model, sequences, pad_token_id, batch_size=batch_size, device=run.device,
-                           autocast=run.accelerator.autocast)
+    with full_precision(run, model):
+        flat = score_sequences(model, sequences, pad_token_id, batch_size=batch_size, device=run.device)
     scored, position = [], 0
     for i in mine:
         k = len(examples[i].sequences)
@@ -448,7 +477,8 @@ def train_reward(cfg: RewardConfig) -> Path:
                 loss = (ranking / global_prompts + centring / global_responses) * run.world_size
                 ok = run.check_finite(loss, step) and ok
                 run.accelerator.backward(loss)
-            sums.update(ranking=float(ranking), centring=float(centring), tokens=int(batch.attention_mask.sum()),
+            sums.update(ranking=float(ranking.detach()), centring=float(centring.detach()),
+                        tokens=int(batch.attention_mask.sum()),
                         **batch_sums(rewards.detach(), batch.mask))
         grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
         if not ok:
@@ -520,7 +550,7 @@ def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample]
                           cfg: RewardConfig) -> tuple[dict[str, Any], list[float]]:
     """Mean, std and quantiles of the trained model's scores on the training responses (a seeded sample of
     ``stats_samples`` of them when there are more), with the encoding the model was trained with; and the
-    scores."""
+    scores. In fp32 (:func:`full_precision`), so the statistics fit what a reloaded scorer returns."""
     from accelerate.utils import gather_object
 
     sequences = [s for e in train_set for s in e.sequences]
@@ -529,8 +559,9 @@ def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample]
         chosen = sorted(np.random.default_rng(cfg.seed).choice(len(sequences), cfg.stats_samples,
                                                                replace=False).tolist())
     mine = chosen[run.rank :: run.world_size]
-    scores = score_sequences(model, [sequences[i] for i in mine], pad_token_id, batch_size=cfg.batch_size * 4,
-                             device=run.device, autocast=run.accelerator.autocast)
+    with full_precision(run, model):
+        scores = score_sequences(model, [sequences[i] for i in mine], pad_token_id,
+                                 batch_size=cfg.batch_size * 4, device=run.device)
     if run.world_size > 1:
         scores = gather_object(scores)
     templates = {resolve_template(cfg.template, e.prompt) for e in train_set}
@@ -545,10 +576,11 @@ def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample]
 
 
 def write_eval_scores(path: Path, examples: list[RewardExample], scores: list[list[float]]) -> None:
-    """One JSON line per held-out prompt: ``{record, prompt, responses, scores}`` (responses best first)."""
+    """One JSON line per held-out prompt: ``{record, prompt, responses, rewards}``, responses best first (so
+    the file is itself ranking data: ``alignlab rm score --data eval_scores.jsonl`` re-scores it)."""
     with open(path, "w", encoding="utf-8") as f:
         for e, s in zip(examples, scores):
-            line = {"record": e.record, "prompt": e.prompt, "responses": e.responses, "scores": s}
+            line = {"record": e.record, "prompt": e.prompt, "responses": e.responses, "rewards": s}
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
