@@ -25,7 +25,7 @@ demo: venv
 	$(BIN)/alignlab demo
 
 test: venv
-	$(BIN)/python -m pytest -x -q --durations=15
+	$(BIN)/python -m pytest --durations=15
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -56,8 +56,12 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     """An ``accelerate.Accelerator`` for this run: DDP/FSDP/DeepSpeed come from ``accelerate launch``;
     bf16 becomes autocast (parameters and optimizer state stay fp32)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     precision = resolve_precision(cfg.precision)
+    # accelerate keeps its state process-wide; several runs in one process (the lab, a notebook, the tests)
+    # may ask for different precisions. Reset only the precision part, keeping the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # without cpu=True accelerate treats a CPU-only multi-process launch (torchrun, accelerate launch) as
     # one process per copy instead of a gloo process group
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
