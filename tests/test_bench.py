@@ -26,6 +26,18 @@ def test_summarize_leaves_out_warmup_and_uses_the_precision_peak():
     assert out["s_per_step"] == pytest.approx(2.5)
     assert out["timed_steps"] == 2 and out["final_loss"] == 2.0
     assert out["mfu"] == pytest.approx(6 * 1000 * 50 / 2e6)
+    assert "tokens_per_cpu_s" not in out  # no CPU times given
+
+    # CPU times: step 2 kept both threads busy (4 CPU-s in 2 s), step 3 shared its cores (3 CPU-s in 3 s)
+    timed = summarize(dict(raw, step_cpu_seconds=[9.0, 4.0, 3.0], torch_threads=2), warmup_steps=1, peak_flops=None)
+    assert timed["tokens_per_cpu_s"] == pytest.approx(250 / 7)
+    assert timed["cpu_utilisation"] == pytest.approx(7 / 5)
+    assert timed["uncontended_steps"] == 1 and timed["tokens_per_s_uncontended"] == pytest.approx(100 / 2)
+    # rounds pool their timed steps, each round's warmup left out
+    pooled = summarize([raw, dict(raw, step_seconds=[1.0, 1.0, 1.0], peak_rss_mib=600.0)], 1, None)
+    assert pooled["tokens_per_s"] == pytest.approx(500 / 7) and pooled["timed_steps"] == 4
+    assert pooled["peak_rss_mib"] == 600.0
+
     other = dict(out, tokens_per_s=25.0, peak_rss_mib=1024.0)
     assert ratios(out, other)["tokens_per_s"] == pytest.approx(2.0)
     assert ratios(out, other)["peak_rss_mib"] == pytest.approx(0.5)

@@ -14,7 +14,9 @@ What is measured, per library
 - **tokens per CPU-second**: the same tokens over the worker's CPU time (all threads) in those steps; on a
   shared machine this moves less with other processes' load than wall time, and ``cpu_utilisation`` (CPU
   seconds / wall seconds, about the thread count on an idle machine) shows how contended the run was.
-  ``--rounds N`` runs each library N times in ABBA order and pools the timed steps.
+  **tokens/s, uncontended steps** keeps only the timed steps whose CPU utilisation was at least 85 % of the
+  worker's torch threads (no other process took its cores then). ``--rounds N`` runs each library N times in
+  ABBA order and pools the timed steps.
 - **s/step**: mean seconds of the timed steps.
 - **peak RSS**: the worker process's maximum resident set size, read by the parent with ``os.wait4``.
 - **final loss**: the training loss (mean NLL per loss token) of the last step.
@@ -81,6 +83,7 @@ from alignlab.errors import AlignlabError
 LIBRARIES = ("ours", "trl")
 SETTINGS = ("matched", "defaults")
 LEARNING_RATE = 2e-5  # the default of both libraries
+UNCONTENDED = 0.85  # a step is "uncontended" when its CPU seconds >= this x threads x wall seconds
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -242,6 +245,13 @@ def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
         # shared machine; cpu_utilisation ~ the thread count when the machine is otherwise idle
         out["tokens_per_cpu_s"] = sum(tokens) / sum(cpu)
         out["cpu_utilisation"] = sum(cpu) / sum(seconds)
+        threads = first.get("torch_threads")
+        if threads:
+            # steps during which the worker kept ~all its threads busy: the machine was not shared then
+            quiet = [i for i, (c, s) in enumerate(zip(cpu, seconds)) if c / s >= UNCONTENDED * threads]
+            out["uncontended_steps"] = len(quiet)
+            if quiet:
+                out["tokens_per_s_uncontended"] = sum(tokens[i] for i in quiet) / sum(seconds[i] for i in quiet)
     peak = (peak_flops or {}).get(first.get("precision") or "")
     if peak and first.get("trainable_params"):
         out["peak_flops"] = peak
@@ -252,7 +262,8 @@ def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
 def ratios(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, float]:
     """ours / TRL for every number both have."""
     out = {}
-    for key in ("tokens_per_s", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib", "final_loss", "mfu"):
+    for key in ("tokens_per_s", "tokens_per_s_uncontended", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib",
+                "final_loss", "mfu"):
         a, b = ours.get(key), trl.get(key)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
             out[key] = a / b
@@ -442,6 +453,8 @@ TABLE_ROWS = (  # (label, key, format)
     ("tokens/s (non-pad)", "tokens_per_s", "1"),
     ("tokens per CPU-second", "tokens_per_cpu_s", "1"),
     ("CPU utilisation (cores)", "cpu_utilisation", "2"),
+    ("tokens/s, uncontended steps", "tokens_per_s_uncontended", "1"),
+    ("uncontended steps", "uncontended_steps", "int"),
     ("s/step", "s_per_step", "2"),
     ("tokens/step", "tokens_per_step", "1"),
     ("peak RSS (MiB)", "peak_rss_mib", "0"),

@@ -115,11 +115,16 @@ def completion_logps(model: torch.nn.Module, batch: AlignedBatch, temperature: f
 
 def sum_token_cross_entropy(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
     """The summed negative log-likelihood of the loss tokens (a scalar), via the fused cross-entropy
-    kernel; divide by the global token count for the SFT loss."""
+    kernel; divide by the global token count for the SFT loss.
+
+    Positions without loss are left out with ``ignore_index`` rather than a boolean gather of the logits:
+    the same sum and the same gradients, without the (rows, v) gather and its zero-filled scatter in the
+    backward pass (about 2.5 % of an SFT step on SmolLM2-135M, see BENCHMARKS.md)."""
     logits = aligned_logits(model, batch)
-    flat_mask = batch.loss_mask.reshape(-1)
+    targets = batch.targets.masked_fill(~batch.loss_mask, IGNORE)
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1])[flat_mask].float(),
-        batch.targets.reshape(-1)[flat_mask],
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
         reduction="sum",
     )
