@@ -349,6 +349,17 @@ class Run:
         self.accelerator.wait_for_everyone()
         return path
 
+    def checkpoint_or_stop(self, step: int, total: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, extra: dict[str, Any] | None = None) -> None:
+        """End of an optimizer step (or PPO iteration): checkpoint when due or when a signal asked to stop,
+        then exit (130 for SIGINT, 143 for SIGTERM) if one did."""
+        if self.should_save(step, total) or self.stop_requested:
+            self.save_checkpoint(step, model, optimizer, scheduler, extra=extra)
+        if self.stop_requested:
+            self.print(f"{self.stop_requested}: checkpoint written at step {step + 1}; rerun to resume")
+            self.close()
+            raise SystemExit(130 if self.stop_requested == "SIGINT" else 143)
+
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: Any) -> tuple[int, dict[str, Any]]:
         """Load the newest valid checkpoint (``resume=auto``) or the one named; returns (next step, extra

@@ -698,13 +698,8 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
                                         "kl": float(kl[j].sum())}, file="samples.jsonl")
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{mean_kl:.3f}", beta=f"{kl_coef:.3g}", refresh=False)
         bar.update(1)
-        if run.should_save(iteration, cfg.iterations) or run.stop_requested:
-            run.save_checkpoint(iteration, model, optimizer, scheduler,
-                                extra={"kl_coef": float(kl_controller.value), "running_scores": running.state()})
-        if run.stop_requested:
-            run.print(f"{run.stop_requested}: checkpoint written at iteration {iteration + 1}; rerun to resume")
-            run.close()
-            raise SystemExit(130 if run.stop_requested == "SIGINT" else 143)
+        run.checkpoint_or_stop(iteration, cfg.iterations, model, optimizer, scheduler,
+                               extra={"kl_coef": float(kl_controller.value), "running_scores": running.state()})
 
     final = run.save_final(run.accelerator.unwrap_model(model).policy, tokenizer)
     run.close()

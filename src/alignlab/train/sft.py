@@ -149,12 +149,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             run.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         bar.update(1)
-        if run.should_save(step, len(plan)) or run.stop_requested:
-            run.save_checkpoint(step, model, optimizer, scheduler)
-        if run.stop_requested:
-            run.print(f"{run.stop_requested}: checkpoint written at step {step + 1}; rerun to resume")
-            run.close()
-            raise SystemExit(130 if run.stop_requested == "SIGINT" else 143)
+        run.checkpoint_or_stop(step, len(plan), model, optimizer, scheduler)
 
     final = run.save_final(model, tokenizer)
     run.close()
