@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from alignlab.models import load_model
@@ -33,3 +34,33 @@ def test_kept_columns_cover_exactly_the_loss_tokens(tiny_tokenizer):
     assert batch.loss_mask.all()
     # position ids restart at 0 after left padding
     assert batch.position_ids[0].tolist()[-4:] == [0, 1, 2, 3]
+
+
+def test_loss_rows_path_equals_aligned_path_in_loss_and_gradients(tiny_tokenizer):
+    """SFT's head-on-loss-rows path (right padding, hidden states gathered) and the aligned path agree."""
+    from alignlab.train.forward import collate_right, loss_rows_cross_entropy, sum_token_cross_entropy
+
+    model = load_model("tiny-random").train()
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21]]
+    labels = [[-100, -100, -100, 8, 9, 10], [-100, 12, 13], [-100] * 6 + [20, 21]]
+    pad = tiny_tokenizer.pad_token_id
+    right = collate_right(seqs, labels, pad)
+    assert right.num_loss_tokens == 7 and right.input_ids.shape == (3, 8)
+    grads = []
+    for loss_fn, batch in [(sum_token_cross_entropy, collate_aligned(seqs, labels, pad)),
+                           (loss_rows_cross_entropy, right)]:
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    (la, ga), (lb, gb) = grads
+    assert lb == pytest.approx(la, rel=1e-6)
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-6)
+    # and the sum is the plain token NLL of a one-row forward
+    with torch.no_grad():
+        want = 0.0
+        for ids, lab in zip(seqs, labels):
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            want += float(torch.nn.functional.cross_entropy(logits, torch.tensor(lab[1:]), reduction="sum"))
+    assert lb == pytest.approx(want, rel=1e-5)

@@ -88,7 +88,7 @@ def test_corrupted_checkpoint_falls_back_to_previous(tmp_path):
 def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
     import alignlab.train.sft as sft
 
-    real = sft.sum_token_cross_entropy
+    real = sft.loss_rows_cross_entropy
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -96,7 +96,7 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
         out = real(model, batch)
         return out * float("nan") if calls["n"] >= 3 else out
 
-    monkeypatch.setattr(sft, "sum_token_cross_entropy", poisoned)
+    monkeypatch.setattr(sft, "loss_rows_cross_entropy", poisoned)
     with pytest.raises(AlignlabError, match="loss is nan at step 2.*last good checkpoint"):
         train_sft(_cfg(tmp_path, "nan", max_steps=4, save_every=1, eval_fraction=0))
     assert find_valid_checkpoint(tmp_path / "nan" / "checkpoints") is not None
@@ -105,7 +105,7 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
 def test_nan_skip_counts_steps(tmp_path, monkeypatch):
     import alignlab.train.sft as sft
 
-    real = sft.sum_token_cross_entropy
+    real = sft.loss_rows_cross_entropy
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -113,7 +113,7 @@ def test_nan_skip_counts_steps(tmp_path, monkeypatch):
         out = real(model, batch)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(sft, "sum_token_cross_entropy", poisoned)
+    monkeypatch.setattr(sft, "loss_rows_cross_entropy", poisoned)
     run = train_sft(_cfg(tmp_path, "skip", max_steps=3, eval_fraction=0, on_nan="skip"))
     assert len(_metrics(run)) == 3
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from alignlab.losses.common import selective_log_softmax
 
@@ -128,3 +129,63 @@ def sum_token_cross_entropy(model: torch.nn.Module, batch: AlignedBatch) -> torc
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+# --------------------------------------------------------------------------- SFT: the LM head on loss rows only
+
+
+@dataclass
+class PaddedBatch:
+    """A right-padded batch, the layout with the least padding when a loss covers whole rows.
+
+    Shapes: ``input_ids``, ``attention_mask``: (b, t); ``targets``: (b, t - 1), the token column ``j`` predicts
+    (``-100`` where there is no loss).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PaddedBatch:
+        return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device))
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def collate_right(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                  pad_token_id: int) -> PaddedBatch:
+    """Right-pad ``sequences`` and their Hugging Face style ``labels`` (``-100`` where no loss)."""
+    if len(sequences) != len(labels) or any(len(s) != len(lab) for s, lab in zip(sequences, labels)):
+        raise ValueError("sequences and labels differ in count or length")
+    b, width = len(sequences), max(len(s) for s in sequences)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    full_labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    for row, (ids, lab) in enumerate(zip(sequences, labels)):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        full_labels[row, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+    return PaddedBatch(input_ids, attention_mask, full_labels[:, 1:])
+
+
+def loss_rows_cross_entropy(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
+    """The summed NLL of the loss tokens (a scalar), with the LM head applied to those positions only.
+
+    Why not ``logits_to_keep``: it keeps the same columns for every row, so with right padding it would
+    still run the head over other rows' prompts and padding. Here the model returns its final (normed) hidden
+    states, the loss positions are gathered into one (n, d) matrix, and the head runs on those n rows: on
+    SmolLM2-135M (49k vocabulary) about 1.1x faster per SFT step than the aligned layout (BENCHMARKS.md).
+
+    The head's weight is used outside the model's ``forward``, which is right for a plain or DDP model
+    (DDP hooks gradients by parameter) but not for engines that shard weights between calls (FSDP,
+    DeepSpeed ZeRO-3): use :func:`collate_aligned` with :func:`sum_token_cross_entropy` there.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1,
+                output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1][:, :-1]
+    rows = batch.targets != IGNORE
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    logits = head(hidden[rows])
+    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[rows], reduction="sum")

@@ -20,7 +20,12 @@ from alignlab.config import SFTConfig, parse_columns
 from alignlab.data.formats import load_sft_dataset
 from alignlab.data.tokenize import TokenizedExample
 from alignlab.models import add_lora, count_parameters, load_model, load_tokenizer
-from alignlab.train.forward import collate_aligned, sum_token_cross_entropy
+from alignlab.train.forward import (
+    collate_aligned,
+    collate_right,
+    loss_rows_cross_entropy,
+    sum_token_cross_entropy,
+)
 from alignlab.train.loop import Run, make_optimizer, make_scheduler, micro_batches, plan_steps
 
 
@@ -50,6 +55,21 @@ def prepare_policy(cfg: Any, tokenizer: Any, head: str = "causal_lm") -> torch.n
     return model
 
 
+def token_nll(model: torch.nn.Module, chunk: list[TokenizedExample], pad_token_id: int, run: Run) -> tuple[
+        torch.Tensor, int]:
+    """The summed NLL of a micro-batch's loss tokens and its non-pad token count.
+
+    The LM head runs on the loss positions only (right-padded rows, hidden states gathered first); under
+    engines that shard the head's weight between calls (FSDP, DeepSpeed) the aligned layout gets the same
+    sum through the model's own ``logits_to_keep`` instead."""
+    seqs, labels = [e.input_ids for e in chunk], [e.labels for e in chunk]
+    if run.shards_weights:
+        batch = collate_aligned(seqs, labels, pad_token_id).to(run.device)
+        return sum_token_cross_entropy(model, batch), int(batch.attention_mask.sum())
+    padded = collate_right(seqs, labels, pad_token_id).to(run.device)
+    return loss_rows_cross_entropy(model, padded), int(padded.attention_mask.sum())
+
+
 @torch.no_grad()
 def evaluate_nll(model: torch.nn.Module, examples: list[TokenizedExample], pad_token_id: int, run: Run,
                  batch_size: int) -> dict[str, float]:
@@ -60,11 +80,9 @@ def evaluate_nll(model: torch.nn.Module, examples: list[TokenizedExample], pad_t
     order = sorted(range(len(mine)), key=lambda i: len(mine[i].input_ids))
     for start in range(0, len(order), batch_size):
         chunk = [mine[i] for i in order[start : start + batch_size]]
-        batch = collate_aligned([e.input_ids for e in chunk], [e.labels for e in chunk], pad_token_id)
-        batch = batch.to(run.device)
         with run.accelerator.autocast():
-            total_nll += float(sum_token_cross_entropy(model, batch))
-        total_tokens += batch.num_loss_tokens
+            total_nll += float(token_nll(model, chunk, pad_token_id, run)[0])
+        total_tokens += sum(sum(t != -100 for t in e.labels[1:]) for e in chunk)
     model.train()
     nll = run.all_reduce_sum(total_nll) / max(1.0, run.all_reduce_sum(total_tokens))
     return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0))}
@@ -117,17 +135,15 @@ def train_sft(cfg: SFTConfig) -> Path:
         step_nll, step_tokens = 0.0, 0
         ok = True
         for k, idx in enumerate(mine):
-            chunk = [train_set[i] for i in idx]
-            batch = collate_aligned([e.input_ids for e in chunk], [e.labels for e in chunk], pad).to(run.device)
             with run.accumulate(model, last=k == len(mine) - 1):
                 with run.accelerator.autocast():
-                    nll = sum_token_cross_entropy(model, batch)
+                    nll, tokens = token_nll(model, [train_set[i] for i in idx], pad, run)
                 # mean over the global batch's loss tokens; x world because DDP averages gradients
                 loss = nll / global_loss_tokens * run.world_size
                 ok = run.check_finite(loss, step) and ok
                 run.accelerator.backward(loss)
             step_nll += float(nll.detach())
-            step_tokens += int(batch.attention_mask.sum())
+            step_tokens += tokens
         grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
         if not ok:
             optimizer.zero_grad(set_to_none=True)
