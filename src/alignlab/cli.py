@@ -9,7 +9,6 @@ defaults < YAML < ``--option`` < ``key=value``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +87,10 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 def _stage_command(cls_path: str, fn_path: str) -> Callable[[argparse.Namespace], Any]:
     def run(args: argparse.Namespace) -> Any:
         cfg = config_from_args(_import(cls_path), args)
+        if getattr(cfg, "offline", False):  # before anything is loaded
+            from alignlab.models import set_offline
+
+            set_offline(True)
         return _import(fn_path)(cfg)
 
     return run
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("--offline", action="store_true",
-                        help="never touch the network (sets HF_HUB_OFFLINE=1; built-in models work offline)")
+                        help="never touch the network: hub ids load from the local cache only (as offline=true "
+                        "or HF_HUB_OFFLINE=1; built-in models work offline)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     groups: dict[str, Any] = {}
@@ -113,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                 gp = sub.add_parser(group, help=f"{group} commands")
                 groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND", required=True)
             parent = groups[group]
-        p = parent.add_parser(name, help=help_text, description=help_text,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # each option's help already states its real default (the parser's own default is None, so that
+        # only options given on the command line override the YAML file)
+        p = parent.add_parser(name, help=help_text, description=help_text)
         add_config_options(p, _import(cls_path))
         p.set_defaults(func=_stage_command(cls_path, fn_path))
 
@@ -268,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        from alignlab.models import set_offline
+
+        set_offline(True)
     try:
         args.func(args)
     except AlignlabError as e:

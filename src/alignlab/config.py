@@ -38,6 +38,8 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     allow_pickle: bool = opt(False, "allow pickle-based .bin/.pt weights (unsafe with untrusted files)")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a checkpoint")
+    offline: bool = opt(False, "never touch the network: hub ids load only from the local cache, else fail at "
+                        "once (also on when HF_HUB_OFFLINE=1)")
 
 
 @dataclass
@@ -331,6 +333,8 @@ class PPOConfig(TrainConfig):
     stop_strings: list[str] = field(default_factory=list, metadata={
         "help": "comma-separated strings that end a response (like EOS; \\n escapes are decoded)"})
     generation_batch_size: int = opt(0, "prompts sampled together (0 = the whole rollout at once)")
+    backend: str = opt("hf", "rollout generation: hf (Hugging Face generate) or vllm (GPU, needs vllm; the "
+                       "policy's weights are copied into it every iteration)", choices=["hf", "vllm"])
     unfinished_penalty: float = opt(0.0, "subtracted from the score of a response that ends neither with EOS nor "
                                     "a stop string within max_new_tokens")
     # -- rewards

