@@ -96,7 +96,10 @@ def test_two_rounds_raise_the_reward_and_resume(tmp_path, reward_file):
     prompts = tmp_path / "p.txt"
     train = [f"Review {i}:" for i in range(12)]
     prompts.write_text("\n".join(train))
+    held_file = tmp_path / "held.txt"
+    held_file.write_text("\n".join(f"Opinion {i}:" for i in range(48)))
     overrides = dict(model="tiny-random", reward=f"{reward_file}:spaces", prompts=str(prompts), n=6,
+                     eval_prompts=str(held_file),
                      max_new_tokens=12, template="none", output_dir=str(tmp_path / "rs"), rounds=2, max_steps=8,
                      batch_size=6, lr=5e-3, warmup_ratio=0, eval_fraction=0, progress=False, precision="fp32")
     final = run_rs(build_config(RSConfig, overrides=overrides))
@@ -112,6 +115,11 @@ def test_two_rounds_raise_the_reward_and_resume(tmp_path, reward_file):
     assert after > before + 0.03, (before, after)
     rounds = json.loads((tmp_path / "rs" / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2]
+    # the run's own held-out evaluation sees the same rise, and its price in KL from the start model
+    start = json.loads((tmp_path / "rs" / "start_eval.json").read_text())
+    assert start["n"] == 48 and start["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert rounds[-1]["eval"]["score"] > start["score"] + 0.03, (start["score"], rounds[-1]["eval"]["score"])
+    assert rounds[-1]["eval"]["kl"] > 0.1
     # resume: a rerun reuses both finished rounds without sampling again
     stamp = (tmp_path / "rs" / "round-1" / "samples.jsonl").stat().st_mtime_ns
     again = run_rs(build_config(RSConfig, overrides=overrides))

@@ -85,3 +85,15 @@ def test_annotators_exact_at_zero_temperature_and_noisy_above():
     assert len(records) == 1 and records[0].responses == ["good", "bad"]
     assert report["skipped"]["fewer than 2 distinct responses"] == 1
     assert report["pairwise_agreement_with_gold"] == 1.0
+
+
+def test_task_prompt_sources_give_the_task_splits():
+    from alignlab.data.prompts import load_prompts
+
+    task = load_task("sentiment")
+    train, held = load_prompts("task:sentiment:train"), load_prompts("task:sentiment:eval")
+    assert train == [task.as_prompt(p) for p in task.train_prompts]
+    assert held == [task.as_prompt(p) for p in task.eval_prompts]
+    assert not {p["input"] for p in train} & {p["input"] for p in held}
+    with pytest.raises(AlignlabError, match="task:NAME:train or task:NAME:eval"):
+        load_prompts("task:sentiment:test")

@@ -2,7 +2,8 @@
 
 Prompts come from a ``.txt`` file (one per non-empty line), a JSON/JSONL list of strings, or the prompts
 of any instruction or preference file (Alpaca prompts become Alpaca-style instruction mappings, messages stay
-messages).
+messages), or a built-in task's prompt split: ``task:sentiment:train`` / ``task:sentiment:eval`` (Alpaca
+mappings of the task's instruction and each opening, as the lab shows them).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from alignlab.errors import AlignlabError
 def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:
     """Prompts (strings or chat message lists) from ``source``; raises for an empty or unreadable file."""
     path = Path(source)
-    if path.suffix == ".txt":
+    if str(source).startswith("task:"):
+        prompts: list[Any] = _task_prompts(str(source))
+    elif path.suffix == ".txt":
         if not path.exists():
             raise AlignlabError("prompt file does not exist", file=str(source))
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise AlignlabError(f"not valid UTF-8 at byte {e.start}", file=str(source)) from e
-        prompts: list[Any] = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         prompts = _prompts_from_records(str(source))
     if limit:
@@ -31,6 +34,16 @@ def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:
     if not prompts:
         raise AlignlabError("no prompts in this file", file=str(source))
     return prompts
+
+
+def _task_prompts(source: str) -> list[Any]:
+    from alignlab.tasks import load_task
+
+    parts = source.split(":")
+    if len(parts) != 3 or parts[2] not in ("train", "eval"):
+        raise AlignlabError("a task prompt source is task:NAME:train or task:NAME:eval", file=source)
+    task = load_task(parts[1])
+    return [task.as_prompt(p) for p in (task.train_prompts if parts[2] == "train" else task.eval_prompts)]
 
 
 def _prompts_from_records(source: str) -> list[Any]:

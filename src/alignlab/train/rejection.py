@@ -152,6 +152,8 @@ class SampleConfig:
     limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
     on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
                             choices=["stop", "skip"])
+    gold: str = opt("", "optional second scorer module:function that judges the results (e.g. a gold score "
+                        "next to a learned reward model)")
 
 
 @dataclass
@@ -159,7 +161,6 @@ class BoNConfig(SampleConfig):
     """Best-of-n at inference."""
 
     model: str = opt("smollm2-135m-instruct", "the policy to sample from")
-    gold: str = opt("", "optional second scorer module:function to judge the chosen samples (e.g. a gold score)")
     output_dir: str = opt("runs/bon", "folder for samples.jsonl and summary.json")
     seed: int = opt(0, "sampling seed")
     allow_pickle: bool = opt(False, "allow pickle-based weights (unsafe)")
@@ -175,6 +176,9 @@ class RSConfig(SampleConfig, SFTConfig):
     top_k: int = opt(1, "with select=top_k: how many to keep per prompt")
     threshold: float = opt(0.0, "with select=threshold: keep samples scoring at least this")
     data: str = opt("", "(unused: rejection sampling makes its own data)")
+    eval_prompts: str = opt("", "held-out prompts: the start and every round's policy answer them once, scored "
+                                "by the same reward, with KL from the start model (empty = no evaluation)")
+    eval_seed: int = opt(1234, "sampling seed of the held-out answers (the same for every round)")
 
 
 def _scorer(cfg: SampleConfig) -> Any:
@@ -290,6 +294,12 @@ def run_rs(cfg: RSConfig) -> Path:
     scorer = _scorer(cfg)
     policy = cfg.model
     history = []
+    held_out = HeldOut(cfg, scorer) if cfg.eval_prompts else None
+    if held_out is not None:
+        start_file = out / "start_eval.json"
+        if not start_file.exists():
+            start_file.write_text(json.dumps(held_out.measure(cfg.model), indent=1))
+        held_out.report("start", json.loads(start_file.read_text()))
     for r in range(1, cfg.rounds + 1):
         round_dir = out / f"round-{r}"
         final = round_dir / "sft" / "final"
@@ -297,6 +307,8 @@ def run_rs(cfg: RSConfig) -> Path:
         if final.exists() and (round_dir / "summary.json").exists():
             print(f"round {r}: done earlier, reusing {final}")
             history.append(json.loads((round_dir / "summary.json").read_text()))
+            if held_out is not None and "eval" in history[-1]:
+                held_out.report(f"round {r}", history[-1]["eval"])
             policy = str(final)
             continue
         tokenizer = load_tokenizer(policy)
@@ -319,6 +331,9 @@ def run_rs(cfg: RSConfig) -> Path:
                    "mean_score": sum(all_scores) / max(1, len(all_scores)),
                    "mean_kept_score": sum(kept_scores) / max(1, len(kept_scores)),
                    "skipped": result["skipped"], "seconds": time.perf_counter() - t0}
+        if held_out is not None:
+            summary["eval"] = held_out.measure(str(final))
+            held_out.report(f"round {r}", summary["eval"])
         (round_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"round {r}: mean sample score {summary['mean_score']:.4f}, kept {summary['kept']} "
               f"(mean {summary['mean_kept_score']:.4f})")
@@ -327,6 +342,45 @@ def run_rs(cfg: RSConfig) -> Path:
     (out / "rounds.json").write_text(json.dumps(history, indent=1))
     print(f"final policy: {policy}")
     return Path(policy)
+
+
+class HeldOut:
+    """One sampled answer per held-out prompt (fixed seed), scored by the run's reward, with KL and fluency
+    measured against the start model: what a round bought and what it cost in drift."""
+
+    def __init__(self, cfg: RSConfig, scorer: Any) -> None:
+        self.cfg, self.scorer = cfg, scorer
+        self.prompts = load_prompts(cfg.eval_prompts)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.reference = load_model(cfg.model, allow_pickle=cfg.allow_pickle).eval()
+        self.gold = None
+        if cfg.gold:
+            from alignlab.reward import load_scorer
+
+            self.gold = load_scorer(cfg.gold)
+
+    def measure(self, policy_path: str) -> dict[str, Any]:
+        from alignlab.evaluate import evaluate_samples
+        from alignlab.generation import generate
+
+        policy = self.reference if policy_path == self.cfg.model else load_model(
+            policy_path, allow_pickle=self.cfg.allow_pickle).eval()
+        samples = generate(policy, self.tokenizer, self.prompts, _sampling(self.cfg, self.cfg.eval_seed),
+                           template=self.cfg.template)
+        result = evaluate_samples(samples, self.prompts, gold_score=self.scorer.score, policy=policy,
+                                  reference=self.reference, pad_token_id=self.tokenizer.pad_token_id)
+        result["scores"] = result.pop("gold_scores")
+        result["score"], result["score_ci95"] = result.pop("gold"), result.pop("gold_ci95")
+        if self.gold is not None:
+            result["gold_scores"] = [float(g) for g in self.gold.score(self.prompts, [s.text for s in samples])]
+            result["gold"] = sum(result["gold_scores"]) / max(1, len(samples))
+        return result
+
+    @staticmethod
+    def report(label: str, m: dict[str, Any]) -> None:
+        print(f"{label}: held-out score {m['score']:.4f} ± {m['score_ci95']:.4f} over {m['n']} prompts, "
+              f"KL from start {m.get('kl', 0.0):.2f} nats, fluency (start model's NLL/token) "
+              f"{m['fluency_nll']:.3f}" + (f", gold {m['gold']:.4f}" if "gold" in m else ""))
 
 
 def _sft_fields() -> list[str]:
