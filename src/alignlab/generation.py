@@ -1,12 +1,22 @@
 """One sampler for every stage that generates (``generate``, PPO, rejection sampling, best-of-n, the lab).
 
-Backend: Hugging Face ``generate`` with its KV cache, prompts left-padded so a batch decodes together.
+Backends, behind one interface (:class:`Sampler`: ``sync(model)`` then ``generate(prompt_ids, sampling)``;
+:func:`make_sampler` picks one by name, the ``backend`` option of PPO, ``rs`` and ``bon``):
+
+* ``hf`` (default): Hugging Face ``generate`` with its KV cache, prompts left-padded so a batch decodes
+  together (:func:`generate_from_ids`);
+* ``vllm`` (optional, GPU): a ``vllm.LLM`` built from the policy's weights, re-synchronised from the trained
+  policy before every rollout (:class:`VLLMSampler`). vllm is imported only when this backend is chosen.
+
 Responses are cut at the first EOS (kept, and the sample marked finished) or at the first stop string;
 a response that hits ``max_new_tokens`` first is marked unfinished, so PPO can penalise it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,6 +25,7 @@ from typing import Any
 import torch
 
 from alignlab.data.tokenize import encode_prompt
+from alignlab.errors import AlignlabError
 
 
 @dataclass
@@ -118,3 +129,159 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], sam
     ids = [encode_prompt(tokenizer, p, template=template) for p in prompts]
     return generate_from_ids(model, tokenizer, ids, sampling)
 
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+BACKENDS = ("hf", "vllm")
+
+
+class Sampler:
+    """What every generating stage calls: ``sync(model)`` when the policy's weights changed (PPO: every
+    iteration), then ``generate(prompt_ids, sampling)`` -> one :class:`Sample` per prompt."""
+
+    name = "base"
+
+    def sync(self, model: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Sample]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the backend holds (a vLLM engine's GPU memory)."""
+
+
+class HFSampler(Sampler):
+    """Hugging Face ``generate`` on the model itself (:func:`generate_from_ids`): ``sync`` just points at the
+    current model, so sampling always uses the live weights."""
+
+    name = "hf"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def sync(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Sample]:
+        return generate_from_ids(self.model, self.tokenizer, prompt_ids, sampling)
+
+
+def vllm_available() -> bool:
+    """True when the ``vllm`` package can be imported (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, or ``vllm`` where vllm is not installed, before any model is loaded."""
+    if backend not in BACKENDS:
+        raise AlignlabError(f"unknown generation backend '{backend}' (choose {', '.join(BACKENDS)})",
+                            field="backend")
+    if backend == "vllm" and not vllm_available():
+        raise AlignlabError("backend=vllm needs the vllm package, which is not installed: `pip install vllm` "
+                            "on a machine with a CUDA GPU, or use backend=hf (Hugging Face generate, the "
+                            "default)", field="backend")
+
+
+def _plain_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the plain transformers names (a LoRA adapter merged in), for vLLM."""
+    from alignlab.models import is_peft
+
+    if not is_peft(model):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    model.merge_adapter()
+    try:
+        out = {}
+        for name, value in model.state_dict().items():
+            if "lora_" in name or "original_module" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out[name.replace("modules_to_save.default.", "")] = value.detach().clone()
+        return out
+    finally:
+        model.unmerge_adapter()
+
+
+class VLLMSampler(Sampler):
+    """vLLM generation (paged attention, continuous batching) for PPO, rejection sampling and best-of-n.
+
+    The engine is built once from a checkpoint folder (the policy's, or a temporary copy of the live policy
+    saved as safetensors), in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that :meth:`sync` can
+    load the trained weights straight into its model (``load_weights``, as TRL's colocate mode does) before
+    each rollout. Sampling: one completion per prompt with ``temperature``/``top_p``/``top_k``/``max_tokens``
+    and a per-call ``seed``; outputs go through the same EOS/stop-string cutting as the ``hf`` backend.
+
+    UNCHECKED: written against vLLM's documented ``LLM`` API but never run here (no GPU, no vllm on the
+    development machine). The ``hf`` backend is the reference; compare the two on a GPU before relying on it.
+    Log-probs for PPO are always recomputed by the trained model, so vLLM only proposes the tokens.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, checkpoint: str | None = None,
+                 gpu_memory_utilization: float = 0.3, dtype: str = "auto") -> None:
+        check_backend("vllm")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's model in this process
+        import vllm  # lazy: an optional dependency
+
+        self._vllm = vllm
+        self.tokenizer = tokenizer
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if checkpoint is None:  # the live policy, written once so vLLM can read its config and tokenizer
+            from alignlab.models import save_model
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="alignlab-vllm-")
+            checkpoint = str(save_model(model, tokenizer, os.path.join(self._tmp.name, "policy")))
+        self.llm = vllm.LLM(model=checkpoint, tokenizer=checkpoint, dtype=dtype,
+                            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Copy the policy's current weights into the engine (a LoRA adapter merged in)."""
+        weights = list(_plain_weights(model).items())
+        if hasattr(self.llm, "apply_model"):  # recent vLLM: run a function on the engine's model
+            self.llm.apply_model(lambda m: m.load_weights(weights))
+        else:  # older vLLM (V0 engine)
+            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        if hasattr(self.llm, "reset_prefix_cache"):  # cached KV blocks were computed by the old weights
+            self.llm.reset_prefix_cache()
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Sample]:
+        vllm = self._vllm
+        params = vllm.SamplingParams(
+            n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            top_k=(sampling.top_k or -1) if sampling.temperature > 0 else -1, seed=sampling.seed,
+            stop=list(sampling.stop_strings) or None, skip_special_tokens=True,
+        )
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        samples = []
+        for p, out in zip(prompt_ids, outputs):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            if completion.finish_reason == "stop" and completion.stop_reason is None and (not ids or ids[-1] != eos):
+                ids.append(eos)  # finished by EOS: keep it, as the hf backend does
+            ids, finished = cut_response(ids, eos, pad, self.tokenizer, sampling.stop_strings)
+            text = _strip_stop(self.tokenizer.decode(ids, skip_special_tokens=True), sampling.stop_strings)
+            samples.append(Sample(list(p), ids, text, finished or completion.finish_reason == "stop"))
+        return samples
+
+    def close(self) -> None:
+        self.llm = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def make_sampler(backend: str, model: torch.nn.Module, tokenizer: Any, *, checkpoint: str | None = None,
+                 **vllm_kwargs: Any) -> Sampler:
+    """The sampler for ``backend`` (``hf`` or ``vllm``). ``checkpoint``: the folder ``model`` was loaded from
+    (vLLM then reads it instead of a temporary copy of ``model``)."""
+    check_backend(backend)
+    if backend == "vllm":
+        return VLLMSampler(model, tokenizer, checkpoint=checkpoint, **vllm_kwargs)
+    return HFSampler(model, tokenizer)

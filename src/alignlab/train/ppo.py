@@ -61,7 +61,7 @@ from alignlab.config import PPOConfig
 from alignlab.data.prompts import load_prompts
 from alignlab.data.tokenize import encode_prompt
 from alignlab.errors import AlignlabError
-from alignlab.generation import Sample, SamplingConfig, generate_from_ids
+from alignlab.generation import Sample, SamplingConfig, check_backend, generate_from_ids, make_sampler
 from alignlab.losses.common import masked_mean, masked_whiten, selective_log_softmax
 from alignlab.losses.ppo import (
     AdaptiveKLController,
@@ -73,7 +73,7 @@ from alignlab.losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer
+from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer, resolve_model
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
 from alignlab.train.forward import AlignedBatch, aligned_logits, collate_aligned
 from alignlab.train.loop import Run, make_optimizer, make_scheduler
@@ -265,6 +265,43 @@ def response_mask(response_ids: Sequence[Sequence[int]], device: Any = "cpu") ->
     return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
 
 
+def whiten(values: torch.Tensor, mask: torch.Tensor, run: Run, shift_mean: bool = True) -> torch.Tensor:
+    """:func:`~alignlab.losses.common.masked_whiten` with the mean and (unbiased) variance of the whole global
+    rollout: under DDP every process's real tokens, so N processes whiten exactly as one process would."""
+    if run.world_size == 1:
+        return masked_whiten(values, mask, shift_mean=shift_mean)
+    m = mask.to(values.dtype)
+    count = run.all_reduce_sum(float(m.sum()))
+    mean = run.all_reduce_sum(float((values * m).sum())) / max(count, 1.0)
+    variance = run.all_reduce_sum(float(((values - mean) ** 2 * m).sum())) / max(count - 1.0, 1.0)
+    whitened = (values - mean) * torch.rsqrt(torch.tensor(variance + 1e-8, dtype=values.dtype))
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def global_masked_mean(values: torch.Tensor, mask: torch.Tensor, run: Run) -> float:
+    """The mean over the real tokens of every process's rollout share."""
+    if run.world_size == 1:
+        return float(masked_mean(values, mask))
+    total = run.all_reduce_sum(float((values.double() * mask).sum()))
+    return total / max(run.all_reduce_sum(float(mask.sum())), 1.0)
+
+
+def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, run: Run) -> float:
+    """:func:`~alignlab.losses.ppo.explained_variance` over every process's rollout share."""
+    if run.world_size == 1:
+        return explained_variance(values, returns, mask)
+
+    def variance(x: torch.Tensor) -> float:
+        x = x.detach().double()
+        return global_masked_mean((x - global_masked_mean(x, mask, run)) ** 2, mask, run)
+
+    target = variance(returns)
+    residual = variance(returns - values)
+    return 1.0 - residual / target if target > 0 else float("nan")
+
+
 # --------------------------------------------------------------------------------------------- rewards
 
 
@@ -442,6 +479,7 @@ def check_config(cfg: PPOConfig) -> None:
         raise AlignlabError("share_backbone puts the value head on the policy; drop value_model", field="value_model")
     if cfg.target_kl < 0 or cfg.kl_coef < 0:
         raise AlignlabError("kl_coef and target_kl must be >= 0", field="kl_coef")
+    check_backend(cfg.backend)  # vllm without vllm installed: a clear error before anything is loaded
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -561,6 +599,10 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
                               top_k=cfg.top_k, batch_size=cfg.generation_batch_size or rollout_size,
                               stop_strings=unescape(cfg.stop_strings))
 
+    # rollouts: hf generate on the live policy, or a vLLM engine whose weights are re-synced every iteration
+    sampler = make_sampler(cfg.backend, run.accelerator.unwrap_model(model).policy, tokenizer,
+                           checkpoint=resolve_model(cfg.model) if cfg.backend == "vllm" else None)
+
     def evaluate(step: int) -> dict[str, float]:
         t = time.perf_counter()
         metrics, shown = evaluate_policy(model, reference, scorer, tokenizer, eval_prompts, eval_ids, cfg, run)
@@ -583,8 +625,8 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         # a seed per (iteration, process): the samples do not depend on how many random numbers anything
         # else drew, so a resumed run samples exactly what the uninterrupted run did
         sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
-        samples: list[Sample] = generate_from_ids(run.accelerator.unwrap_model(model).policy, tokenizer,
-                                                  [train_ids[i] for i in mine], sampling)
+        sampler.sync(run.accelerator.unwrap_model(model).policy)  # the weights the last update left
+        samples: list[Sample] = sampler.generate([train_ids[i] for i in mine], sampling)
         t_generation = time.perf_counter() - t0
 
         # -- 2. score ---------------------------------------------------------------------------------------
@@ -625,10 +667,10 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         kl_coef = kl_controller.value
         rewards, kl = shaped_rewards(scores, logps, ref_logps, mask, kl_coef, cfg.kl_estimator)
         if cfg.whiten_rewards:  # rescale (no shift: the sign of a reward means something)
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, run, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:  # per-batch scale-free advantages; statistics over real tokens only
-            advantages = masked_whiten(advantages, mask)
+        if cfg.whiten_advantages:  # per-batch scale-free advantages; statistics over the global rollout's tokens
+            advantages = whiten(advantages, mask, run)
         ro.scores, ro.kl, ro.rewards, ro.advantages, ro.returns = scores, kl, rewards, advantages, returns
         mean_kl = run.gather_mean(float(kl.sum(-1).mean()))  # nats per response
         kl_controller.update(mean_kl, len(batches[iteration]))  # the next rollout's beta
@@ -658,10 +700,13 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         # -- 6. log, evaluate, checkpoint -----------------------------------------------------------------
         n = run.all_reduce_sum(len(kept))
         tokens = run.all_reduce_sum(float(mask.sum()))
+        sums = Counter({k: run.all_reduce_sum(v) for k, v in sorted(sums.items())})  # every process's updates
         updated = max(sums["tokens"], 1.0)
+        score_mean = run.all_reduce_sum(float(raw_scores.sum())) / n
+        score_var = run.all_reduce_sum(float(((raw_scores.double() - score_mean) ** 2).sum())) / n
         metrics: dict[str, Any] = {
-            "score": run.all_reduce_sum(float(raw_scores.sum())) / n,
-            "score_std": float(raw_scores.std(unbiased=False)) if len(kept) > 1 else 0.0,
+            "score": score_mean,
+            "score_std": math.sqrt(score_var) if n > 1 else 0.0,
             "score_shaped": run.all_reduce_sum(float(scores.sum())) / n,
             "kl": mean_kl,
             "kl_coef": kl_coef,
@@ -673,10 +718,10 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
             "policy_loss": sums["policy_loss"] / updated,
             "value_loss": sums["value_loss"] / updated,
             "value_clip_fraction": sums["value_clip_fraction"] / updated,
-            "explained_variance": explained_variance(values, returns, mask),
-            "advantage_mean": float(masked_mean(ro.advantages, mask)),
-            "return_mean": float(masked_mean(returns, mask)),
-            "value_mean": float(masked_mean(values, mask)),
+            "explained_variance": global_explained_variance(values, returns, mask, run),
+            "advantage_mean": global_masked_mean(ro.advantages, mask, run),
+            "return_mean": global_masked_mean(returns, mask, run),
+            "value_mean": global_masked_mean(values, mask, run),
             "response_length": tokens / n,
             "unfinished": run.all_reduce_sum(float((~finished).sum())) / n,
             "empty_responses": empty,
@@ -701,6 +746,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         run.checkpoint_or_stop(iteration, cfg.iterations, model, optimizer, scheduler,
                                extra={"kl_coef": float(kl_controller.value), "running_scores": running.state()})
 
+    sampler.close()
     final = run.save_final(run.accelerator.unwrap_model(model).policy, tokenizer)
     run.close()
     if final is not None:

@@ -12,6 +12,10 @@ score them, keep the best per prompt (or the top k, or those above a threshold),
 with the SFT trainer, and sample the next round from the new policy. Each round writes ``samples.jsonl``
 (every sample, its score, whether kept), ``kept.jsonl`` (the SFT data) and ``sft/`` (the round's run); a
 rerun skips finished rounds, so a stopped run resumes at the round it was in.
+
+Under ``torchrun``/``accelerate launch`` each process samples and scores every N-th prompt (its own seed), the
+results are gathered back into prompt order, the main process writes the files, and each round's SFT runs
+data-parallel. Generation goes through :func:`alignlab.generation.make_sampler` (``backend=hf`` or ``vllm``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from alignlab.config import SFTConfig, TrainConfig, opt
 from alignlab.data.prompts import load_prompts
 from alignlab.data.templates import render_prompt
 from alignlab.errors import AlignlabError
-from alignlab.generation import Sample, SamplingConfig, generate_from_ids
-from alignlab.models import load_model, load_tokenizer
+from alignlab.generation import Sample, Sampler, SamplingConfig, check_backend, make_sampler
+from alignlab.models import load_model, load_tokenizer, resolve_model
 
 # ----------------------------------------------------------------------------------------------- selection
 
@@ -87,24 +91,30 @@ def curve_ks(n: int) -> list[int]:
 
 
 def sample_n(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int, sampling: SamplingConfig,
-             template: str, max_prompt_tokens: int) -> tuple[list[list[Sample]], dict[str, int]]:
-    """n samples per prompt (prompts that leave no room under ``max_prompt_tokens`` are skipped, counted)."""
+             template: str, max_prompt_tokens: int, sampler: Sampler | None = None
+             ) -> tuple[list[list[Sample]], dict[str, Any]]:
+    """n samples per prompt (prompts that leave no room under ``max_prompt_tokens`` are skipped, counted), from
+    ``sampler`` (default: Hugging Face generate on ``model``). The info dict holds the kept prompts and their
+    indices in ``prompts``."""
     from alignlab.data.tokenize import encode_prompt
 
     if n < 1:
         raise AlignlabError(f"n must be at least 1, got {n}", field="n")
-    kept_prompts, ids, skipped = [], [], {"prompt too long": 0}
-    for p in prompts:
+    kept_prompts, kept_indices, ids, skipped = [], [], [], {"prompt too long": 0}
+    for index, p in enumerate(prompts):
         p_ids = encode_prompt(tokenizer, p, template=template)
         if len(p_ids) > max_prompt_tokens:
             skipped["prompt too long"] += 1
             continue
         kept_prompts.append(p)
+        kept_indices.append(index)
         ids.append(p_ids)
     if not ids:
         raise AlignlabError(f"every prompt is longer than {max_prompt_tokens} tokens", field="prompts")
-    flat = generate_from_ids(model, tokenizer, [p for p in ids for _ in range(n)], sampling)
-    return [flat[i * n : (i + 1) * n] for i in range(len(ids))], {"kept_prompts": kept_prompts, **skipped}
+    sampler = sampler or make_sampler("hf", model, tokenizer)
+    flat = sampler.generate([p for p in ids for _ in range(n)], sampling)
+    return [flat[i * n : (i + 1) * n] for i in range(len(ids))], {"kept_prompts": kept_prompts,
+                                                                  "kept_indices": kept_indices, **skipped}
 
 
 def score_samples(scorer: Any, prompts: Sequence[Any], groups: Sequence[Sequence[Sample]],
@@ -149,6 +159,8 @@ class SampleConfig:
     max_new_tokens: int = opt(64, "tokens generated per sample")
     max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)")
     gen_batch_size: int = opt(32, "sequences generated together")
+    backend: str = opt("hf", "generation: hf (Hugging Face generate) or vllm (GPU, needs vllm)",
+                       choices=["hf", "vllm"])
     limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
     on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
                             choices=["stop", "skip"])
@@ -210,11 +222,13 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any, seed: int,
-                        mode: str = "best", top_k: int = 1, threshold: float = 0.0) -> dict[str, Any]:
+                        mode: str = "best", top_k: int = 1, threshold: float = 0.0,
+                        sampler: Sampler | None = None) -> dict[str, Any]:
     """Sample n per prompt, score, select. Returns rows for samples.jsonl, the kept rows and counts."""
     groups, info = sample_n(model, tokenizer, prompts, cfg.n, _sampling(cfg, seed), cfg.template,
-                            cfg.max_prompt_tokens)
+                            cfg.max_prompt_tokens, sampler)
     kept_prompts = info.pop("kept_prompts")
+    indices = info.pop("kept_indices")
     scores, bad = score_samples(scorer, kept_prompts, groups, cfg.on_bad_score)
     rows, kept = [], []
     for p_index, (prompt, group, group_scores) in enumerate(zip(kept_prompts, groups, scores)):
@@ -229,7 +243,72 @@ def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg:
             if i in chosen:
                 kept.append({"prompt": rendered, "completion": sample.text, "score": score})
     return {"rows": rows, "kept": kept, "scores": scores, "groups": groups, "prompts": kept_prompts,
-            "skipped": {**info, "bad score": bad}}
+            "indices": indices, "skipped": {**info, "bad score": bad}}
+
+
+def _processes() -> Any:
+    """accelerate's process state (rank, count, device) for ``torchrun``/``accelerate launch``; one process
+    otherwise. CPU-only launches get a gloo group, as the trainers' Accelerator does."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _shard_seed(seed: int, rank: int) -> int:
+    """Process 0 samples with ``seed`` itself (so one process is unchanged); the others with seeds derived from
+    (seed, rank), so no two processes draw the same random stream."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def sample_score_select_sharded(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any,
+                                seed: int, state: Any, sampler: Sampler | None = None, **select_kw: Any
+                                ) -> dict[str, Any]:
+    """:func:`sample_score_select` with every process taking every N-th prompt, gathered back into prompt order
+    on every process (so the result reads as one process's, with ``prompt_index`` counting kept prompts)."""
+    if state.num_processes == 1:
+        return sample_score_select(model, tokenizer, prompts, cfg, scorer, seed, sampler=sampler, **select_kw)
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    try:
+        part = sample_score_select(model, tokenizer, [prompts[i] for i in mine], cfg, scorer,
+                                   _shard_seed(seed, state.process_index), sampler=sampler, **select_kw)
+    except AlignlabError as e:
+        if e.field != "prompts":  # a process whose every prompt is too long (or that has none) still takes part
+            raise
+        part = {"rows": [], "kept": [], "scores": [], "groups": [], "prompts": [], "indices": [],
+                "skipped": {"prompt too long": len(mine), "bad score": 0}}
+    # one block per kept prompt: its global index, rows, kept rows, scores, samples, prompt
+    blocks, rows_left, kept_left = [], list(part["rows"]), list(part["kept"])
+    for local, prompt in enumerate(part["prompts"]):
+        rows = [r for r in rows_left if r["prompt_index"] == local]
+        kept = kept_left[: sum(r["kept"] for r in rows)]
+        kept_left = kept_left[len(kept):]
+        blocks.append((mine[part["indices"][local]], rows, kept, part["scores"][local], part["groups"][local],
+                       prompt))
+    every = gather_object([(blocks, part["skipped"])])
+    merged = sorted((b for blocks_of_one, _ in every for b in blocks_of_one), key=lambda b: b[0])
+    if not merged:
+        raise AlignlabError(f"every prompt is longer than {cfg.max_prompt_tokens} tokens", field="prompts")
+    skipped: dict[str, int] = {}
+    for _, counts in every:
+        for key, value in counts.items():
+            skipped[key] = skipped.get(key, 0) + value
+    out: dict[str, Any] = {"rows": [], "kept": [], "scores": [], "groups": [], "prompts": [], "indices": [],
+                           "skipped": skipped}
+    for p_index, (index, rows, kept, scores, group, prompt) in enumerate(merged):
+        out["rows"] += [{**r, "prompt_index": p_index} for r in rows]
+        out["kept"] += kept
+        out["scores"].append(scores)
+        out["groups"].append(group)
+        out["prompts"].append(prompt)
+        out["indices"].append(index)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- bon
@@ -237,13 +316,16 @@ def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg:
 
 def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     """``alignlab bon``: best-of-n with its curve over k and the analytic KL."""
+    check_backend(cfg.backend)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
     scorer = _scorer(cfg)
     start = time.perf_counter()
-    result = sample_score_select(model, tokenizer, _prompts(cfg), cfg, scorer, cfg.seed)
+    sampler = make_sampler(cfg.backend, model, tokenizer, checkpoint=_checkpoint(cfg.backend, cfg.model))
+    result = sample_score_select(model, tokenizer, _prompts(cfg), cfg, scorer, cfg.seed, sampler=sampler)
+    sampler.close()
     gold = None
     if cfg.gold:
         from alignlab.reward import load_scorer
@@ -284,17 +366,27 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- rs
 
 
+def _checkpoint(backend: str, model: str) -> str | None:
+    """The folder a vLLM engine loads (the model's own); the hf backend needs none."""
+    return resolve_model(model) if backend == "vllm" else None
+
+
 def run_rs(cfg: RSConfig) -> Path:
-    """``alignlab rs``: R rounds of sample -> score -> select -> SFT; finished rounds are reused."""
+    """``alignlab rs``: R rounds of sample -> score -> select -> SFT; finished rounds are reused. Under
+    ``torchrun``/``accelerate launch`` the sampling is shared out and the SFT is data-parallel (module
+    docstring); only the main process writes files and runs the held-out evaluation."""
     from alignlab.train.sft import train_sft
 
+    check_backend(cfg.backend)
+    state = _processes()
+    say = print if state.is_main_process else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = _prompts(cfg)
     scorer = _scorer(cfg)
     policy = cfg.model
     history = []
-    held_out = HeldOut(cfg, scorer) if cfg.eval_prompts else None
+    held_out = HeldOut(cfg, scorer) if cfg.eval_prompts and state.is_main_process else None
     if held_out is not None:
         start_file = out / "start_eval.json"
         if not start_file.exists():
@@ -305,20 +397,25 @@ def run_rs(cfg: RSConfig) -> Path:
         final = round_dir / "sft" / "final"
         round_dir.mkdir(exist_ok=True)
         if final.exists() and (round_dir / "summary.json").exists():
-            print(f"round {r}: done earlier, reusing {final}")
+            say(f"round {r}: done earlier, reusing {final}")
             history.append(json.loads((round_dir / "summary.json").read_text()))
             if held_out is not None and "eval" in history[-1]:
                 held_out.report(f"round {r}", history[-1]["eval"])
             policy = str(final)
             continue
         tokenizer = load_tokenizer(policy)
-        model = load_model(policy, allow_pickle=cfg.allow_pickle)
+        model = load_model(policy, allow_pickle=cfg.allow_pickle).to(state.device)
         t0 = time.perf_counter()
-        result = sample_score_select(model, tokenizer, prompts, cfg, scorer, cfg.seed + r, cfg.select, cfg.top_k,
-                                     cfg.threshold)
-        del model
-        _write_jsonl(round_dir / "samples.jsonl", result["rows"])
-        _write_jsonl(round_dir / "kept.jsonl", result["kept"])
+        sampler = make_sampler(cfg.backend, model, tokenizer, checkpoint=_checkpoint(cfg.backend, policy))
+        result = sample_score_select_sharded(model, tokenizer, prompts, cfg, scorer, cfg.seed + r, state,
+                                             sampler=sampler, mode=cfg.select, top_k=cfg.top_k,
+                                             threshold=cfg.threshold)
+        sampler.close()
+        del model, sampler
+        if state.is_main_process:
+            _write_jsonl(round_dir / "samples.jsonl", result["rows"])
+            _write_jsonl(round_dir / "kept.jsonl", result["kept"])
+        state.wait_for_everyone()  # every process's SFT reads kept.jsonl
         if not result["kept"]:
             raise AlignlabError(f"round {r}: no sample was kept (select={cfg.select}); nothing to fine-tune on")
         all_scores = [s for g in result["scores"] for s in g if s is not None]
@@ -334,13 +431,16 @@ def run_rs(cfg: RSConfig) -> Path:
         if held_out is not None:
             summary["eval"] = held_out.measure(str(final))
             held_out.report(f"round {r}", summary["eval"])
-        (round_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"round {r}: mean sample score {summary['mean_score']:.4f}, kept {summary['kept']} "
-              f"(mean {summary['mean_kept_score']:.4f})")
+        if state.is_main_process:
+            (round_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        say(f"round {r}: mean sample score {summary['mean_score']:.4f}, kept {summary['kept']} "
+            f"(mean {summary['mean_kept_score']:.4f})")
         history.append(summary)
         policy = str(final)
-    (out / "rounds.json").write_text(json.dumps(history, indent=1))
-    print(f"final policy: {policy}")
+    if state.is_main_process:
+        (out / "rounds.json").write_text(json.dumps(history, indent=1))
+    state.wait_for_everyone()
+    say(f"final policy: {policy}")
     return Path(policy)
 
 
