@@ -16,6 +16,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.json from this run (only after an intended numerical change)")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from alignlab.models import load_tokenizer
