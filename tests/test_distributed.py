@@ -1,6 +1,8 @@
-"""DDP on CPU (gloo): every trainer run by ``torchrun`` with two processes gives the same run as one process with
-the same global batch (two processes x batch b against one process x batch 2b), compared on the losses and
-gradient norms each writes to ``metrics.jsonl``.
+"""DDP on CPU (gloo): every trainer launched with two processes gives the same run as one process with the same
+global batch (two processes x batch b against one process x batch 2b), compared on the losses and gradient norms
+each writes to ``metrics.jsonl``. SFT, PPO and rejection sampling are launched by ``torchrun``; the reward model and
+DPO by ``accelerate launch`` with the shipped ``examples/accelerate/ddp.yaml`` (its multi-GPU launcher starts a gloo
+group on CPU), so both launchers and the example config run here.
 
 Tolerances: losses ``rel 1e-5``, gradient norms ``rel 1e-4`` (fp32; the two runs sum the same numbers in a
 different order: per process and then all-reduced, against once; and a process pads its micro-batch to its
@@ -22,6 +24,7 @@ import torch
 from alignlab.cli import main as cli_main
 
 LOSS_REL, GRAD_REL = 1e-5, 1e-4
+DDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp.yaml"
 COMMON = ["model=tiny-random", "precision=fp32", "progress=false", "save_final=false", "warmup_ratio=0"]
 
 
@@ -44,13 +47,19 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_both(stage: list[str], args: list[str], tmp_path: Path, *, batch: str = "batch_size", per_process: int = 2
-             ) -> tuple[Path, Path]:
-    """Run ``alignlab STAGE ARGS`` twice: under ``torchrun`` with 2 processes x ``batch=per_process`` (into
-    ``tmp_path/ddp``), and in this process with 1 x ``2 * per_process`` (into ``tmp_path/single``)."""
+def run_both(stage: list[str], args: list[str], tmp_path: Path, *, batch: str = "batch_size", per_process: int = 2,
+             launcher: str = "torchrun") -> tuple[Path, Path]:
+    """Run ``alignlab STAGE ARGS`` twice: with 2 processes x ``batch=per_process`` (into ``tmp_path/ddp``) started
+    by ``launcher`` (``torchrun``, or ``accelerate`` with ``examples/accelerate/ddp.yaml``), and in this process
+    with 1 x ``2 * per_process`` (into ``tmp_path/single``)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "alignlab.cli", *stage, f"output_dir={ddp}", f"{batch}={per_process}", *args]
+    if launcher == "torchrun":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                  str(_free_port())]
+    else:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML),
+                  "--num_processes", "2", "--main_process_port", str(_free_port())]
+    cmd = [*launch, "-m", "alignlab.cli", *stage, f"output_dir={ddp}", f"{batch}={per_process}", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "2 process(es)" in done.stdout + done.stderr
@@ -92,7 +101,7 @@ def test_reward_model_two_processes_match_one(tmp_path):
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps(_pairs(16)))
     ddp, single = run_both(["rm", "train"], [*COMMON, f"data={data}", "max_steps=3", "eval_fraction=0", "lr=3e-3",
-                                             "stats_samples=4"], tmp_path)
+                                             "stats_samples=4"], tmp_path, launcher="accelerate")
     assert_same_metrics(_metrics(ddp), _metrics(single),
                         {"loss": LOSS_REL, "accuracy": LOSS_REL, "reward_mean": GRAD_REL, "grad_norm": GRAD_REL}, 3)
 
@@ -102,7 +111,7 @@ def test_dpo_two_processes_match_one(tmp_path):
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps(_pairs(16)))
     ddp, single = run_both(["dpo"], [*COMMON, f"data={data}", "max_steps=3", "eval_fraction=0", "lr=5e-3",
-                                     "max_length=64"], tmp_path)
+                                     "max_length=64"], tmp_path, launcher="accelerate")
     assert_same_metrics(_metrics(ddp), _metrics(single),
                         {"loss": LOSS_REL, "rewards/margins": GRAD_REL, "kl": GRAD_REL, "grad_norm": GRAD_REL}, 3)
 
