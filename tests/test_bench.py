@@ -93,3 +93,122 @@ def test_harness_runs_both_libraries_on_tiny_random(tiny_alpaca, settings):
         assert ours["precision"] == trl["precision"] == "fp32"
     else:
         assert trl["settings"]["gradient_checkpointing"] is True  # TRL's default
+
+
+# ------------------------------------------------------------------------------------------------ rm, dpo, ppo
+
+WORDS = "good great fine nice happy bad poor sad awful the movie was really very quite and".split()
+
+
+@pytest.fixture
+def tiny_pairs(tmp_path):
+    """24 explicit pairs with message prompts (so both libraries apply the chat template)."""
+    records = [
+        {"prompt": [{"role": "user", "content": f"Tell me about movie {i}."}],
+         "chosen": [{"role": "assistant", "content": " ".join(WORDS[(i + j) % 8] for j in range(3 + i % 5))}],
+         "rejected": [{"role": "assistant", "content": " ".join(WORDS[8 + (i + j) % 8] for j in range(2 + i % 4))}]}
+        for i in range(24)
+    ]
+    path = tmp_path / "tiny_pairs.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _run(stage, data, **kw):
+    from alignlab.bench import run_benchmark
+
+    values = dict(model="tiny-random", data=data, batch_size=4, max_length=64, steps=1, warmup_steps=1,
+                  precision="fp32", settings="matched", measure_peak=False, echo=lambda *_: None)
+    values.update(kw)
+    return run_benchmark(stage, **values)
+
+
+def _check_both(report, first="ours", second="trl"):
+    results = report["results"]
+    for result in (results[first], results[second]):
+        assert result["tokens_per_s"] > 0 and result["timed_steps"] == report["config"]["steps"]
+        assert result["peak_rss_mib"] > 100
+    assert report["ratios"]["tokens_per_s"] > 0 and report["ratios"]["peak_rss_mib"] > 0
+    return results[first], results[second]
+
+
+def test_bench_rm_matches_reward_trainer(tiny_pairs):
+    pytest.importorskip("trl")
+    report = _run("rm", tiny_pairs)
+    ours, trl = _check_both(report)
+    raw_ours, raw_trl = report["raw"]["ours"][0], report["raw"]["trl"][0]
+    # the same pairs in the same batches, the same score-head initialisation: the same pairwise losses
+    assert raw_ours["step_tokens"] == raw_trl["step_tokens"]
+    assert raw_ours["losses"][0] == pytest.approx(raw_trl["losses"][0], rel=1e-5)  # first step: same start
+    assert raw_ours["losses"] == pytest.approx(raw_trl["losses"], rel=1e-4)  # after one AdamW step too
+    assert abs(raw_ours["losses"][1] - raw_ours["losses"][0]) > 1e-6  # and the step did change the model
+    assert raw_ours["step_values"]["accuracy"] == raw_trl["step_values"]["accuracy"]
+    assert trl["notes"]["examples_compared"] == 8  # 2 steps x 4 pairs, none truncated at 64 tokens
+
+
+def test_bench_dpo_matches_dpo_trainer(tiny_pairs):
+    pytest.importorskip("trl")
+    report = _run("dpo", tiny_pairs)
+    ours, trl = _check_both(report)
+    raw_ours, raw_trl = report["raw"]["ours"][0], report["raw"]["trl"][0]
+    assert raw_ours["step_tokens"] == raw_trl["step_tokens"]  # our token ids, our batches
+    # step 1: policy == reference, so both losses are log 2; step 2: after one identical AdamW update
+    assert raw_ours["losses"][0] == pytest.approx(math.log(2), rel=1e-5)
+    assert raw_trl["losses"][0] == pytest.approx(math.log(2), rel=1e-5)
+    assert raw_ours["losses"][1] != pytest.approx(math.log(2), rel=1e-6)
+    assert raw_ours["losses"][1] == pytest.approx(raw_trl["losses"][1], rel=1e-4)
+    margins_ours, margins_trl = raw_ours["step_values"]["reward_margin"], raw_trl["step_values"]["reward_margin"]
+    assert margins_ours[1] == pytest.approx(margins_trl[1], rel=1e-3, abs=1e-6)
+    assert trl["settings"]["reference"] == "frozen copy" and trl["settings"]["gradient_checkpointing"] is False
+
+
+def test_bench_rm_kwise_reports_the_token_saving(tmp_path):
+    rankings = [{"prompt": f"Rank answers to question {i}.",
+                 "responses": [" ".join(WORDS[(i + j + r) % 16] for j in range(4 + r)) for r in range(2 + i % 3)]}
+                for i in range(12)]
+    path = tmp_path / "rankings.json"
+    path.write_text(json.dumps(rankings))
+    report = _run("rm-kwise", str(path), batch_size=3, warmup_steps=0)
+    kwise, pairs = _check_both(report, "kwise", "pairs")
+    # 12 prompts with K = 2, 3, 4: 4 x (1 + 3 + 6) = 40 comparisons, 36 answers encoded once vs 80 sequences
+    assert kwise["dataset"] == {**kwise["dataset"], "examples": 12, "pairs": 40, "sequences": 36}
+    assert pairs["dataset"] == {**pairs["dataset"], "examples": 40, "pairs": 40, "sequences": 80}
+    comparison = report["comparison"]
+    assert comparison["token_factor"] == pytest.approx(pairs["dataset"]["tokens"] / kwise["dataset"]["tokens"])
+    assert comparison["token_factor"] > 2
+    assert comparison["speed_factor"] == pytest.approx(comparison["token_factor"] * report["ratios"]["tokens_per_s"])
+    assert pairs["settings"]["batch_size"] == 4  # automatic: 3 prompts x mean K 3 / 2 sequences per pair
+    assert kwise["pairs_per_step"] > 0 and pairs["pairs_per_step"] == 4
+
+
+def test_bench_ppo_against_rloo(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("vaderSentiment")
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Write a short review of movie {i}." for i in range(10)))
+    report = _run("ppo", str(path), warmup_steps=0, extra={"max_new_tokens": "6"})
+    ours, trl = _check_both(report)
+    for result in (ours, trl):
+        assert result["responses_per_step"] == 4
+        assert 0 < result["tokens_per_step"] <= 4 * 6
+        assert result["ms_per_token"] == pytest.approx(1000 / result["tokens_per_s"])
+        parts = sum(result[f"time_{k}"] for k in ("generation", "scoring", "forward", "update"))
+        assert parts == pytest.approx(result["s_per_step"], rel=0.05)  # the split adds up to the iteration
+        assert -1 <= result["final_score"] <= 1 and "mfu" not in result
+    assert trl["notes"]["prompt_ids_identical_to_ours"] == trl["notes"]["prompts_compared"] == 2  # 4 / 2 per prompt
+    assert trl["settings"]["num_iterations"] == ours["settings"]["ppo_epochs"] == 1
+    assert any("critic" in line for line in ours["notes"]["unmatched"])
+
+
+def test_bench_stage_options_are_checked():
+    from alignlab.bench import run_benchmark
+    from alignlab.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "rm-kwise", "--which", "kwise", "--set", "pairs_batch_size=3"])
+    assert args.stage == "rm-kwise" and args.which == "kwise" and args.extra == ["pairs_batch_size=3"]
+    from alignlab.errors import AlignlabError
+
+    with pytest.raises(AlignlabError, match="unknown option"):
+        run_benchmark("dpo", model="tiny-random", data=__file__, extra={"bogus": "1"}, measure_peak=False)
+    with pytest.raises(AlignlabError, match="--which"):
+        run_benchmark("rm-kwise", model="tiny-random", data=__file__, which="trl", measure_peak=False)

@@ -5,12 +5,30 @@ same model on the same data with the same batch size, maximum length and dtype, 
 then with TRL's, each in its own process (``python -m alignlab.bench _worker SPEC OUT``), so one library's
 imports and allocations never count against the other and the peak resident memory of each is its own.
 
+Stages (``PAIRS``):
+
+- ``sft``: ``train_sft`` vs ``trl.SFTTrainer`` (instruction data, completion-only loss);
+- ``rm``: ``train_reward`` vs ``trl.RewardTrainer`` on the same preference pairs (rankings are expanded to
+  their pairs for both, since RewardTrainer takes pairs only);
+- ``rm-kwise``: ours against ours: the K-wise ranking loss (one example = a prompt with its K answers, each
+  answer encoded once) vs the same rankings expanded to their K(K-1)/2 pairs (each answer encoded K-1 times),
+  on ranking data (OpenAssistant trees). Reports the encoded-token factor the K-wise path saves and the speed
+  factor it gets (``comparison``);
+- ``dpo``: ``train_dpo`` (sigmoid loss, frozen reference copy) vs ``trl.DPOTrainer``;
+- ``ppo``: ``train_ppo`` (policy + critic + reference, a programmatic reward) vs ``trl.RLOOTrainer`` (TRL's
+  online-RL trainer nearest to PPO; TRL ships no PPO trainer any more) with the same reward function, prompts,
+  responses per iteration and generation length. A timed unit is one *iteration* (rollout, scoring,
+  no-grad forwards, update), and the tokens are the *generated* ones, so ``ms per generated token`` is the
+  number to compare.
+
 What is measured, per library
 -----------------------------
-- **step seconds**: wall time from the end of one optimizer step to the end of the next, so everything the
-  loop does (collation, forward, backward, clipping, optimizer, logging) is in it; the first step is timed
-  from the start of the loop. The first ``warmup_steps`` steps are left out of every number below.
-- **tokens/s**: non-pad tokens (attention-mask ones) of the timed steps / their summed seconds.
+- **step seconds**: wall time from the end of one optimizer step (PPO: iteration) to the end of the next, so
+  everything the loop does (collation, forward, backward, clipping, optimizer, logging; PPO also generation
+  and scoring) is in it; the first step is timed from the start of the loop. The first ``warmup_steps`` steps
+  are left out of every number below.
+- **tokens/s**: non-pad tokens (attention-mask ones) of the timed steps / their summed seconds (PPO: generated
+  response tokens).
 - **tokens per CPU-second**: the same tokens over the worker's CPU time (all threads) in those steps; on a
   shared machine this moves less with other processes' load than wall time, and ``cpu_utilisation`` (CPU
   seconds / wall seconds, about the thread count on an idle machine) shows how contended the run was.
@@ -19,13 +37,17 @@ What is measured, per library
   ABBA order and pools the timed steps.
 - **s/step**: mean seconds of the timed steps.
 - **peak RSS**: the worker process's maximum resident set size, read by the parent with ``os.wait4``.
-- **final loss**: the training loss (mean NLL per loss token) of the last step.
-- **MFU** (model FLOPs utilisation) = ``6 * N * tokens_per_s / peak_flops``: ``N`` is the number of trainable
-  parameters (tied embeddings counted once), ``6 N`` the forward (2N) plus backward (4N) FLOPs per token of the
-  dense layers (Kaplan et al. 2020), without the attention-score term; ``peak_flops`` is this machine's
-  *measured* ``torch.matmul`` throughput in the dtype the library computed in (:func:`measure_matmul_peak`,
-  cached per CPU, torch version and thread count). Both libraries get the same formula, so the MFU ratio
-  equals the tokens/s ratio; MFU says how far from the hardware's matmul speed the loop is.
+- **final loss**: the training loss of the last step (SFT: mean NLL per loss token; RM: mean pairwise loss;
+  DPO: mean sigmoid loss). PPO and RLOO optimise different objectives: their scores are reported instead.
+- **MFU** (model FLOPs utilisation) = ``c * N * tokens_per_s / peak_flops``: ``N`` is the number of
+  parameters a token meets in a matmul (SFT: the trainable parameters, tied embeddings counted once, i.e. the
+  LM head; reward models: all but the embedding table), ``c = 6`` the forward (2N) plus backward (4N) FLOPs per
+  token (Kaplan et al. 2020) and ``c = 8`` for DPO (plus the reference model's forward, 2N), without the
+  attention-score term; ``peak_flops`` is this machine's *measured* ``torch.matmul`` throughput in the dtype the
+  library computed in (:func:`measure_matmul_peak`, cached per CPU, torch version and thread count). Both
+  libraries get the same formula, so the MFU ratio equals the tokens/s ratio; MFU says how far from the
+  hardware's matmul speed the loop is. Not reported for PPO (generation, scoring and several forwards per
+  token do not fit one per-token formula).
 
 Settings
 --------
@@ -33,27 +55,35 @@ Settings
   gradient checkpointing, the same truncation, batch size and no accumulation, the same optimizer
   (``torch.optim.AdamW``, same lr and betas, no weight decay, clip 1.0, constant schedule), no
   logging/evaluation/saving inside the timed loop, and the *same batches in the same order*: TRL gets our step
-  plan's records, in order, with a sequential sampler.
+  plan's records, in order, with a sequential sampler. For ``rm`` and ``dpo`` TRL gets our token ids (so both
+  train on exactly the same tokens); the notes say how many examples TRL's own tokenization would have
+  given identically. What cannot be matched is listed in the notes (``unmatched``).
 - ``defaults``: each library at its own defaults (ours: ``precision=auto``, length-grouped batches, cosine
-  schedule; TRL's ``SFTConfig``: bf16, gradient checkpointing, fused AdamW, random sampler, logging every 10
+  schedule; TRL's configs: bf16, gradient checkpointing, fused AdamW, random sampler, logging every 10
   steps), except batch size, max length, steps and the output folder. Evaluation and saving stay off for both.
+  TRL tokenizes the text records itself.
 
-Adding a stage (``bench rm``, ``bench dpo``, ``bench ppo``)
-------------------------------------------------------------
-1. Write two runners, ``def ours_dpo(spec: BenchSpec) -> dict`` and ``def trl_dpo(spec: BenchSpec) -> dict``
+Adding a stage
+--------------
+1. Write two runners, ``def ours_x(spec: BenchSpec) -> dict`` and ``def trl_x(spec: BenchSpec) -> dict``
    (here or in your own module; import torch, TRL and alignlab trainers *inside* the function). A runner
    trains ``spec.warmup_steps + spec.steps`` optimizer steps in ``spec.workdir`` and returns raw measurements:
 
    ``step_seconds`` (list, one per step, warmup included), ``step_tokens`` (non-pad tokens per step),
-   ``losses`` (per step), ``trainable_params``, ``total_params``, ``precision`` (``"fp32"``/``"bf16"``, what
-   it really computed in) and optionally ``step_cpu_seconds`` (``time.process_time`` per step), ``settings``
-   (a dict of what it configured) and ``notes``. Stamp the time at the end of each step (a TRL
-   ``TrainerCallback.on_step_end``; for our trainers, wrap ``Run.log`` as :func:`ours_sft` does).
+   ``losses`` (per step; may be empty), ``trainable_params``, ``total_params``, ``precision``
+   (``"fp32"``/``"bf16"``, what it really computed in) and optionally ``step_cpu_seconds``
+   (``time.process_time`` per step), ``flops_params`` and ``flops_per_token_factor`` (MFU; factor 0 = none),
+   ``step_counts`` (``{name: per-step counts}``, reported as ``name_per_s``), ``step_times`` (``{name:
+   per-step seconds}``, reported as the mean ``time_name``), ``step_values`` (``{name: per-step values}``,
+   reported as ``final_name``), ``dataset`` (a dict about the data), ``settings`` (a dict of what it
+   configured) and ``notes`` (``unmatched``: a list of what differs from the other library). Stamp the time at
+   the end of each step: :func:`stamped_run` for our trainers, :func:`step_clock` (a TRL callback) for TRL's.
 
    :func:`summarize` turns these into the reported numbers, so every stage is measured the same way.
-2. Register them: ``PAIRS["dpo"] = Pair("alignlab.bench:ours_dpo", "alignlab.bench:trl_dpo",
-   default_data="dpo_en_demo.json", help="...")``. The CLI picks the new stage up by itself; stage-specific
-   options travel in ``spec.extra`` (``alignlab bench dpo --set beta=0.1``).
+2. Register them: ``PAIRS["x"] = Pair("alignlab.bench:ours_x", "alignlab.bench:trl_x",
+   default_data="file.json", help="...", options=(("beta", 0.1, "help"),))``. The CLI picks the new stage up
+   by itself; stage options travel in ``spec.extra`` (``alignlab bench x --set beta=0.2``) and are listed in
+   ``alignlab bench --help``.
 3. Add a tiny-random case to ``tests/test_bench.py``.
 
 TRL is a development dependency: it is imported only inside the TRL runners, in the worker process.
@@ -84,6 +114,7 @@ LIBRARIES = ("ours", "trl")
 SETTINGS = ("matched", "defaults")
 LEARNING_RATE = 2e-5  # the default of both libraries
 UNCONTENDED = 0.85  # a step is "uncontended" when its CPU seconds >= this x threads x wall seconds
+SENTIMENT = "alignlab.rewards:sentiment"
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -91,18 +122,73 @@ UNCONTENDED = 0.85  # a step is "uncontended" when its CPU seconds >= this x thr
 
 @dataclass(frozen=True)
 class Pair:
-    """One benchmarked stage: our runner and TRL's, as ``"module:function"`` paths (imported lazily)."""
+    """One benchmarked stage: two runners as ``"module:function"`` paths (imported lazily), by default ours and
+    TRL's.
+
+    ``names`` are the two runners' keys in the report (and values of ``--which``), ``labels`` their column
+    headers; ``options`` the stage's ``--set KEY=VALUE`` options as ``(key, default, help)``; ``rows`` extra
+    table rows ``(label, key, format)``; ``unit`` what one timed step is and ``tokens`` what its tokens are;
+    ``compare`` an optional ``"module:function"`` taking the report and returning a stage-level comparison."""
 
     ours: str
     trl: str
     default_data: str = ""  # a file name in ../shared/data, used when --data is not given
     help: str = ""
+    names: tuple[str, str] = LIBRARIES
+    labels: tuple[str, str] = ("alignlab", "TRL")
+    options: tuple[tuple[str, Any, str], ...] = ()
+    rows: tuple[tuple[str, str, str], ...] = ()
+    unit: str = "step"
+    tokens: str = "tokens (non-pad)"
+    compare: str = ""
+
+    def runner(self, name: str) -> str:
+        return self.ours if name == self.names[0] else self.trl
 
 
 PAIRS: dict[str, Pair] = {
     "sft": Pair("alignlab.bench:ours_sft", "alignlab.bench:trl_sft", default_data="alpaca_en_demo.json",
                 help="supervised fine-tuning: alignlab train_sft vs trl.SFTTrainer"),
-    # "rm": Pair(...), "dpo": Pair(...), "ppo": Pair(...): added by their stages
+    "rm": Pair("alignlab.bench:ours_rm", "alignlab.bench:trl_rm", default_data="hh_rlhf_helpful_base_test.jsonl.gz",
+               help="reward model on preference pairs (--batch-size pairs): alignlab train_reward vs "
+               "trl.RewardTrainer",
+               rows=(("final pairwise accuracy", "final_accuracy", "3"),)),
+    "rm-kwise": Pair("alignlab.bench:ours_rm_kwise", "alignlab.bench:ours_rm_pairs",
+                     default_data="oasst_en_100_tree.jsonl",
+                     help="alignlab reward model on rankings: K-wise loss (--batch-size prompts, each answer "
+                     "encoded once) vs the rankings expanded to pairs (each answer encoded K-1 times)",
+                     names=("kwise", "pairs"), labels=("K-wise", "pairs"),
+                     options=(("pairs_batch_size", 0, "rm-kwise: pairs per step of the expanded run (0 = as many "
+                               "sequences per step as the K-wise run has on average)"),),
+                     rows=(("pairs (comparisons)/s", "pairs_per_s", "2"),
+                           ("sequences/s", "sequences_per_s", "2"),
+                           ("sequences/step", "sequences_per_step", "1")),
+                     compare="alignlab.bench:compare_rankings"),
+    "dpo": Pair("alignlab.bench:ours_dpo", "alignlab.bench:trl_dpo", default_data="dpo_en_demo.json",
+                help="DPO (sigmoid loss, frozen reference copy) on preference pairs (--batch-size pairs): "
+                "alignlab train_dpo vs trl.DPOTrainer",
+                options=(("beta", 0.1, "dpo: DPO beta (both libraries)"),),
+                rows=(("final reward margin", "final_reward_margin", "4"),
+                      ("final reward accuracy", "final_reward_accuracy", "3"))),
+    "ppo": Pair("alignlab.bench:ours_ppo", "alignlab.bench:trl_ppo", default_data="alpaca_en_demo.json",
+                help="online RL from a reward function (--batch-size responses per iteration, --steps iterations, "
+                "--max-length longest prompt): alignlab train_ppo vs trl.RLOOTrainer",
+                options=(("max_new_tokens", 64, "ppo: longest response in tokens (both libraries)"),
+                         ("ppo_epochs", 1, "ppo: passes over each rollout (ours ppo_epochs, RLOO num_iterations; "
+                          "matched only: at defaults each library keeps its own)"),
+                         ("num_generations", 2, "ppo: RLOO's samples per prompt (>= 2; ours samples one per "
+                          "prompt)"),
+                         ("share_backbone", False, "ppo: our value head on the policy's backbone instead of a "
+                          "separate critic model"),
+                         ("reward", SENTIMENT, "ppo: the reward function module:function f(prompts, responses)")),
+                rows=(("ms per generated token", "ms_per_token", "1"),
+                      ("generation s/iteration", "time_generation", "2"),
+                      ("scoring s/iteration", "time_scoring", "3"),
+                      ("no-grad forwards s/iteration", "time_forward", "2"),
+                      ("update s/iteration", "time_update", "2"),
+                      ("final mean score", "final_score", "4"),
+                      ("final KL", "final_kl", "4")),
+                unit="iteration", tokens="generated tokens"),
 }
 
 
@@ -129,6 +215,15 @@ class BenchSpec:
     def total_steps(self) -> int:
         return self.warmup_steps + self.steps
 
+    def option(self, key: str) -> Any:
+        """A stage option (``--set key=value``) converted to its default's type, or the default."""
+        defaults = {k: d for k, d, _ in PAIRS[self.stage].options}
+        default = defaults[key]
+        value = self.extra.get(key, default)
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        return type(default)(value) if default is not None else value
+
 
 def _import(path: str) -> Callable[..., Any]:
     module, name = path.split(":")
@@ -146,15 +241,16 @@ def shared_data_file(name: str) -> Path | None:
 # ------------------------------------------------------------------------------------------------ numbers
 
 
-def mfu(params: int, tokens_per_s: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: ``6 * params * tokens_per_s / peak_flops`` (a fraction, not a percentage).
+def mfu(params: int, tokens_per_s: float, peak_flops: float, factor: float = 6.0) -> float:
+    """Model FLOPs utilisation: ``factor * params * tokens_per_s / peak_flops`` (a fraction, not a percentage).
 
     ``6 * params`` FLOPs per token = forward (one multiply-add, 2 FLOPs, per parameter) + backward (twice the
-    forward). The attention-score FLOPs are left out; ``peak_flops`` is FLOP/s of the dtype computed in.
+    forward); DPO uses ``8`` (plus the reference model's forward). The attention-score FLOPs are left out;
+    ``peak_flops`` is FLOP/s of the dtype computed in.
     """
     if peak_flops <= 0:
         raise ValueError("peak_flops must be positive")
-    return 6.0 * params * tokens_per_s / peak_flops
+    return factor * params * tokens_per_s / peak_flops
 
 
 def measure_matmul_peak(precision: str = "fp32", size: int = 2048, repeats: int = 10) -> float:
@@ -214,21 +310,26 @@ def matmul_peaks(*, cache: bool = True, refresh: bool = False) -> dict[str, floa
     return peaks
 
 
+def _timed(raw: dict[str, Any], key: str, warmup_steps: int) -> list[float]:
+    return list(raw.get(key) or [])[warmup_steps:]
+
+
 def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
               peak_flops: dict[str, float] | None) -> dict[str, Any]:
     """Reported numbers from a runner's raw measurements (see the module docstring): one dict per round,
     each round's first ``warmup_steps`` steps left out, the timed steps of all rounds pooled."""
     rounds = [raws] if isinstance(raws, dict) else list(raws)
-    seconds = [x for raw in rounds for x in list(raw["step_seconds"])[warmup_steps:]]
-    tokens = [x for raw in rounds for x in list(raw["step_tokens"])[warmup_steps:]]
+    seconds = [x for raw in rounds for x in _timed(raw, "step_seconds", warmup_steps)]
+    tokens = [x for raw in rounds for x in _timed(raw, "step_tokens", warmup_steps)]
     first = rounds[0]
-    losses = list(first["losses"])
+    losses = list(first.get("losses") or [])
     if not seconds or sum(seconds) <= 0:
         raise AlignlabError(f"no timed steps: {len(first['step_seconds'])} steps ran, {warmup_steps} of them warmup")
     tokens_per_s = sum(tokens) / sum(seconds)
     rss = [raw["peak_rss_mib"] for raw in rounds if raw.get("peak_rss_mib") is not None]
     out: dict[str, Any] = {
         "tokens_per_s": tokens_per_s,
+        "ms_per_token": 1000.0 / tokens_per_s if tokens_per_s > 0 else None,
         "s_per_step": sum(seconds) / len(seconds),
         "tokens_per_step": sum(tokens) / len(tokens),
         "timed_steps": len(seconds),
@@ -239,7 +340,7 @@ def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
         "trainable_params": first.get("trainable_params"),
         "total_params": first.get("total_params"),
     }
-    cpu = [x for raw in rounds for x in list(raw.get("step_cpu_seconds") or [])[warmup_steps:]]
+    cpu = [x for raw in rounds for x in _timed(raw, "step_cpu_seconds", warmup_steps)]
     if len(cpu) == len(seconds) and sum(cpu) > 0:
         # CPU seconds of the worker (all its threads): less sensitive than wall time to other processes on a
         # shared machine; cpu_utilisation ~ the thread count when the machine is otherwise idle
@@ -252,22 +353,59 @@ def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
             out["uncontended_steps"] = len(quiet)
             if quiet:
                 out["tokens_per_s_uncontended"] = sum(tokens[i] for i in quiet) / sum(seconds[i] for i in quiet)
+    for name in first.get("step_counts") or {}:  # e.g. pairs or sequences per step -> pairs_per_s
+        counts = [x for raw in rounds for x in _timed(raw["step_counts"], name, warmup_steps)]
+        out[f"{name}_per_s"] = sum(counts) / sum(seconds)
+        out[f"{name}_per_step"] = sum(counts) / len(counts)
+    for name in first.get("step_times") or {}:  # e.g. PPO's generation seconds per iteration
+        times = [x for raw in rounds for x in _timed(raw["step_times"], name, warmup_steps)]
+        out[f"time_{name}"] = sum(times) / len(times)
+    for name, values in (first.get("step_values") or {}).items():  # e.g. DPO's reward margin at the last step
+        out[f"final_{name}"] = float(values[-1]) if values else None
     peak = (peak_flops or {}).get(first.get("precision") or "")
-    if peak and first.get("trainable_params"):
+    params = first.get("flops_params") or first.get("trainable_params")
+    factor = first.get("flops_per_token_factor", 6.0)
+    if peak and params and factor:
         out["peak_flops"] = peak
-        out["mfu"] = mfu(first["trainable_params"], tokens_per_s, peak)
+        out["mfu"] = mfu(params, tokens_per_s, peak, factor)
     return out
 
 
-def ratios(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, float]:
-    """ours / TRL for every number both have."""
+RATIO_KEYS = ("tokens_per_s", "tokens_per_s_uncontended", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib",
+              "final_loss", "mfu")
+
+
+def ratios(ours: dict[str, Any], trl: dict[str, Any], keys: tuple[str, ...] = RATIO_KEYS) -> dict[str, float]:
+    """ours / TRL (first / second runner) for every number of ``keys`` both have."""
     out = {}
-    for key in ("tokens_per_s", "tokens_per_s_uncontended", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib",
-                "final_loss", "mfu"):
+    for key in keys:
         a, b = ours.get(key), trl.get(key)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
             out[key] = a / b
     return out
+
+
+def compare_rankings(report: dict[str, Any]) -> dict[str, Any]:
+    """``rm-kwise``: what the K-wise path saves over expanding rankings to pairs, over one epoch of the data.
+
+    ``token_factor`` = encoded tokens of the expanded pairs / of the K-wise examples (each answer once);
+    ``epoch_s`` = those tokens / each run's measured tokens/s; ``speed_factor`` = pairs epoch / K-wise epoch
+    (``= token_factor x`` the tokens/s ratio). The issue's target: ``speed_factor >= token_factor``, i.e. the
+    K-wise batches are processed at least as fast per token as the pairs."""
+    kwise, pairs = report["results"]["kwise"], report["results"]["pairs"]
+    tokens = {"kwise": kwise["dataset"]["tokens"], "pairs": pairs["dataset"]["tokens"]}
+    epoch = {name: tokens[name] / report["results"][name]["tokens_per_s"] for name in tokens}
+    token_factor = tokens["pairs"] / tokens["kwise"]
+    speed_factor = epoch["pairs"] / epoch["kwise"]
+    return {
+        "encoded_tokens_per_epoch": tokens,
+        "comparisons_per_epoch": kwise["dataset"]["pairs"],
+        "token_factor": token_factor,
+        "epoch_s_estimate": epoch,
+        "speed_factor": speed_factor,
+        "pairs_per_s_ratio": kwise["pairs_per_s"] / pairs["pairs_per_s"],
+        "target_met": speed_factor >= token_factor,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -279,8 +417,7 @@ def run_worker(spec_path: str, out_path: str) -> int:
     import traceback
 
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
-    pair = PAIRS[spec.stage]
-    runner = _import(pair.ours if spec.library == "ours" else pair.trl)
+    runner = _import(PAIRS[spec.stage].runner(spec.library))
     try:
         raw = runner(spec)
         rc = 0
@@ -359,8 +496,9 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                   settings: str = "matched", which: str = "both", seed: int = 0,
                   extra: dict[str, Any] | None = None, measure_peak: bool = True, refresh_peak: bool = False,
                   rounds: int = 1, keep_workdir: str = "", echo: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run ``stage`` with our trainer and/or TRL's (``which``), one after the other, each in its own process;
-    returns the report (machine, settings, per-library summaries, ours/TRL ratios, raw measurements)."""
+    """Run ``stage`` with both runners (ours and TRL's, or the stage's ``names``) or one of them (``which``),
+    one after the other, each in its own process; returns the report (machine, settings, per-runner summaries,
+    first/second ratios, the stage's comparison, raw measurements)."""
     import datetime
 
     if stage not in PAIRS:
@@ -370,6 +508,14 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
     if steps < 1 or warmup_steps < 0 or batch_size < 1 or rounds < 1:
         raise AlignlabError("need steps >= 1, warmup_steps >= 0, batch_size >= 1 and rounds >= 1")
     pair = PAIRS[stage]
+    if which not in ("both", *pair.names):
+        raise AlignlabError(f"--which for {stage} must be both, {' or '.join(pair.names)}; got '{which}'",
+                            field="which")
+    known = {key for key, _, _ in pair.options}
+    unknown = sorted(set(extra or {}) - known)
+    if unknown:
+        raise AlignlabError(f"unknown option(s) {', '.join(unknown)} for bench {stage} (known: "
+                            f"{', '.join(sorted(known)) or 'none'})", field="set")
     if not data:
         found = shared_data_file(pair.default_data) if pair.default_data else None
         if found is None:
@@ -381,7 +527,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
     from alignlab.train.loop import resolve_precision
 
     resolved = resolve_precision(precision)
-    libraries = LIBRARIES if which == "both" else (which,)
+    libraries = pair.names if which == "both" else (which,)
     started = datetime.datetime.now().astimezone()
     report: dict[str, Any] = {
         "stage": stage, "settings": settings, "date": started.isoformat(timespec="seconds"),
@@ -390,6 +536,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                    "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds, "seed": seed, "lr": LEARNING_RATE,
                    "precision": resolved if settings == "matched" else "each library's default",
                    "extra": extra or {}},
+        "names": list(pair.names), "labels": list(pair.labels), "unit": pair.unit, "tokens": pair.tokens,
         "machine": machine_info(),
     }
     peaks = None
@@ -410,7 +557,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
             order = libraries if round_index % 2 == 0 else tuple(reversed(libraries))
             for library in order:
                 name = library if rounds == 1 else f"{library}-r{round_index + 1}"
-                echo(f"running {name} {stage} ({settings}, {warmup_steps}+{steps} steps) ...")
+                echo(f"running {name} {stage} ({settings}, {warmup_steps}+{steps} {pair.unit}s) ...")
                 spec = BenchSpec(stage=stage, library=library, model=model, data=data, batch_size=batch_size,
                                  max_length=max_length, steps=steps, warmup_steps=warmup_steps,
                                  precision=resolved, settings=settings, seed=seed, workdir=str(workdir / name),
@@ -422,14 +569,20 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
             shutil.rmtree(workdir, ignore_errors=True)
     report["results"] = {lib: summarize(runs, warmup_steps, peaks) for lib, runs in raws.items()}
     for lib, runs in raws.items():
-        for key in ("settings", "notes", "worker_maxrss_mib", "torch_threads"):
+        for key in ("settings", "notes", "dataset", "worker_maxrss_mib", "torch_threads"):
             if key in runs[0]:
                 report["results"][lib][key] = runs[0][key]
         report["results"][lib]["wall_s"] = [raw["wall_s"] for raw in runs]
     if len(raws) == 2:
-        report["ratios"] = ratios(report["results"]["ours"], report["results"]["trl"])
+        first, second = (report["results"][name] for name in pair.names)
+        keys = RATIO_KEYS + tuple(key for _, key, kind in pair.rows
+                                  if kind not in ("str", "int") and not key.startswith("final_"))
+        report["ratios"] = ratios(first, second, keys)
+        if pair.compare:
+            report["comparison"] = _import(pair.compare)(report)
     report["raw"] = {lib: [{k: raw[k] for k in ("step_seconds", "step_cpu_seconds", "step_tokens", "losses",
-                                                "peak_rss_mib") if k in raw} for raw in runs]
+                                                "step_counts", "step_times", "step_values", "peak_rss_mib")
+                            if k in raw} for raw in runs]
                      for lib, runs in raws.items()}
     return report
 
@@ -449,51 +602,68 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:,.{kind}f}"
 
 
-TABLE_ROWS = (  # (label, key, format)
-    ("tokens/s (non-pad)", "tokens_per_s", "1"),
-    ("tokens per CPU-second", "tokens_per_cpu_s", "1"),
+TABLE_ROWS = (  # (label, key, format); TOKENS and UNIT are replaced by the stage's words
+    ("TOKENS/s", "tokens_per_s", "1"),
+    ("TOKENS per CPU-second", "tokens_per_cpu_s", "1"),
     ("CPU utilisation (cores)", "cpu_utilisation", "2"),
-    ("tokens/s, uncontended steps", "tokens_per_s_uncontended", "1"),
-    ("uncontended steps", "uncontended_steps", "int"),
-    ("s/step", "s_per_step", "2"),
-    ("tokens/step", "tokens_per_step", "1"),
+    ("TOKENS/s, uncontended UNITs", "tokens_per_s_uncontended", "1"),
+    ("uncontended UNITs", "uncontended_steps", "int"),
+    ("s/UNIT", "s_per_step", "2"),
+    ("TOKENS/UNIT", "tokens_per_step", "1"),
     ("peak RSS (MiB)", "peak_rss_mib", "0"),
     ("final loss", "final_loss", "4"),
-    ("MFU (6N, measured peak)", "mfu", "pct"),
+    ("MFU (measured peak)", "mfu", "pct"),
     ("precision", "precision", "str"),
     ("trainable params", "trainable_params", "int"),
-    ("timed steps", "timed_steps", "int"),
+    ("timed UNITs", "timed_steps", "int"),
 )
 
 
 def format_table(report: dict[str, Any]) -> Any:
-    """A rich Table of the report: one row per number, one column per library, and ours/TRL."""
+    """A rich Table of the report: one row per number, one column per runner, and first / second."""
     from rich.table import Table
 
     cfg = report["config"]
     results = report["results"]
+    pair = PAIRS[report["stage"]]
+    names = report.get("names") or list(pair.names)
+    labels = dict(zip(names, report.get("labels") or pair.labels))
+    unit, tokens = report.get("unit", pair.unit), report.get("tokens", pair.tokens)
     title = (f"alignlab bench {report['stage']} ({report['settings']}): {cfg['model']}, batch {cfg['batch_size']}, "
-             f"max_length {cfg['max_length']}, {cfg['warmup_steps']}+{cfg['steps']} steps")
+             f"max_length {cfg['max_length']}, {cfg['warmup_steps']}+{cfg['steps']} {unit}s")
     table = Table(title=title)
     table.add_column("")
     for lib in results:
-        table.add_column("alignlab" if lib == "ours" else "TRL", justify="right")
+        table.add_column(labels.get(lib, lib), justify="right")
     if "ratios" in report:
-        table.add_column("ours / TRL", justify="right")
-    for label, key, kind in TABLE_ROWS:
+        table.add_column(" / ".join(labels[name] for name in names), justify="right")
+    for label, key, kind in TABLE_ROWS + pair.rows:
         cells = [str(results[lib].get(key) or "-") if kind == "str" else _fmt(results[lib].get(key), kind)
                  for lib in results]
         if "ratios" in report:
             cells.append(_fmt(report["ratios"].get(key), "ratio"))
-        table.add_row(label, *cells)
+        table.add_row(label.replace("TOKENS", tokens).replace("UNIT", unit), *cells)
     return table
 
 
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
     console.print(format_table(report))
+    labels = dict(zip(report.get("names") or [], report.get("labels") or []))
+    for lib, result in report["results"].items():
+        for line in (result.get("notes") or {}).get("unmatched") or []:
+            console.print(f"not matched ({labels.get(lib, lib)}): {escape(line)}")
+    comparison = report.get("comparison")
+    if comparison and report["stage"] == "rm-kwise":
+        tokens, epoch = comparison["encoded_tokens_per_epoch"], comparison["epoch_s_estimate"]
+        console.print(
+            f"one epoch = {comparison['comparisons_per_epoch']:,} comparisons: K-wise encodes {tokens['kwise']:,} "
+            f"tokens, pairs {tokens['pairs']:,} (token factor {comparison['token_factor']:.2f}x); estimated epoch "
+            f"{epoch['kwise']:.1f} s vs {epoch['pairs']:.1f} s: speed factor {comparison['speed_factor']:.2f}x "
+            f"(target >= token factor: {'met' if comparison['target_met'] else 'NOT met'})")
     peaks = report.get("matmul_peak_flops")
     if peaks:
         console.print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
@@ -504,26 +674,41 @@ def print_report(report: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def _stage_help() -> str:
+    return "; ".join(f"{k}: {v.help}" for k, v in PAIRS.items())
+
+
+def _options_help() -> str:
+    lines = [f"{key}={default}: {help_}" for pair in PAIRS.values() for key, default, help_ in pair.options]
+    return "stage option passed to the runners (repeatable): " + "; ".join(lines)
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=sorted(PAIRS),
-                        help="which stage to benchmark: " + "; ".join(f"{k}: {v.help}" for k, v in PAIRS.items()))
+    parser.add_argument("stage", choices=list(PAIRS), help="which stage to benchmark: " + _stage_help())
     parser.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint folder, hub id or built-in")
-    parser.add_argument("--data", help="training data (default: the stage's file in ../shared/data)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (no accumulation)")
-    parser.add_argument("--max-length", type=int, default=512, help="maximum tokens per example (truncated)")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per library")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--data", help="training data; ppo: the prompts (default: the stage's file in ../shared/data: "
+                        + ", ".join(f"{k} {v.default_data}" for k, v in PAIRS.items()) + ")")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="examples per optimizer step, no accumulation (sft: examples; rm, dpo: pairs; rm-kwise: "
+                        "prompts with all their answers; ppo: responses per iteration)")
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="maximum tokens per example, truncated (ppo: the longest prompt; longer ones are dropped)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per library (ppo: iterations)")
+    parser.add_argument("--warmup-steps", type=int, default=1,
+                        help="untimed steps (ppo: iterations) before the timed ones")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="compute dtype for --settings matched (auto: bf16 where the hardware has it)")
     parser.add_argument("--settings", default="matched", choices=list(SETTINGS),
                         help="matched: same dtype/optimizer/batches for both; defaults: each library's defaults")
-    parser.add_argument("--which", default="both", choices=["both", *LIBRARIES], help="which libraries to run")
+    names = sorted({name for pair in PAIRS.values() for name in pair.names})
+    parser.add_argument("--which", default="both", choices=["both", *names],
+                        help="which runners to run: both, or one by name (ours/trl; rm-kwise: kwise/pairs)")
     parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run each library this many times, alternating the order (ours, TRL, TRL, ours, ...), "
                         "and pool the timed steps: evens out a shared machine's changing load")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="stage-specific option passed to the runners (repeatable)")
+                        help=_options_help())
     parser.add_argument("--json", dest="json_out", metavar="OUT",
                         help="write the report here (default: runs/bench/STAGE-SETTINGS.json)")
     parser.add_argument("--remeasure-peak", action="store_true",
@@ -552,7 +737,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-# ------------------------------------------------------------------------------------------------ SFT runners
+# ------------------------------------------------------------------------------------------------ runner helpers
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -568,42 +753,71 @@ def count_params(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _ours_sft_config(spec: BenchSpec) -> Any:
-    """Our SFTConfig for ``spec``. Both settings: no evaluation split, no final model, a fresh run folder."""
-    from alignlab.config import SFTConfig
+def matmul_params(model: Any) -> int:
+    """Parameters every token meets in a matmul: all but the input embedding table (a lookup), plus the LM head
+    (once, tied or not) where the model has one. For a causal LM with tied embeddings this is all parameters;
+    for a reward model (a score head instead of the LM head) it leaves the embedding table out."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) not in seen and p is not embedding:
+            n += p.numel()
+        seen.add(id(p))
+    if head is not None and head.weight is embedding:
+        n += embedding.numel()
+    return n
 
-    values: dict[str, Any] = dict(
-        model=spec.model, data=spec.data, batch_size=spec.batch_size, grad_accum=1, max_length=spec.max_length,
-        max_steps=spec.total_steps, seed=spec.seed, output_dir=str(Path(spec.workdir) / "run"), resume="never",
-        eval_fraction=0.0, save_final=False,
-    )
-    if spec.settings == "matched":
-        values.update(precision=spec.precision, gradient_checkpointing=False, lr=spec.lr, schedule="constant",
-                      warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
-                      progress=False, log_every=1)
-    return SFTConfig(**values)
 
-
-def ours_sft(spec: BenchSpec) -> dict[str, Any]:
-    """Our SFT trainer, unmodified (``train_sft``); per-step tokens and losses read back from its
-    ``metrics.jsonl``.
-
-    Timing: ``Run.progress`` (called right before the loop) and ``Run.log`` (called after each step) are
-    wrapped to stamp the wall clock and this process's CPU time, so a step's seconds run from the end of the
-    previous step (or the start of the loop) to its own end. The wrappers only record; the loop is ours as
-    shipped."""
+def meta_params(name: str, head: str = "causal_lm") -> tuple[int, int, int]:
+    """(trainable, total, matmul) parameters of model ``name`` with ``head`` (``causal_lm`` or ``score``), counted
+    on the meta device (no weights allocated)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from alignlab.models import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(name))
+    with torch.device("meta"):
+        if head == "score":
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return (*count_params(model), matmul_params(model))
+
+
+def trainer_params(model: Any) -> tuple[int, int, int]:
+    """(trainable, total, matmul) parameters of a loaded model."""
+    return (*count_params(model), matmul_params(model))
+
+
+class _Quiet:
+    """Stands in for a ``Run`` where a data helper only prints."""
+
+    def print(self, *args: Any) -> None:
+        pass
+
+
+def stamped_run(train: Callable[[], Any], key: str, steps: int) -> tuple[list[float], list[float], list[dict]]:
+    """Run one of our trainers, unmodified (``train()`` returns its run folder), and time its steps.
+
+    ``Run.progress`` (called right before the loop) and ``Run.log`` (called after each step, for records holding
+    ``key``) are wrapped to stamp the wall clock and this process's CPU time, so a step's seconds run from the
+    end of the previous step (or the start of the loop) to its own end. The wrappers only record.
+
+    Returns:
+        ``(seconds, cpu_seconds, records)``: per step, and the step records of the run's ``metrics.jsonl``.
+    """
     from alignlab.train import loop
-    from alignlab.train.sft import train_sft
 
     stamps: list[tuple[float, float]] = []
     original_log, original_progress = loop.Run.log, loop.Run.progress
 
     def stamped_log(self: Any, step: int, metrics: dict[str, Any], **kw: Any) -> None:
-        if kw.get("file", "metrics.jsonl") == "metrics.jsonl" and "tokens" in metrics:
+        if kw.get("file", "metrics.jsonl") == "metrics.jsonl" and key in metrics:
             stamps.append((time.perf_counter(), time.process_time()))
         original_log(self, step, metrics, **kw)
 
@@ -612,39 +826,175 @@ def ours_sft(spec: BenchSpec) -> dict[str, Any]:
         stamps.append((time.perf_counter(), time.process_time()))
         return bar
 
-    cfg = _ours_sft_config(spec)
     loop.Run.log, loop.Run.progress = stamped_log, stamped_progress
     try:
-        run_dir = train_sft(cfg)
+        run_dir = train()
     finally:
         loop.Run.log, loop.Run.progress = original_log, original_progress
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    records = [r for r in records if "tokens" in r]
-    if len(records) != spec.total_steps or len(stamps) != spec.total_steps + 1:
-        raise AlignlabError(f"expected {spec.total_steps} logged steps, found {len(records)}")
+    records = [r for r in records if key in r]
+    if len(records) != steps or len(stamps) != steps + 1:
+        raise AlignlabError(f"expected {steps} logged steps, found {len(records)}")
     seconds = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     cpu_seconds = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
-    with torch.device("meta"):  # count parameters without allocating weights
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(spec.model)))
-    model.tie_weights()
-    trainable, total = count_params(model)
-    return {
-        "step_seconds": seconds,
-        "step_cpu_seconds": cpu_seconds,
-        "step_tokens": [r["tokens"] for r in records],
-        "losses": [r["loss"] for r in records],
-        "trainable_params": trainable,
-        "total_params": total,
-        "precision": loop.resolve_precision(cfg.precision),
-        "settings": {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "torch.optim.AdamW",
-                     "schedule": cfg.schedule, "warmup_ratio": cfg.warmup_ratio, "lr": cfg.lr,
-                     "group_by_length": cfg.group_by_length},
-    }
+    return seconds, cpu_seconds, records
+
+
+def _ours_config(cls: type, spec: BenchSpec, **values: Any) -> Any:
+    """Our config ``cls`` for ``spec``: no final model, a fresh run folder, no accumulation, the stage's
+    ``values``; with ``matched`` settings the shared optimizer, schedule, dtype and logging settings."""
+    base: dict[str, Any] = dict(model=spec.model, batch_size=spec.batch_size, grad_accum=1, seed=spec.seed,
+                                output_dir=str(Path(spec.workdir) / "run"), resume="never", save_final=False)
+    base.update(values)
+    if spec.settings == "matched":
+        base.update(precision=spec.precision, gradient_checkpointing=False, lr=spec.lr, schedule="constant",
+                    warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
+                    progress=False, log_every=1)
+    return cls(**base)
+
+
+def _ours_settings(cfg: Any, **more: Any) -> dict[str, Any]:
+    return {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "torch.optim.AdamW",
+            "schedule": cfg.schedule, "warmup_ratio": cfg.warmup_ratio, "lr": cfg.lr,
+            "group_by_length": cfg.group_by_length, "batch_size": cfg.batch_size, **more}
+
+
+def _result(seconds: list[float], cpu_seconds: list[float], tokens: list[int], losses: list[float], *,
+            params: tuple[int, int, int], precision: str, settings: dict[str, Any],
+            notes: dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
+    """A runner's raw measurements (see the module docstring)."""
+    out = {"step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
+           "losses": [float(x) for x in losses], "trainable_params": params[0], "total_params": params[1],
+           "flops_params": params[2], "precision": precision, "settings": settings, **more}
+    if notes:
+        out["notes"] = notes
+    return out
 
 
 def _name(value: Any) -> str:
     """An enum's value (``OptimizerNames.ADAMW_TORCH`` -> ``adamw_torch``), else ``str(value)``."""
     return str(getattr(value, "value", value))
+
+
+def trl_args(spec: BenchSpec, matched: dict[str, Any] | None = None, **stage: Any) -> dict[str, Any]:
+    """Keyword arguments of a TRL config for ``spec``: CPU, no reporting, saving or evaluation, no accumulation,
+    ``spec``'s batch, steps and seed; with ``matched`` settings our optimizer, schedule, dtype (fp32 weights),
+    no gradient checkpointing, no logging and a sequential sampler, plus ``matched``; then ``stage``."""
+    import torch
+
+    args: dict[str, Any] = dict(
+        output_dir=str(Path(spec.workdir) / "run"), use_cpu=True, report_to=[], save_strategy="no",
+        eval_strategy="no", dataloader_num_workers=0, per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=1, max_steps=spec.total_steps, seed=spec.seed,
+    )
+    if spec.settings == "matched":
+        args.update(
+            bf16=spec.precision == "bf16", fp16=False, gradient_checkpointing=False, optim="adamw_torch",
+            learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, logging_strategy="no", disable_tqdm=True,
+            train_sampling_strategy="sequential", model_init_kwargs={"dtype": torch.float32}, **(matched or {}),
+        )
+    args.update(stage)
+    return args
+
+
+def trl_settings(args: Any, **more: Any) -> dict[str, Any]:
+    return {"gradient_checkpointing": args.gradient_checkpointing, "optimizer": _name(args.optim),
+            "schedule": _name(args.lr_scheduler_type), "lr": args.learning_rate,
+            "sampler": _name(args.train_sampling_strategy), "logging_steps": args.logging_steps,
+            "logging": _name(args.logging_strategy), "batch_size": args.per_device_train_batch_size, **more}
+
+
+def step_clock() -> Any:
+    """A TRL ``TrainerCallback`` that stamps (wall, CPU) at the start of the first optimizer step and at the end
+    of every step."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[tuple[float, float]] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if not self.stamps:
+                self.stamps.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.stamps.append((time.perf_counter(), time.process_time()))
+
+    return StepClock()
+
+
+def clock_seconds(clock: Any, units: int, per: int = 1) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each of ``units`` timed units of ``per`` optimizer steps, from a :func:`step_clock`."""
+    if len(clock.stamps) != units * per + 1:
+        raise AlignlabError(f"TRL ran {len(clock.stamps) - 1} optimizer steps, expected {units * per}")
+    stamps = clock.stamps[::per]
+    return [b[0] - a[0] for a, b in zip(stamps, stamps[1:])], [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+
+
+def measured(trainer_cls: type, values: dict[str, str] | None = None) -> type:
+    """A subclass of a TRL trainer whose ``training_step`` also records the batch's attention-mask ones
+    (``bench_tokens``), the returned loss (``bench_losses``) and, for ``values`` (``{name: key}``), the step's
+    entry ``key`` of the trainer's ``_metrics["train"]`` (``bench_values``). Nothing else of TRL's changes."""
+    import torch
+
+    class Measured(trainer_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.bench_tokens: list[int] = []
+            self.bench_losses: list[float] = []
+            self.bench_values: dict[str, list[float]] = {name: [] for name in values or {}}
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+            self.bench_tokens.append(int(inputs["attention_mask"].sum()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.bench_losses.append(float(loss.detach()))
+            for name, key in (values or {}).items():
+                self.bench_values[name].append(float(self._metrics["train"][key][-1]))
+            return loss
+
+    Measured.__name__ = Measured.__qualname__ = f"Measured{trainer_cls.__name__}"
+    return Measured
+
+
+def _trl_result(trainer: Any, clock: Any, spec: BenchSpec, *, notes: dict[str, Any] | None = None,
+                **settings: Any) -> dict[str, Any]:
+    """The raw measurements of a :func:`measured` TRL trainer that has trained ``spec.total_steps`` steps."""
+    seconds, cpu_seconds = clock_seconds(clock, spec.total_steps)
+    return _result(seconds, cpu_seconds, trainer.bench_tokens, trainer.bench_losses,
+                   params=trainer_params(trainer.model), precision="bf16" if trainer.args.bf16 else "fp32",
+                   settings=trl_settings(trainer.args, **settings), notes=notes,
+                   step_values=trainer.bench_values)
+
+
+def _plan_order(plan: list[list[int]], spec: BenchSpec) -> list[int]:
+    """Example indices of the first ``spec.total_steps`` steps of our plan, in order: with a sequential sampler
+    and the same batch size, TRL then trains on our batches."""
+    return [i for step in plan[: spec.total_steps] for i in step]
+
+
+# ------------------------------------------------------------------------------------------------ SFT runners
+
+
+def _ours_sft_config(spec: BenchSpec) -> Any:
+    """Our SFTConfig for ``spec``. Both settings: no evaluation split, no final model, a fresh run folder."""
+    from alignlab.config import SFTConfig
+
+    return _ours_config(SFTConfig, spec, data=spec.data, max_length=spec.max_length, max_steps=spec.total_steps,
+                        eval_fraction=0.0)
+
+
+def ours_sft(spec: BenchSpec) -> dict[str, Any]:
+    """Our SFT trainer, unmodified (``train_sft``), timed by :func:`stamped_run`; per-step tokens and losses read
+    back from its ``metrics.jsonl``."""
+    from alignlab.train.loop import resolve_precision
+    from alignlab.train.sft import train_sft
+
+    cfg = _ours_sft_config(spec)
+    seconds, cpu_seconds, records = stamped_run(lambda: train_sft(cfg), "tokens", spec.total_steps)
+    return _result(seconds, cpu_seconds, [r["tokens"] for r in records], [r["loss"] for r in records],
+                   params=meta_params(spec.model), precision=resolve_precision(cfg.precision),
+                   settings=_ours_settings(cfg))
 
 
 def trl_records(spec: BenchSpec, tokenizer: Any) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -688,12 +1038,9 @@ def trl_records(spec: BenchSpec, tokenizer: Any) -> tuple[list[dict[str, Any]], 
 def trl_sft(spec: BenchSpec) -> dict[str, Any]:
     """``trl.SFTTrainer`` with ``SFTConfig`` on the same records (prompt/completion, completion-only loss).
 
-    Timing: a callback stamps the end of every optimizer step (the first step from its start). Tokens and
-    loss: ``training_step`` is wrapped to count the batch's attention-mask ones and keep the returned loss;
-    nothing else of TRL's is changed."""
-    import torch
+    Timing: :func:`step_clock`. Tokens and loss: :func:`measured` (``training_step`` wrapped to count the
+    batch's attention-mask ones and keep the returned loss); nothing else of TRL's is changed."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
@@ -703,46 +1050,11 @@ def trl_sft(spec: BenchSpec) -> dict[str, Any]:
     rows, examples = trl_records(spec, tokenizer)
     if spec.settings == "matched":
         rows, examples = rows[: spec.total_steps * spec.batch_size], examples[: spec.total_steps * spec.batch_size]
-
-    class StepClock(TrainerCallback):
-        """(wall, CPU) stamps: the start of the first step, then the end of every step."""
-
-        def __init__(self) -> None:
-            self.stamps: list[tuple[float, float]] = []
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if not self.stamps:
-                self.stamps.append((time.perf_counter(), time.process_time()))
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.stamps.append((time.perf_counter(), time.process_time()))
-
-    class MeasuredSFTTrainer(SFTTrainer):
-        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-            self.bench_tokens.append(int(inputs["attention_mask"].sum()))
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self.bench_losses.append(loss.detach())
-            return loss
-
-    common: dict[str, Any] = dict(
-        output_dir=str(Path(spec.workdir) / "run"), use_cpu=True, report_to=[], save_strategy="no",
-        eval_strategy="no", dataloader_num_workers=0, per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=1, max_steps=spec.total_steps, max_length=spec.max_length, seed=spec.seed,
-        completion_only_loss=True, dataset_num_proc=None,
-    )
-    if spec.settings == "matched":
-        common.update(
-            bf16=spec.precision == "bf16", fp16=False, gradient_checkpointing=False, optim="adamw_torch",
-            learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, logging_strategy="no", disable_tqdm=True,
-            train_sampling_strategy="sequential", packing=False, padding_free=False,
-            model_init_kwargs={"dtype": torch.float32},
-        )
-    args = TRLConfig(**common)
-    clock = StepClock()
-    trainer = MeasuredSFTTrainer(model=resolve_model(spec.model), args=args, train_dataset=Dataset.from_list(rows),
-                                 processing_class=tokenizer, callbacks=[clock])
-    trainer.bench_tokens, trainer.bench_losses = [], []
+    args = TRLConfig(**trl_args(spec, matched=dict(packing=False, padding_free=False), max_length=spec.max_length,
+                                completion_only_loss=True, dataset_num_proc=None))
+    clock = step_clock()
+    trainer = measured(SFTTrainer)(model=resolve_model(spec.model), args=args, train_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, callbacks=[clock])
     # fairness check: did TRL's own tokenization give exactly our input ids and loss positions?
     prepared = trainer.train_dataset
     same = None
@@ -750,26 +1062,493 @@ def trl_sft(spec: BenchSpec) -> dict[str, Any]:
         same = sum(list(ids) == list(ex.input_ids) and list(lab) == list(ex.labels)
                    for ids, lab, ex in zip(prepared["input_ids"], prepared["labels"], examples))
     trainer.train()
-    if len(clock.stamps) != spec.total_steps + 1:
-        raise AlignlabError(f"TRL ran {len(clock.stamps) - 1} steps, expected {spec.total_steps}")
-    seconds = [b[0] - a[0] for a, b in zip(clock.stamps, clock.stamps[1:])]
-    cpu_seconds = [b[1] - a[1] for a, b in zip(clock.stamps, clock.stamps[1:])]
-    trainable, total = count_params(trainer.model)
-    return {
-        "step_seconds": seconds,
-        "step_cpu_seconds": cpu_seconds,
-        "step_tokens": trainer.bench_tokens,
-        "losses": [float(x) for x in trainer.bench_losses],
-        "trainable_params": trainable,
-        "total_params": total,
-        "precision": "bf16" if args.bf16 else "fp32",
-        "settings": {"gradient_checkpointing": args.gradient_checkpointing, "optimizer": _name(args.optim),
-                     "schedule": _name(args.lr_scheduler_type), "lr": args.learning_rate,
-                     "sampler": _name(args.train_sampling_strategy), "logging_steps": args.logging_steps,
-                     "logging": _name(args.logging_strategy)},
-        "notes": {"examples_identical_to_ours": same, "examples_compared": len(prepared)
-                  if same is not None else 0},
-    }
+    return _trl_result(trainer, clock, spec, notes={"examples_identical_to_ours": same,
+                                                    "examples_compared": len(prepared) if same is not None else 0})
+
+
+# ------------------------------------------------------------------------------------------------ preference data
+
+
+def _preference_records(cfg: Any, *, expand: bool) -> list[Any]:
+    """The preference records our trainers read from ``cfg.data`` (invalid ones skipped and counted by the
+    loader, as ``skip_invalid=true`` does), rankings expanded to their pairs when ``expand``."""
+    from alignlab.config import parse_columns
+    from alignlab.data.preference import expand_to_pairs, load_preferences
+
+    records, _ = load_preferences(cfg.data, format=cfg.format, columns=parse_columns(cfg.columns), skip_invalid=True,
+                                  limit=cfg.limit or None)
+    return expand_to_pairs(records) if expand else records
+
+
+def _encode_each(cfg: Any, records: list[Any], encode: Callable[[Any], list[Any]]
+                 ) -> tuple[list[Any], list[Any], list[list[int]]]:
+    """Encode every record alone (``encode([record]) -> examples``, so each example keeps its record), and plan
+    the steps over the examples as our trainer does: ``(records kept, examples, plan)``."""
+    from alignlab.train.loop import plan_steps
+
+    kept = [(item, examples[0]) for item in records if (examples := encode(item))]
+    if not kept:
+        raise AlignlabError("no examples left after encoding", file=cfg.data)
+    items, examples = [k[0] for k in kept], [k[1] for k in kept]
+    return items, examples, plan_steps([len(e) for e in examples], cfg)
+
+
+def trl_text_pair(item: Any) -> dict[str, Any]:
+    """A preference pair (``responses == [chosen, rejected]``) in TRL's format, rendered as our ``auto``
+    template does: messages (TRL applies the chat template) or plain text (prompt + response + EOS)."""
+    chosen, rejected = item.responses[0], item.responses[-1]
+    if isinstance(item.prompt, list):
+        return {"prompt": item.prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    if isinstance(item.prompt, str):
+        return {"prompt": item.prompt, "chosen": chosen, "rejected": rejected}
+    raise AlignlabError("cannot give TRL this prompt (use text or message prompts)", record=item.record)
+
+
+def _same_tokens(prepared: Any, examples: list[Any], ours: Callable[[Any], tuple], theirs: Callable[[Any], tuple]
+                 ) -> dict[str, Any]:
+    """How many of ``examples`` not truncated by us TRL's own tokenization (``prepared``) gives identically, and
+    how many of the others differ only by tokens TRL keeps after the end of ours (a chat template's text after
+    the final EOS, e.g. ``"\\n"`` after ``<|im_end|>``: TRL trains on it and a reward model would score it)."""
+    compared = [(ours(e), theirs(row)) for row, e in zip(prepared, examples) if not e.truncated]
+    same = sum(a == b for a, b in compared)
+    longer = sum(a != b and all(list(y[: len(x)]) == list(x) for x, y in zip(a, b)) for a, b in compared)
+    out: dict[str, Any] = {"examples_identical_to_ours": same, "examples_compared": len(compared)}
+    if same < len(compared):
+        out["unmatched"] = [f"TRL's own tokenization of the text differs from ours on {len(compared) - same} of "
+                            f"{len(compared)} untruncated examples ({longer} of them only by tokens after the end of "
+                            "our sequences, e.g. the chat template's text after the final EOS); TRL was given our "
+                            "token ids, so both trained on the same tokens"]
+    return out
+
+
+def _trl_tokenization(trainer: Any, prepare: Callable[..., Any], rows: list[dict[str, Any]]) -> Any:
+    """``rows`` (text) through TRL's own preprocessing (``prepare``: the trainer class's ``_prepare_dataset``)
+    with no length limit, to compare with our token ids."""
+    from datasets import Dataset
+
+    saved = trainer.args.max_length
+    trainer.args.max_length = None  # compare whole sequences; nothing filtered, so rows stay aligned
+    try:
+        return prepare(trainer, Dataset.from_list(rows), trainer.processing_class, trainer.args, "check")
+    finally:
+        trainer.args.max_length = saved
+
+
+# ------------------------------------------------------------------------------------------------ RM runners
+
+
+def _ours_rm_config(spec: BenchSpec, *, expand_pairs: bool, batch_size: int = 0) -> Any:
+    """Our RewardConfig: invalid records skipped (counted), rankings expanded to pairs when ``expand_pairs``,
+    reward statistics after training computed on a handful of responses only (untimed either way)."""
+    from alignlab.config import RewardConfig
+
+    return _ours_config(RewardConfig, spec, data=spec.data, max_length=spec.max_length, max_steps=spec.total_steps,
+                        eval_fraction=0.0, skip_invalid=True, expand_pairs=expand_pairs, stats_samples=spec.batch_size,
+                        **({"batch_size": batch_size} if batch_size else {}))
+
+
+def reward_examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], list[list[int]]]:
+    """``(records, examples, plan)`` as ``train_reward`` builds them for ``cfg`` (no held-out split)."""
+    from alignlab.train.reward import encode_preferences
+
+    encode = dict(template=cfg.template, max_length=cfg.max_length, truncation=cfg.truncation, skip_invalid=True,
+                  margin=cfg.margin, margin_scale=cfg.margin_scale, source=cfg.data)
+    return _encode_each(cfg, _preference_records(cfg, expand=cfg.expand_pairs),
+                        lambda item: encode_preferences([item], tokenizer, **encode)[0])
+
+
+def _comparisons(k: int) -> int:
+    return k * (k - 1) // 2
+
+
+def _ours_rm(spec: BenchSpec, *, expand_pairs: bool, batch_size: int = 0,
+             notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Our reward trainer (``train_reward``, unmodified) timed by :func:`stamped_run`, with per-step pairs
+    (comparisons) and sequences from our step plan, and the dataset's totals (``dataset``)."""
+    from alignlab.models import load_tokenizer
+    from alignlab.reward import prepare_reward_tokenizer
+    from alignlab.train.loop import resolve_precision
+    from alignlab.train.reward import train_reward
+
+    cfg = _ours_rm_config(spec, expand_pairs=expand_pairs, batch_size=batch_size)
+    _, examples, plan = reward_examples(cfg, prepare_reward_tokenizer(load_tokenizer(spec.model)))
+    seconds, cpu_seconds, records = stamped_run(lambda: train_reward(cfg), "tokens", spec.total_steps)
+    tokens = [r["tokens"] for r in records]
+    if tokens != [sum(len(examples[i]) for i in step) for step in plan]:
+        raise AlignlabError("train_reward's batches differ from the bench's reconstruction of its step plan "
+                            "(alignlab.bench.reward_examples): update the bench")
+    sequences = [len(e.sequences) for e in examples]
+    return _result(
+        seconds, cpu_seconds, tokens, [r["loss"] for r in records], params=meta_params(spec.model, "score"),
+        precision=resolve_precision(cfg.precision), settings=_ours_settings(cfg, expand_pairs=expand_pairs),
+        notes=notes if notes and any(notes.values()) else None,
+        step_values={"accuracy": [r["accuracy"] for r in records]},
+        step_counts={"pairs": [sum(_comparisons(sequences[i]) for i in step) for step in plan],
+                     "sequences": [sum(sequences[i] for i in step) for step in plan]},
+        dataset={"examples": len(examples), "pairs": sum(map(_comparisons, sequences)), "sequences": sum(sequences),
+                 "tokens": sum(len(e) for e in examples)},
+    )
+
+
+def ours_rm(spec: BenchSpec) -> dict[str, Any]:
+    """``bench rm``, ours: pairs (a ranking becomes its pairs, as RewardTrainer needs)."""
+    return _ours_rm(spec, expand_pairs=True)
+
+
+def kept_rankings(spec: BenchSpec) -> tuple[BenchSpec, int, int]:
+    """``rm-kwise``: the rankings of ``spec.data`` that the K-wise path keeps, written as ranking records
+    (``{prompt, responses}``, best first) to ``spec.workdir``, so both runs train on exactly the same rankings
+    (a ranking whose K answers encode gives pairs that all encode too; the other way round, a truncation that
+    makes two answers identical drops the whole ranking but only one of its pairs). Returns ``spec`` pointing at
+    that file, and (rankings kept, rankings read)."""
+    from alignlab.models import load_tokenizer
+    from alignlab.reward import prepare_reward_tokenizer
+
+    cfg = _ours_rm_config(spec, expand_pairs=False)
+    items, _, _ = reward_examples(cfg, prepare_reward_tokenizer(load_tokenizer(spec.model)))
+    path = Path(spec.workdir) / "rankings.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps({"prompt": item.prompt, "responses": item.responses}, ensure_ascii=False) + "\n")
+    return dataclasses.replace(spec, data=str(path)), len(items), len(_preference_records(cfg, expand=False))
+
+
+def _ranking_notes(kept: int, read: int) -> list[str]:
+    if kept == read:
+        return []
+    return [f"{read - kept} of {read} rankings cannot be encoded K-wise at this max_length (e.g. truncation made "
+            "two answers identical) and are left out of both runs"]
+
+
+def ours_rm_kwise(spec: BenchSpec) -> dict[str, Any]:
+    """``bench rm-kwise``, the K-wise path: one example = a prompt with all its answers, each encoded once."""
+    spec, kept, read = kept_rankings(spec)
+    return _ours_rm(spec, expand_pairs=False, notes={"unmatched": _ranking_notes(kept, read)})
+
+
+def ours_rm_pairs(spec: BenchSpec) -> dict[str, Any]:
+    """``bench rm-kwise``, the expanded path: the same rankings as their K(K-1)/2 pairs. Its batch (option
+    ``pairs_batch_size``; 0 = automatic) holds as many sequences per step as the K-wise run's on average
+    (``batch_size x mean K / 2`` pairs), so both runs hold about the same activations per step."""
+    spec, kept, read = kept_rankings(spec)
+    rankings = _preference_records(_ours_rm_config(spec, expand_pairs=False), expand=False)
+    mean_k = sum(len(r.responses) for r in rankings) / len(rankings)
+    batch = spec.option("pairs_batch_size")
+    if batch <= 0:
+        batch = max(1, round(spec.batch_size * mean_k / 2))
+    why = f"{batch} pairs per step ({'set' if spec.option('pairs_batch_size') > 0 else 'automatic'}: batch " \
+          f"{spec.batch_size} prompts x mean K {mean_k:.2f} / 2 sequences per pair)"
+    return _ours_rm(spec, expand_pairs=True, batch_size=batch, notes={"unmatched": [why, *_ranking_notes(kept, read)]})
+
+
+def trl_rm(spec: BenchSpec) -> dict[str, Any]:
+    """``trl.RewardTrainer`` with ``RewardConfig`` on the same pairs.
+
+    ``matched``: TRL gets our token ids (``chosen_ids``/``rejected_ids``, which RewardTrainer takes as they are)
+    of our step plan's pairs in order; the notes say how many of them TRL's own tokenization of the text would
+    have given identically. ``defaults``: TRL gets the text records ours kept and tokenizes them itself
+    (dropping, not truncating, pairs over ``max_length``). Timing and tokens as :func:`trl_sft`."""
+    from datasets import Dataset
+    from trl import RewardConfig as TRLConfig
+    from trl import RewardTrainer
+
+    from alignlab.models import load_tokenizer, resolve_model
+    from alignlab.reward import prepare_reward_tokenizer
+
+    tokenizer = prepare_reward_tokenizer(load_tokenizer(spec.model))
+    items, examples, plan = reward_examples(_ours_rm_config(spec, expand_pairs=True), tokenizer)
+    matched = spec.settings == "matched"
+    order = _plan_order(plan, spec) if matched else list(range(len(items)))
+    if matched:
+        rows = [{"chosen_ids": examples[i].sequences[0], "rejected_ids": examples[i].sequences[1]} for i in order]
+    else:
+        rows = [trl_text_pair(items[i]) for i in order]
+    args = TRLConfig(**trl_args(spec, max_length=spec.max_length, dataset_num_proc=None))
+    clock = step_clock()
+    trainer = measured(RewardTrainer, {"accuracy": "accuracy"})(
+        model=resolve_model(spec.model), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        callbacks=[clock])
+    if matched:
+        prepared = _trl_tokenization(trainer, RewardTrainer._prepare_dataset, [trl_text_pair(items[i]) for i in order])
+        notes = _same_tokens(prepared, [examples[i] for i in order], lambda e: (e.sequences[0], e.sequences[-1]),
+                             lambda row: (list(row["chosen_ids"]), list(row["rejected_ids"])))
+    else:
+        notes = {"pairs_given": len(rows), "pairs_kept_by_trl": len(trainer.train_dataset),
+                 "unmatched": ["TRL tokenizes the text itself and drops pairs longer than max_length (ours truncates "
+                               "them); each library draws its own batches"]}
+    trainer.train()
+    return _trl_result(trainer, clock, spec, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------ DPO runners
+
+
+def _ours_dpo_config(spec: BenchSpec) -> Any:
+    from alignlab.config import DPOConfig
+
+    return _ours_config(DPOConfig, spec, data=spec.data, max_length=spec.max_length, max_steps=spec.total_steps,
+                        eval_fraction=0.0, skip_invalid=True, loss="dpo", beta=spec.option("beta"))
+
+
+def dpo_examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], list[list[int]]]:
+    """``(pairs, examples, plan)`` as ``train_dpo`` builds them for ``cfg`` (no held-out split)."""
+    from alignlab.train.dpo import prepare_pairs
+
+    return _encode_each(cfg, _preference_records(cfg, expand=True),
+                        lambda item: prepare_pairs([item], tokenizer, cfg, cfg.data)[0])
+
+
+def ours_dpo(spec: BenchSpec) -> dict[str, Any]:
+    """Our DPO trainer (``train_dpo``, sigmoid loss, a frozen reference copy), unmodified, timed by
+    :func:`stamped_run`. MFU counts 8N FLOPs per token: policy forward and backward (6N) + reference forward."""
+    from alignlab.train.dpo import train_dpo
+    from alignlab.train.loop import resolve_precision
+
+    cfg = _ours_dpo_config(spec)
+    seconds, cpu_seconds, records = stamped_run(lambda: train_dpo(cfg), "tokens", spec.total_steps)
+    return _result(seconds, cpu_seconds, [r["tokens"] for r in records], [r["loss"] for r in records],
+                   params=meta_params(spec.model), precision=resolve_precision(cfg.precision),
+                   settings=_ours_settings(cfg, beta=cfg.beta, reference="frozen copy"), flops_per_token_factor=8.0,
+                   step_values={"reward_margin": [r.get("rewards/margins") for r in records],
+                                "reward_accuracy": [r.get("rewards/accuracies") for r in records]})
+
+
+def trl_dpo(spec: BenchSpec) -> dict[str, Any]:
+    """``trl.DPOTrainer`` (sigmoid loss, its default reference: a frozen copy of the model) on the same pairs.
+
+    ``matched``: TRL trains on our token ids (prompt, chosen and rejected ids of our step plan's pairs, in
+    order; its ``_prepare_dataset`` passes pre-tokenized rows through instead of tokenizing) and the notes say
+    how many pairs TRL's own tokenization would have given identically. ``defaults``: TRL gets the text pairs
+    ours kept and tokenizes and truncates them itself. Timing and tokens as :func:`trl_sft`."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    from alignlab.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(spec.model)
+    items, examples, plan = dpo_examples(_ours_dpo_config(spec), tokenizer)
+    matched = spec.settings == "matched"
+    order = _plan_order(plan, spec) if matched else list(range(len(items)))
+
+    class OurTokensDPOTrainer(measured(DPOTrainer, {"reward_margin": "rewards/margins",  # type: ignore[misc]
+                                                    "reward_accuracy": "rewards/accuracies"})):
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if "prompt_ids" in dataset.column_names:  # our token ids, already within max_length
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    if matched:
+        rows = [{"prompt_ids": examples[i].prompt_ids, "chosen_ids": examples[i].chosen_ids,
+                 "rejected_ids": examples[i].rejected_ids} for i in order]
+    else:
+        rows = [trl_text_pair(items[i]) for i in order]
+    args = TRLConfig(**trl_args(spec, matched=dict(loss_type=["sigmoid"], precompute_ref_log_probs=False),
+                                max_length=spec.max_length, beta=spec.option("beta"), dataset_num_proc=None))
+    clock = step_clock()
+    trainer = OurTokensDPOTrainer(model=resolve_model(spec.model), args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer, callbacks=[clock])
+    if matched:
+        prepared = _trl_tokenization(trainer, DPOTrainer._prepare_dataset, [trl_text_pair(items[i]) for i in order])
+        notes = _same_tokens(prepared, [examples[i] for i in order],
+                             lambda e: (e.prompt_ids, e.chosen_ids, e.rejected_ids),
+                             lambda row: (list(row["prompt_ids"]), list(row["chosen_ids"]), list(row["rejected_ids"])))
+    else:
+        notes = {"pairs_given": len(rows), "pairs_kept_by_trl": len(trainer.train_dataset),
+                 "unmatched": ["TRL tokenizes and truncates the text itself; each library draws its own batches"]}
+    trainer.train()
+    out = _trl_result(trainer, clock, spec, notes=notes, beta=args.beta, loss_type=list(args.loss_type),
+                      reference="frozen copy" if trainer.ref_model is not None else "none/precomputed")
+    out["flops_per_token_factor"] = 8.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ PPO runners
+
+
+def _ours_ppo_config(spec: BenchSpec) -> Any:
+    """Our PPOConfig: ``batch_size`` responses per iteration in one micro-batch and one minibatch, prompts up to
+    ``max_length`` tokens (longer ones dropped), no held-out prompts; ``matched``: also ``ppo_epochs``, sampling
+    at temperature 1 with no top-p/top-k, and KL coefficient 0.05 (RLOO's default beta)."""
+    from alignlab.config import PPOConfig
+
+    values: dict[str, Any] = dict(
+        prompts=spec.data, iterations=spec.total_steps, reward=spec.option("reward"),
+        max_new_tokens=spec.option("max_new_tokens"), max_prompt_length=spec.max_length, long_prompts="drop",
+        eval_fraction=0.0, num_mini_batches=1, share_backbone=spec.option("share_backbone"),
+    )
+    if spec.settings == "matched":
+        values.update(ppo_epochs=spec.option("ppo_epochs"), temperature=1.0, top_p=1.0, top_k=0, kl_coef=0.05)
+    return _ours_config(PPOConfig, spec, **values)
+
+
+def ppo_prompts(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[list[int]], list[list[int]]]:
+    """``(prompts, their token ids, prompt indices of every iteration)`` as ``train_ppo`` builds them."""
+    from transformers import AutoConfig
+
+    from alignlab.data.prompts import load_prompts
+    from alignlab.models import resolve_model
+    from alignlab.train.ppo import encode_prompts, prompt_batches
+
+    context = getattr(AutoConfig.from_pretrained(resolve_model(cfg.model)), "max_position_embeddings", None)
+    prompts, ids = encode_prompts(load_prompts(cfg.prompts, limit=cfg.limit or None), tokenizer, cfg, context,
+                                  cfg.prompts, _Quiet())
+    rollout = cfg.batch_size * cfg.grad_accum * cfg.num_mini_batches
+    return prompts, ids, prompt_batches(len(prompts), rollout, cfg.iterations, cfg.seed)
+
+
+def ours_ppo(spec: BenchSpec) -> dict[str, Any]:
+    """Our PPO trainer (``train_ppo``: policy, reference, critic, the reward function), unmodified, timed per
+    iteration by :func:`stamped_run`; tokens are the generated response tokens, the time split is the trainer's
+    own (generation, scoring, no-grad forwards, update)."""
+    from alignlab.train.loop import resolve_precision
+    from alignlab.train.ppo import train_ppo
+
+    cfg = _ours_ppo_config(spec)
+    seconds, cpu_seconds, records = stamped_run(lambda: train_ppo(cfg), "time/iteration", spec.total_steps)
+    responses = [cfg.batch_size - int(r["empty_responses"]) for r in records]
+    policy = meta_params(spec.model)
+    critic = (0, 0, 0) if cfg.share_backbone else meta_params(spec.model, "score")
+    critic_words = ("a value head on the policy's backbone" if cfg.share_backbone else
+                    "a separate value model (critic)")
+    return _result(
+        seconds, cpu_seconds, [round(r["response_length"] * n) for r, n in zip(records, responses)], [],
+        params=tuple(a + b for a, b in zip(policy, critic)),  # type: ignore[arg-type]
+        precision=resolve_precision(cfg.precision), flops_per_token_factor=0,
+        settings=_ours_settings(cfg, ppo_epochs=cfg.ppo_epochs, prompts_per_iteration=cfg.batch_size,
+                                samples_per_prompt=1, kl_coef=cfg.kl_coef, max_new_tokens=cfg.max_new_tokens,
+                                critic=critic_words),
+        notes={"unmatched": [f"ours also runs and trains {critic_words} (RLOO has no critic)"]},
+        step_counts={"responses": responses},
+        step_times={name: [r[f"time/{name}"] for r in records] for name in ("generation", "scoring", "forward",
+                                                                             "update")},
+        step_values={"score": [r["score"] for r in records], "kl": [r["kl"] for r in records]},
+    )
+
+
+def trl_reward(spec: str, log: list[float]) -> Callable[..., list[float]]:
+    """Our reward function ``spec`` (``module:function(prompts, responses)``) in TRL's reward-function form
+    ``f(prompts, completions, **kw)``; the mean score of every call is appended to ``log``."""
+    from alignlab.reward import load_scorer
+
+    scorer = load_scorer(spec)
+
+    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scores = [float(s) for s in scorer.score(list(prompts), texts)]
+        log.append(sum(scores) / max(1, len(scores)))
+        return scores
+
+    reward.__name__ = reward.__qualname__ = spec.rsplit(":", 1)[-1]
+    return reward
+
+
+def trl_prompt(prompt: Any, tokenizer: Any, cfg: Any) -> Any:
+    """A prompt as TRL's online trainers take it, rendered as ours renders it: chat messages, or plain text."""
+    from alignlab.data.tokenize import _as_messages
+    from alignlab.train.ppo import resolve_prompt_template
+
+    template = resolve_prompt_template(cfg.template, tokenizer, prompt)
+    if template == "chat":
+        return _as_messages(prompt)
+    if template == "none" and isinstance(prompt, str):
+        return prompt
+    raise AlignlabError(f"bench ppo gives TRL chat or plain-text prompts only (this one renders as {template})")
+
+
+def trl_ppo(spec: BenchSpec) -> dict[str, Any]:
+    """``trl.RLOOTrainer`` (REINFORCE leave-one-out: TRL's online-RL trainer nearest to PPO) with the same reward
+    function, prompts, responses per iteration (``batch_size``) and generation length.
+
+    One iteration = one generation batch of ``batch_size`` completions (``num_generations`` per prompt) and
+    its ``num_iterations`` optimizer steps (one per pass, as ours with one minibatch). ``matched``: the
+    prompts of each iteration are the first ``batch_size / num_generations`` of ours, in order (no shuffling).
+    Timing: :func:`step_clock` summed per iteration; tokens: the generated completion tokens
+    (``completion_mask``); the time split from wrappers around ``_generate`` (tokenization and generation),
+    ``_calculate_rewards`` (scoring) and ``_generate_and_score_completions`` (the rest of it: old and reference
+    log-probs); the update is the iteration's remaining time."""
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    from alignlab.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(spec.model)
+    cfg = _ours_ppo_config(spec)
+    prompts, ids, batches = ppo_prompts(cfg, tokenizer)
+    k, size = spec.option("num_generations"), spec.batch_size
+    if k < 2 or size % k:
+        raise AlignlabError(f"RLOO samples num_generations={k} (>= 2) completions per prompt: --batch-size {size} "
+                            "must be a multiple of it", field="num_generations")
+    matched = spec.settings == "matched"
+    epochs = spec.option("ppo_epochs") if matched else 1
+    chosen = [i for batch in batches for i in batch[: size // k]] if matched else list(range(len(prompts)))
+    rows = [{"prompt": trl_prompt(prompts[i], tokenizer, cfg)} for i in chosen]
+    scores: list[float] = []
+
+    class MeasuredRLOOTrainer(RLOOTrainer):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.bench_rollouts: list[dict[str, float]] = []
+            self.bench_split = {"generation": 0.0, "scoring": 0.0}
+
+        def _generate(self, prompts: list[Any]) -> Any:
+            t = time.perf_counter()
+            out = super()._generate(prompts)
+            self.bench_split["generation"] += time.perf_counter() - t
+            return out
+
+        def _calculate_rewards(self, *args: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            out = super()._calculate_rewards(*args, **kw)
+            self.bench_split["scoring"] += time.perf_counter() - t
+            return out
+
+        def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+            self.bench_split = {"generation": 0.0, "scoring": 0.0}
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            tokens = float(out["completion_mask"].sum())
+            kl = self._metrics["train"]["kl"][-1] * tokens / len(inputs) if self.beta else 0.0  # per completion
+            self.bench_rollouts.append({"seconds": time.perf_counter() - t, "tokens": tokens, "kl": kl,
+                                        "completions": len(inputs), **self.bench_split})
+            return out
+
+    args = RLOOConfig(**trl_args(
+        spec, matched=dict(num_iterations=epochs, temperature=1.0, top_p=1.0, top_k=0, beta=0.05,
+                           shuffle_dataset=False, disable_dropout=True),
+        max_steps=spec.total_steps * epochs, num_generations=k, max_completion_length=cfg.max_new_tokens))
+    clock = step_clock()
+    trainer = MeasuredRLOOTrainer(model=resolve_model(spec.model), reward_funcs=trl_reward(cfg.reward, scores),
+                                  args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                  callbacks=[clock])
+    their_ids = trainer._tokenize_prompts([row["prompt"] for row in rows])[0]
+    same = sum(list(a) == list(ids[i]) for a, i in zip(their_ids, chosen))
+    trainer.train()
+    seconds, cpu_seconds = clock_seconds(clock, spec.total_steps, per=args.num_iterations)
+    rollouts = trainer.bench_rollouts
+    if len(rollouts) != spec.total_steps:
+        raise AlignlabError(f"RLOO generated {len(rollouts)} times, expected {spec.total_steps}")
+    unmatched = [f"RLOO samples {k} completions for each of {size // k} prompts per iteration; ours one for each of "
+                 f"{size} prompts" + (" (RLOO's prompts are the first of ours)" if matched else ""),
+                 "RLOO's KL penalty is one number per completion (summed log-ratio, on the reward); ours is per "
+                 "token, before GAE"]
+    if not matched:
+        unmatched.append(f"passes per rollout: ours ppo_epochs={cfg.ppo_epochs}, RLOO num_iterations="
+                         f"{args.num_iterations} (each library's default)")
+    return _result(
+        seconds, cpu_seconds, [round(r["tokens"]) for r in rollouts], [], params=trainer_params(trainer.model),
+        precision="bf16" if args.bf16 else "fp32", flops_per_token_factor=0,
+        settings=trl_settings(args, num_iterations=args.num_iterations, num_generations=k,
+                              prompts_per_iteration=size // k, beta=args.beta,
+                              max_new_tokens=args.max_completion_length),
+        notes={"prompt_ids_identical_to_ours": same, "prompts_compared": len(rows), "unmatched": unmatched},
+        step_counts={"responses": [r["completions"] for r in rollouts]},
+        step_times={"generation": [r["generation"] for r in rollouts], "scoring": [r["scoring"] for r in rollouts],
+                    "forward": [r["seconds"] - r["generation"] - r["scoring"] for r in rollouts],
+                    "update": [s - r["seconds"] for s, r in zip(seconds, rollouts)]},
+        step_values={"score": scores[: len(rollouts)], "kl": [r["kl"] for r in rollouts]},
+    )
 
 
 if __name__ == "__main__":
