@@ -210,5 +210,7 @@ def test_bench_stage_options_are_checked():
 
     with pytest.raises(AlignlabError, match="unknown option"):
         run_benchmark("dpo", model="tiny-random", data=__file__, extra={"bogus": "1"}, measure_peak=False)
+    with pytest.raises(AlignlabError, match="expected int"):
+        run_benchmark("ppo", model="tiny-random", data=__file__, extra={"max_new_tokens": "many"}, measure_peak=False)
     with pytest.raises(AlignlabError, match="--which"):
         run_benchmark("rm-kwise", model="tiny-random", data=__file__, which="trl", measure_peak=False)

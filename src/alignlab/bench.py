@@ -221,8 +221,14 @@ class BenchSpec:
         default = defaults[key]
         value = self.extra.get(key, default)
         if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-        return type(default)(value) if default is not None else value
+            if isinstance(value, bool) or str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                return type(default)(value)
+            except (TypeError, ValueError):
+                pass
+        raise AlignlabError(f"--set {key}={value}: expected {type(default).__name__}", field=key)
 
 
 def _import(path: str) -> Callable[..., Any]:
@@ -516,6 +522,8 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
     if unknown:
         raise AlignlabError(f"unknown option(s) {', '.join(unknown)} for bench {stage} (known: "
                             f"{', '.join(sorted(known)) or 'none'})", field="set")
+    for key in extra or {}:  # a wrong type fails here, before any worker starts
+        BenchSpec(stage=stage, library=pair.names[0], model=model, data=data, extra=dict(extra or {})).option(key)
     if not data:
         found = shared_data_file(pair.default_data) if pair.default_data else None
         if found is None:
@@ -1419,7 +1427,8 @@ def ours_ppo(spec: BenchSpec) -> dict[str, Any]:
         settings=_ours_settings(cfg, ppo_epochs=cfg.ppo_epochs, prompts_per_iteration=cfg.batch_size,
                                 samples_per_prompt=1, kl_coef=cfg.kl_coef, max_new_tokens=cfg.max_new_tokens,
                                 critic=critic_words),
-        notes={"unmatched": [f"ours also runs and trains {critic_words} (RLOO has no critic)"]},
+        notes={"unmatched": [f"ours also runs and trains {critic_words} for its GAE advantages (RLOO has no "
+                             "critic: its baseline is the mean score of the prompt's other completions)"]},
         step_counts={"responses": responses},
         step_times={name: [r[f"time/{name}"] for r in records] for name in ("generation", "scoring", "forward",
                                                                              "update")},
@@ -1539,8 +1548,8 @@ def trl_ppo(spec: BenchSpec) -> dict[str, Any]:
     return _result(
         seconds, cpu_seconds, [round(r["tokens"]) for r in rollouts], [], params=trainer_params(trainer.model),
         precision="bf16" if args.bf16 else "fp32", flops_per_token_factor=0,
-        settings=trl_settings(args, num_iterations=args.num_iterations, num_generations=k,
-                              prompts_per_iteration=size // k, beta=args.beta,
+        settings=trl_settings(args, shuffle_dataset=args.shuffle_dataset, num_iterations=args.num_iterations,
+                              num_generations=k, prompts_per_iteration=size // k, beta=args.beta,
                               max_new_tokens=args.max_completion_length),
         notes={"prompt_ids_identical_to_ours": same, "prompts_compared": len(rows), "unmatched": unmatched},
         step_counts={"responses": [r["completions"] for r in rollouts]},
