@@ -274,7 +274,7 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, run: Run, shift_mean: bool 
     count = run.all_reduce_sum(float(m.sum()))
     mean = run.all_reduce_sum(float((values * m).sum())) / max(count, 1.0)
     variance = run.all_reduce_sum(float(((values - mean) ** 2 * m).sum())) / max(count - 1.0, 1.0)
-    whitened = (values - mean) * torch.rsqrt(torch.tensor(variance + 1e-8, dtype=values.dtype))
+    whitened = (values - mean) / math.sqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros((), dtype=values.dtype, device=values.device))
@@ -724,7 +724,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
             "value_mean": global_masked_mean(values, mask, run),
             "response_length": tokens / n,
             "unfinished": run.all_reduce_sum(float((~finished).sum())) / n,
-            "empty_responses": empty,
+            "empty_responses": int(run.all_reduce_sum(empty)),
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
             "lr": scheduler.get_last_lr()[0],
             "time/generation": t_generation,
