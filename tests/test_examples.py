@@ -69,3 +69,29 @@ def test_ddp_runs_on_every_gpu():
     assert "ACCELERATE_USE_FSDP" not in env and "ACCELERATE_USE_DEEPSPEED" not in env
     cfg = load_config_from_file(str(EXAMPLES / "ddp.yaml"))
     assert cfg.gpu_ids == "all"
+
+
+def test_sharding_engines_refuse_what_they_cannot_do(tmp_path):
+    """DeepSpeed steps inside every backward (so no accumulation), and a sharded run cannot resume from a
+    checkpoint holding full weights and one process's optimizer state: both are clear errors up front."""
+    from types import SimpleNamespace
+
+    from alignlab.config import SFTConfig, build_config
+    from alignlab.errors import AlignlabError
+    from alignlab.train.loop import Run
+
+    def fake(kind: str) -> SimpleNamespace:
+        return SimpleNamespace(distributed_type=f"DistributedType.{kind}", is_main_process=True, process_index=0,
+                               num_processes=2, device="cpu")
+
+    cfg = build_config(SFTConfig, overrides={"output_dir": str(tmp_path / "a"), "grad_accum": 2})
+    with pytest.raises(AlignlabError, match="DeepSpeed keep grad_accum=1"):
+        Run(cfg, "sft", accelerator=fake("DEEPSPEED"))
+    run = Run(build_config(SFTConfig, overrides={"output_dir": str(tmp_path / "b")}), "sft",
+              accelerator=fake("FSDP"))
+    assert run.shards_weights and run.resume(None, None, None) == (0, {})  # nothing to resume: fine
+    (tmp_path / "b" / "checkpoints" / "step-1").mkdir()
+    with pytest.raises(AlignlabError, match="resuming under FSDP is not supported"):
+        run.resume(None, None, None)
+    assert not Run(build_config(SFTConfig, overrides={"output_dir": str(tmp_path / "c")}), "sft",
+                   accelerator=fake("MULTI_CPU")).shards_weights

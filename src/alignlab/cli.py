@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="the main job on the built-in default (fine-tune the real model, "
-                          "show its generations before and after)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo = sub.add_parser("demo", help="the main job: the lab on the built-in sentiment task with SmolLM2 (SFT, "
+                          "reward model, PPO, DPO, IPO, SimPO, rejection sampling, best-of-n) and its report",
+                          description="Run the lab (alignlab lab run) with the built-in defaults; every option "
+                          "below overrides one. The report goes to OUTPUT_ROOT/NAME/report.md and report.html.")
     from alignlab.demo import add_demo_arguments
 
     add_demo_arguments(demo)

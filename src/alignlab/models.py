@@ -400,15 +400,17 @@ def save_model(
     *,
     merge_lora: bool = True,
     extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save a model as a Hugging Face checkpoint folder (safetensors), atomically.
 
     A LoRA model is merged into full weights when ``merge_lora`` (the default, so the result loads anywhere
     without peft); otherwise only the adapter is saved. ``extra_files`` maps file names to text written
-    beside the weights (e.g. reward statistics).
+    beside the weights (e.g. reward statistics). ``state_dict``: the full weights gathered from a sharded
+    engine (FSDP, DeepSpeed ZeRO-3), saved instead of the module's own (sharded) tensors, unmerged.
     """
     out = Path(out)
-    if is_peft(model) and merge_lora:
+    if is_peft(model) and merge_lora and state_dict is None:
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
@@ -416,7 +418,7 @@ def save_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for fname, text in (extra_files or {}).items():

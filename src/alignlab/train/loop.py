@@ -209,14 +209,39 @@ class Run:
             (self.out / "checkpoints").mkdir(exist_ok=True)
             with open(self.out / "config.yaml", "w") as f:
                 yaml.safe_dump({"stage": stage, **config_to_dict(cfg)}, f, sort_keys=False)
+        if getattr(cfg, "offline", False):
+            from alignlab.models import set_offline
+
+            set_offline()
+        if self.engine == "DEEPSPEED" and cfg.grad_accum > 1:
+            # DeepSpeed steps its optimizer inside every backward, so our accumulation would step per micro-batch
+            raise AlignlabError("under DeepSpeed keep grad_accum=1 and raise batch_size instead", field="grad_accum")
         seed_everything(cfg.seed)
         self._install_signal_handlers()
 
     @property
+    def engine(self) -> str:
+        """accelerate's distributed type: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED`` …"""
+        return str(self.accelerator.distributed_type).split(".")[-1]
+
+    @property
     def shards_weights(self) -> bool:
         """True under engines that shard parameters between forward calls (FSDP, DeepSpeed): a weight may
-        then only be used inside the wrapped model's ``forward``."""
-        return str(self.accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        then only be used inside the wrapped model's ``forward``, and only a collective gathers them all."""
+        return self.engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+    def _trainable_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The trainable weights on the main process (None elsewhere). Under sharding engines every process
+        must take part in ``accelerator.get_state_dict``, which gathers the full tensors."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if self.shards_weights:
+            full = self.accelerator.get_state_dict(model)
+            return {n: t.detach().cpu().contiguous() for n, t in full.items() if n in names} if self.is_main \
+                else None
+        if not self.is_main:
+            return None
+        return {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if n in names}
 
     # -- logging ---------------------------------------------------------------------------------------
 
@@ -344,10 +369,8 @@ class Run:
         RNG states, ``extra`` (trainer state such as a KL controller) and a manifest of checksums."""
         self.accelerator.wait_for_everyone()
         path = None
-        if self.is_main:
-            unwrapped = self.accelerator.unwrap_model(model)
-            weights = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters()
-                       if p.requires_grad}
+        weights = self._trainable_weights(model)
+        if self.is_main and weights is not None:
             state = {
                 "step": step + 1,
                 "scheduler": scheduler.state_dict(),
@@ -377,6 +400,11 @@ class Run:
         state). A corrupted newest checkpoint is reported and the previous one used."""
         if self.cfg.resume == "never":
             return 0, {}
+        if self.shards_weights and (self.cfg.resume != "auto" or list_checkpoints(self.out / "checkpoints")):
+            # the checkpoint holds full weights and the main process's optimizer state, which sharded
+            # optimizers cannot load; stated here rather than resuming into a wrong state
+            raise AlignlabError(f"resuming under {self.engine} is not supported yet: start a new output_dir, or "
+                                "resume with DDP (examples/accelerate/ddp.yaml)", field="resume")
         if self.cfg.resume == "auto":
             found = find_valid_checkpoint(self.out / "checkpoints", warn=self.print)
             if found is None:
@@ -428,10 +456,11 @@ class Run:
 
         self.accelerator.wait_for_everyone()
         out = None
+        full = self.accelerator.get_state_dict(model) if self.shards_weights and self.cfg.save_final else None
         if self.is_main and self.cfg.save_final:
             unwrapped = self.accelerator.unwrap_model(model)
             out = save_model(unwrapped, tokenizer, self.out / name, merge_lora=self.cfg.merge_lora,
-                             extra_files=extra_files)
+                             extra_files=extra_files, state_dict=full)
         self.accelerator.wait_for_everyone()
         return out
 
