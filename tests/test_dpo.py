@@ -72,6 +72,7 @@ def fake_run():
     class FakeRun:
         device = torch.device("cpu")
         rank, world_size = 0, 1
+        shards_weights = False
 
         class accelerator:  # noqa: N801 - mimics Run.accelerator
             @staticmethod

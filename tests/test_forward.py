@@ -64,3 +64,30 @@ def test_loss_rows_path_equals_aligned_path_in_loss_and_gradients(tiny_tokenizer
             logits = model(torch.tensor([ids])).logits[0, :-1]
             want += float(torch.nn.functional.cross_entropy(logits, torch.tensor(lab[1:]), reduction="sum"))
     assert lb == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_rows_logps_equal_aligned_logps_in_value_and_gradient(tiny_tokenizer):
+    """DPO's head-on-loss-rows log-probs (chunked, checkpointed) equal the aligned layout's, with gradients."""
+    from alignlab.train.forward import collate_right, loss_rows_logps
+
+    model = load_model("tiny-random").train()
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21]]
+    labels = [[-100, -100, -100, 8, 9, 10], [-100, 12, 13], [-100] * 6 + [20, 21]]
+    pad = tiny_tokenizer.pad_token_id
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    results = []
+    for kind in ("aligned", "rows"):
+        model.zero_grad()
+        if kind == "aligned":
+            per_token = completion_logps(model, collate_aligned(seqs, labels, pad))
+        else:  # chunks of 2 rows: several checkpointed chunks
+            per_token = loss_rows_logps(model, collate_right(seqs, labels, pad), chunk_rows=2)
+        sums = per_token.sum(-1)
+        (sums * weights).sum().backward()
+        results.append((sums.detach(), [p.grad.clone() for p in model.parameters()]))
+    (sa, ga), (sb, gb) = results
+    assert torch.allclose(sa, sb, atol=1e-5)
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():  # no checkpointing without gradients; same numbers
+        assert torch.allclose(loss_rows_logps(model, collate_right(seqs, labels, pad)).sum(-1), sb, atol=1e-5)

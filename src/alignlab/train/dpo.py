@@ -64,8 +64,15 @@ from alignlab.errors import AlignlabError
 from alignlab.losses.common import row_chunks, selective_log_softmax
 from alignlab.losses.dpo import kto_kl_reference_point, kto_loss, preference_loss, rpo_sft_term
 from alignlab.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model
-from alignlab.train.forward import AlignedBatch, aligned_logits, collate_aligned
-from alignlab.train.loop import Run, make_optimizer, make_scheduler, micro_batches, plan_steps, resolve_precision
+from alignlab.train.forward import (
+    IGNORE,
+    AlignedBatch,
+    aligned_logits,
+    collate_aligned,
+    collate_right,
+    loss_rows_logps,
+)
+from alignlab.train.loop import Run, micro_batches, plan_steps, resolve_precision
 from alignlab.train.sft import prepare_policy, split_eval
 
 __all__ = [
@@ -371,12 +378,19 @@ def response_logps(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
 
 def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One forward over ``rows``: per-token response log-probs ``(n, k)``, their mask ``(n, k)`` and the number
+    """One forward over ``rows``: per-token response log-probs ``(n, k)``, their mask ``(n, k)`` (k: the padded
+    width of the layout used, see :func:`~alignlab.train.forward.loss_rows_logps`) and the number
     of real tokens."""
-    batch = collate_aligned([r[0] for r in rows], [r[1] for r in rows], pad).to(run.device)
+    seqs, labels = [r[0] for r in rows], [r[1] for r in rows]
+    if run.shards_weights:  # the head's weight only exists inside forward: the aligned layout slices there
+        batch = collate_aligned(seqs, labels, pad).to(run.device)
+        with run.accelerator.autocast():
+            token_logps = response_logps(model, batch)
+        return token_logps, batch.loss_mask, int(batch.attention_mask.sum())
+    padded = collate_right(seqs, labels, pad).to(run.device)
     with run.accelerator.autocast():
-        token_logps = response_logps(model, batch)
-    return token_logps, batch.loss_mask, int(batch.attention_mask.sum())
+        token_logps = loss_rows_logps(model, padded)
+    return token_logps, padded.targets != IGNORE, int(padded.attention_mask.sum())
 
 
 class Reference:
@@ -783,13 +797,9 @@ def train_dpo(cfg: DPOConfig) -> Path:
               f"(beta {default_beta(cfg)}{f', nll weight {nll_weight}' if nll_weight else ''}); "
               f"{len(train_set)} train / {len(eval_set)} eval {'examples' if kto else 'pairs'}; "
               f"{len(plan)} steps; {run.world_size} process(es)")
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, len(plan))
-    model, optimizer = run.accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler, start, _ = run.prepare_training(model, len(plan))
     if reference is not None and reference.adapter_of is not None:
         reference.adapter_of = model
-    start, _ = run.resume(model, optimizer, scheduler)
-    model.train()
 
     # -- the loop ---------------------------------------------------------------------------------------
     bar = run.progress(len(plan), start)
@@ -836,8 +846,4 @@ def train_dpo(cfg: DPOConfig) -> Path:
         bar.update(1)
         run.checkpoint_or_stop(step, len(plan), model, optimizer, scheduler)
 
-    final = run.save_final(model, tokenizer)
-    run.close()
-    if final is not None:
-        run.print(f"saved {final}")
-    return run.out
+    return run.finish(model, tokenizer)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from accelerate.utils import extract_model_from_parallel
 
 from alignlab.losses.common import selective_log_softmax
@@ -189,3 +190,37 @@ def loss_rows_cross_entropy(model: torch.nn.Module, batch: PaddedBatch) -> torch
     head = extract_model_from_parallel(model).get_output_embeddings()
     logits = head(hidden[rows])
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[rows], reduction="sum")
+
+
+def _head_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def loss_rows_logps(model: torch.nn.Module, batch: PaddedBatch, chunk_rows: int = 1024) -> torch.Tensor:
+    """Per-token log-probs ``(b, t - 1)`` (float32) of the targets, zero where there is no loss.
+
+    As :func:`loss_rows_cross_entropy`, the head runs on the loss positions only. The ``(n, v)`` logits are
+    never all held at once: each chunk of ``chunk_rows`` rows goes through the head and its log-softmax (in
+    float32, as preference losses difference sums of hundreds of log-probs) under activation checkpointing,
+    so the backward pass recomputes that chunk's logits instead of keeping them (on SmolLM2 with 8 DPO pairs
+    of ~500 tokens, the kept logits alone would be several GiB). Same caveat as the cross-entropy: plain and
+    DDP models only; FSDP/DeepSpeed use the aligned layout.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1,
+                output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1][:, :-1]
+    rows = batch.targets != IGNORE
+    picked, targets = hidden[rows], batch.targets[rows]
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    pieces = []
+    for start in range(0, picked.shape[0], chunk_rows):
+        h, t = picked[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(_head_token_logps, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_head_token_logps(head, h, t))
+    logps = torch.zeros(rows.shape, dtype=torch.float32, device=hidden.device)
+    if pieces:
+        logps = logps.masked_scatter(rows, torch.cat(pieces))
+    return logps

@@ -448,6 +448,26 @@ class Run:
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
 
+    def prepare_training(self, model: torch.nn.Module, total_steps: int) -> tuple[
+            torch.nn.Module, torch.optim.Optimizer, Any, int, dict[str, Any]]:
+        """The start every trainer shares: AdamW and its schedule over ``total_steps``, the accelerate
+        wrappers (DDP/FSDP/DeepSpeed), then the newest valid checkpoint when resuming. Returns (model,
+        optimizer, scheduler, first step, the checkpoint's extra trainer state)."""
+        optimizer = make_optimizer(model, self.cfg)
+        scheduler = make_scheduler(optimizer, self.cfg, total_steps)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        start, extra = self.resume(model, optimizer, scheduler)
+        model.train()
+        return model, optimizer, scheduler, start, extra
+
+    def finish(self, model: torch.nn.Module, tokenizer: Any, *, extra_files: dict[str, str] | None = None) -> Path:
+        """The end every trainer shares: save the final model, close the logs; returns the run folder."""
+        final = self.save_final(model, tokenizer, extra_files=extra_files)
+        self.close()
+        if final is not None:
+            self.print(f"saved {final}")
+        return self.out
+
     def save_final(self, model: torch.nn.Module, tokenizer: Any, *, extra_files: dict[str, str] | None = None,
                    name: str = "final") -> Path | None:
         """Save the trained model as a Hugging Face checkpoint folder (LoRA merged unless ``merge_lora``

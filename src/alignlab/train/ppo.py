@@ -76,7 +76,7 @@ from alignlab.losses.ppo import (
 from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer, resolve_model
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
 from alignlab.train.forward import AlignedBatch, aligned_logits, collate_aligned
-from alignlab.train.loop import Run, make_optimizer, make_scheduler
+from alignlab.train.loop import Run
 from alignlab.train.sft import prepare_policy, split_eval
 
 __all__ = [
@@ -582,15 +582,12 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     run.print(f"policy {cfg.model}: {trainable:,} trainable of {total:,} parameters (policy + value); reward "
               f"{scorer.name}; {len(train_prompts)} train / {len(eval_prompts)} eval prompts; rollout "
               f"{rollout_size * run.world_size} responses x {cfg.iterations} iterations; {run.world_size} process(es)")
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg.iterations * steps_per_iteration)
-    model, optimizer = run.accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler, start, extra = run.prepare_training(model, cfg.iterations * steps_per_iteration)
     if cfg.target_kl > 0:
         kl_controller: Any = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     else:
         kl_controller = FixedKLController(cfg.kl_coef)
     running = RunningMoments()
-    start, extra = run.resume(model, optimizer, scheduler)
     if extra:
         kl_controller.value = float(extra["kl_coef"])
         running.load(extra["running_scores"])
@@ -747,11 +744,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
                                extra={"kl_coef": float(kl_controller.value), "running_scores": running.state()})
 
     sampler.close()
-    final = run.save_final(run.accelerator.unwrap_model(model).policy, tokenizer)
-    run.close()
-    if final is not None:
-        run.print(f"saved {final}")
-    return run.out
+    return run.finish(run.accelerator.unwrap_model(model).policy, tokenizer)
 
 
 def update_micro_batch(model: torch.nn.Module, ro: Rollout, rows: list[int], minibatch_tokens: float, pad: int,

@@ -45,7 +45,7 @@ from alignlab.reward import (
     score_last_token,
     score_sequences,
 )
-from alignlab.train.loop import Run, make_optimizer, make_scheduler, micro_batches, plan_steps
+from alignlab.train.loop import Run, micro_batches, plan_steps
 from alignlab.train.sft import prepare_policy
 
 __all__ = [
@@ -447,12 +447,8 @@ def train_reward(cfg: RewardConfig) -> Path:
     responses = sum(len(e.sequences) for e in train_set)
     run.print(f"reward model {cfg.model}: {trainable:,} trainable of {total:,} parameters; {len(train_set)} "
               f"train prompts ({responses} responses) / {len(eval_set)} eval prompts; {run.world_size} process(es)")
-    optimizer = make_optimizer(model, cfg)
     plan = plan_steps(lengths, cfg, run.world_size)
-    scheduler = make_scheduler(optimizer, cfg, len(plan))
-    model, optimizer = run.accelerator.prepare(model, optimizer)
-    start, _ = run.resume(model, optimizer, scheduler)
-    model.train()
+    model, optimizer, scheduler, start, _ = run.prepare_training(model, len(plan))
     pad = tokenizer.pad_token_id
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -534,11 +530,7 @@ def train_reward(cfg: RewardConfig) -> Path:
             plot_histogram(run.out / "reward_hist.png", {"training responses": train_scores},
                            f"training rewards ({len(train_scores)} responses)")
         run.print(_summary(stats, eval_metrics if eval_set and eval_scores is not None else None))
-    final = run.save_final(model, tokenizer, extra_files={REWARD_STATS_FILE: json.dumps(stats, indent=2)})
-    run.close()
-    if final is not None:
-        run.print(f"saved {final}")
-    return run.out
+    return run.finish(model, tokenizer, extra_files={REWARD_STATS_FILE: json.dumps(stats, indent=2)})
 
 
 def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample], pad_token_id: int, run: Run,

@@ -26,7 +26,7 @@ from alignlab.train.forward import (
     loss_rows_cross_entropy,
     sum_token_cross_entropy,
 )
-from alignlab.train.loop import Run, make_optimizer, make_scheduler, micro_batches, plan_steps
+from alignlab.train.loop import Run, micro_batches, plan_steps
 
 
 def split_eval(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
@@ -117,12 +117,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     trainable, total = count_parameters(model)
     run.print(f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters; "
               f"{len(train_set)} train / {len(eval_set)} eval examples; {run.world_size} process(es)")
-    optimizer = make_optimizer(model, cfg)
     plan = plan_steps(lengths, cfg, run.world_size)
-    scheduler = make_scheduler(optimizer, cfg, len(plan))
-    model, optimizer = run.accelerator.prepare(model, optimizer)
-    start, _ = run.resume(model, optimizer, scheduler)
-    model.train()
+    model, optimizer, scheduler, start, _ = run.prepare_training(model, len(plan))
     pad = tokenizer.pad_token_id
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -167,8 +163,4 @@ def train_sft(cfg: SFTConfig) -> Path:
         bar.update(1)
         run.checkpoint_or_stop(step, len(plan), model, optimizer, scheduler)
 
-    final = run.save_final(model, tokenizer)
-    run.close()
-    if final is not None:
-        run.print(f"saved {final}")
-    return run.out
+    return run.finish(model, tokenizer)
