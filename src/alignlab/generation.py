@@ -39,6 +39,7 @@ class SamplingConfig:
     batch_size: int = 16
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # "bf16": decode under bf16 autocast (about 1.5x faster on CPUs with AVX512-BF16)
 
 
 @dataclass
@@ -101,7 +102,8 @@ def generate_from_ids(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequen
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     rng_ctx = torch.random.fork_rng(devices=[]) if sampling.seed is not None else nullcontext()
-    with rng_ctx:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=sampling.precision == "bf16")
+    with rng_ctx, autocast:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         for start in range(0, len(prompt_ids), sampling.batch_size):

@@ -18,6 +18,7 @@ from alignlab.lab.annotate import annotate
 from alignlab.lab.pipeline import Lab, LabConfig, _write_jsonl
 from alignlab.models import load_model, load_tokenizer
 from alignlab.tasks import Task
+from alignlab.train.loop import resolve_precision
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -50,7 +51,7 @@ class Context:
     def sampling(self, seed: int) -> SamplingConfig:
         # temperature 1: samples from the policy itself, so the KL estimate is unbiased
         return SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0,
-                              batch_size=self.cfg.gen_batch_size, seed=seed)
+                              batch_size=self.cfg.gen_batch_size, seed=seed, precision=resolve_precision("auto"))
 
     def sample(self, model_path: str, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
         """n samples per prompt (prompts already rendered as text)."""

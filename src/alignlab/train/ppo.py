@@ -76,7 +76,7 @@ from alignlab.losses.ppo import (
 from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer, resolve_model
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
 from alignlab.train.forward import AlignedBatch, aligned_logits, collate_aligned
-from alignlab.train.loop import Run
+from alignlab.train.loop import Run, resolve_precision
 from alignlab.train.sft import prepare_policy, split_eval
 
 __all__ = [
@@ -496,7 +496,7 @@ def evaluate_policy(model: torch.nn.Module, reference: torch.nn.Module | None, s
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0 if cfg.eval_greedy else
                               cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               batch_size=cfg.generation_batch_size or len(mine) or 1, seed=cfg.seed + 7919,
-                              stop_strings=unescape(cfg.stop_strings))
+                              stop_strings=unescape(cfg.stop_strings), precision=resolve_precision(cfg.precision))
     samples = generate_from_ids(policy, tokenizer, [prompt_ids[i] for i in mine], sampling)
     texts = [s.text for s in samples]
     scores = score_responses(scorer, [prompts[i] for i in mine], texts)
@@ -594,7 +594,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     model.train()
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k, batch_size=cfg.generation_batch_size or rollout_size,
-                              stop_strings=unescape(cfg.stop_strings))
+                              stop_strings=unescape(cfg.stop_strings), precision=resolve_precision(cfg.precision))
 
     # rollouts: hf generate on the live policy, or a vLLM engine whose weights are re-synced every iteration
     sampler = make_sampler(cfg.backend, run.accelerator.unwrap_model(model).policy, tokenizer,

@@ -203,8 +203,12 @@ def _scorer(cfg: SampleConfig) -> Any:
 
 
 def _sampling(cfg: SampleConfig, seed: int) -> SamplingConfig:
+    from alignlab.train.loop import resolve_precision
+
+    # rs decodes in its training precision (bf16 autocast where the CPU/GPU has it); bon has none: fp32
     return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          batch_size=cfg.gen_batch_size, seed=seed)
+                          batch_size=cfg.gen_batch_size, seed=seed,
+                          precision=resolve_precision(getattr(cfg, "precision", "fp32")))
 
 
 def _prompts(cfg: SampleConfig) -> list[Any]:
