@@ -53,7 +53,7 @@ Settings
 --------
 - ``matched``: both libraries in the same dtype (``fp32``, or ``bf16`` autocast with fp32 weights), no
   gradient checkpointing, the same truncation, batch size and no accumulation, the same optimizer
-  (``torch.optim.AdamW``, same lr and betas, no weight decay, clip 1.0, constant schedule), no
+  (``torch.optim.AdamW(fused=True)``, same lr and betas, no weight decay, clip 1.0, constant schedule), no
   logging/evaluation/saving inside the timed loop, and the *same batches in the same order*: TRL gets our step
   plan's records, in order, with a sequential sampler. For ``rm`` and ``dpo`` TRL gets our token ids (so both
   train on exactly the same tokens); the notes say how many examples TRL's own tokenization would have
@@ -862,7 +862,7 @@ def _ours_config(cls: type, spec: BenchSpec, **values: Any) -> Any:
 
 
 def _ours_settings(cfg: Any, **more: Any) -> dict[str, Any]:
-    return {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "torch.optim.AdamW",
+    return {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "torch.optim.AdamW(fused=True)",
             "schedule": cfg.schedule, "warmup_ratio": cfg.warmup_ratio, "lr": cfg.lr,
             "group_by_length": cfg.group_by_length, "batch_size": cfg.batch_size, **more}
 
@@ -897,7 +897,7 @@ def trl_args(spec: BenchSpec, matched: dict[str, Any] | None = None, **stage: An
     )
     if spec.settings == "matched":
         args.update(
-            bf16=spec.precision == "bf16", fp16=False, gradient_checkpointing=False, optim="adamw_torch",
+            bf16=spec.precision == "bf16", fp16=False, gradient_checkpointing=False, optim="adamw_torch_fused",
             learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, logging_strategy="no", disable_tqdm=True,
             train_sampling_strategy="sequential", model_init_kwargs={"dtype": torch.float32}, **(matched or {}),
