@@ -1,6 +1,6 @@
 """Prompt lists for the stages that generate (PPO, rejection sampling, best-of-n, ``generate``).
 
-Prompts come from a ``.txt`` file (one per non-empty line), a JSON/JSONL list of strings, or the prompts
+Prompts come from a ``.txt`` file (one per non-empty line), the ``prompt`` field of JSON/JSONL records, or the prompts
 of any instruction or preference file (Alpaca prompts become Alpaca-style instruction mappings, messages stay
 messages), or a built-in task's prompt split: ``task:sentiment:train`` / ``task:sentiment:eval`` (Alpaca
 mappings of the task's instruction and each opening, as the lab shows them).
