@@ -28,15 +28,21 @@ def _cmd(data: Path, out: Path, steps: int) -> list[str]:
             "eval_fraction=0", "progress=false", "lr=1e-3", "keep_checkpoints=2"]
 
 
-def _wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 300,
+              log: Path | None = None) -> None:
     start = time.time()
     while time.time() - start < timeout:
         if list(root.glob(path_glob)):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {path_glob} appeared")
+            raise AssertionError(f"the run ended before {path_glob} appeared: {_tail(log)}")
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {path_glob}")
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {path_glob} after {timeout} s: {_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text()[-3000:] if log is not None and log.exists() else ""
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -72,10 +78,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
     data = _data(tmp_path / "d.json")
     out = tmp_path / "term"
-    proc = subprocess.Popen(_cmd(data, out, 100000), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for("checkpoints/step-0000003", out, proc)
-    proc.send_signal(signal.SIGTERM)
-    err, _ = proc.communicate(timeout=120)
+    log = tmp_path / "term.log"
+    # output to a file, not a pipe: nobody reads a pipe until the end, and a full one would block the run
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(_cmd(data, out, 100000), stdout=sink, stderr=subprocess.STDOUT, text=True)
+        _wait_for("checkpoints/step-0000003", out, proc, log=log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 143, err[-2000:]
     assert "SIGTERM: checkpoint written at step" in err
     step = int(err.split("checkpoint written at step ")[1].split(";")[0])
