@@ -21,6 +21,18 @@ def pytest_addoption(parser):
                      help="rewrite tests/golden/*.json from this run (only after an intended numerical change)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): numbers that
+    do not depend on how many cores the machine has, and the same as each 1-thread torchrun process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from alignlab.models import load_tokenizer

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignlab.cli import main as cli_main
 
@@ -28,13 +27,7 @@ DDP_YAML = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "dd
 COMMON = ["model=tiny-random", "precision=fp32", "progress=false", "save_final=false", "warmup_ratio=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The in-process single-process runs on one thread, like each torchrun process (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

@@ -23,14 +23,7 @@ GOOD = ["great", "lovely", "happy", "wonderful", "good", "beautiful", "delightfu
 BAD = ["terrible", "boring", "awful", "hated", "long", "bad", "dull"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU spinning OpenMP threads turn a
-    50 ms step into seconds; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n: int, offset: int = 0) -> list[dict]:

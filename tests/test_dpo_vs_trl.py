@@ -32,7 +32,7 @@ import torch
 
 pytest.importorskip("trl")
 # TRL 1.16 defaults gradient_checkpointing=True, whose name transformers 5 deprecates: not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -49,14 +49,6 @@ GOOD = ["great", "lovely", "happy", "wonderful", "good", "beautiful"]
 BAD = ["terrible", "boring", "awful", "hated", "long", "bad"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU spinning OpenMP threads turn a
-    50 ms step into seconds; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _records(prompts: list[str]) -> list[dict]:

@@ -41,12 +41,7 @@ BAD = ["awful", "terrible", "boring", "bad", "long", "sad", "dull"]
 THINGS = ["movie", "film", "story", "music", "day", "ending", "book", "song"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _instructions() -> list[dict]:

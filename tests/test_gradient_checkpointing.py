@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignlab.config import DPOConfig, SFTConfig
 from alignlab.models import load_tokenizer
@@ -19,12 +18,7 @@ COMMON = dict(model="tiny-random", precision="fp32", progress=False, save_final=
               max_steps=3, batch_size=4, warmup_ratio=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(run: Path) -> list[dict]:
