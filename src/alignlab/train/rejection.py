@@ -225,17 +225,25 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     tmp.replace(path)
 
 
-def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any, seed: int,
-                        mode: str = "best", top_k: int = 1, threshold: float = 0.0,
-                        sampler: Sampler | None = None) -> dict[str, Any]:
-    """Sample n per prompt, score, select. Returns rows for samples.jsonl, the kept rows and counts."""
+def sample_and_score(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any, seed: int,
+                     sampler: Sampler | None = None) -> dict[str, Any]:
+    """n samples per prompt and their scores: ``prompts`` (the kept ones), ``indices`` (their positions in
+    ``prompts``), ``groups``, ``scores`` and the ``skipped`` counts."""
     groups, info = sample_n(model, tokenizer, prompts, cfg.n, _sampling(cfg, seed), cfg.template,
                             cfg.max_prompt_tokens, sampler)
-    kept_prompts = info.pop("kept_prompts")
-    indices = info.pop("kept_indices")
+    kept_prompts, indices = info.pop("kept_prompts"), info.pop("kept_indices")
     scores, bad = score_samples(scorer, kept_prompts, groups, cfg.on_bad_score)
+    return {"prompts": kept_prompts, "indices": indices, "groups": groups, "scores": scores,
+            "skipped": {**info, "bad score": bad}}
+
+
+def select_samples(sampled: dict[str, Any], tokenizer: Any, cfg: Any, mode: str = "best", top_k: int = 1,
+                   threshold: float = 0.0) -> dict[str, Any]:
+    """Add to :func:`sample_and_score`'s result the rows for samples.jsonl (every sample, ``kept`` marked) and
+    the kept rows (the SFT data)."""
     rows, kept = [], []
-    for p_index, (prompt, group, group_scores) in enumerate(zip(kept_prompts, groups, scores)):
+    for p_index, (prompt, group, group_scores) in enumerate(zip(sampled["prompts"], sampled["groups"],
+                                                                sampled["scores"])):
         valid = [i for i, s in enumerate(group_scores) if s is not None and math.isfinite(s)]
         chosen = {valid[i] for i in select([group_scores[i] for i in valid], mode=mode, top_k=top_k,
                                            threshold=threshold)} if valid else set()
@@ -246,8 +254,44 @@ def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg:
             rows.append(row)
             if i in chosen:
                 kept.append({"prompt": rendered, "completion": sample.text, "score": score})
-    return {"rows": rows, "kept": kept, "scores": scores, "groups": groups, "prompts": kept_prompts,
-            "indices": indices, "skipped": {**info, "bad score": bad}}
+    return {**sampled, "rows": rows, "kept": kept}
+
+
+def sample_score_select(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any, seed: int,
+                        mode: str = "best", top_k: int = 1, threshold: float = 0.0,
+                        sampler: Sampler | None = None, state: Any = None) -> dict[str, Any]:
+    """Sample n per prompt, score, select. Returns rows for samples.jsonl, the kept rows and counts.
+
+    With ``state`` (accelerate's process state) of several processes, each samples and scores every N-th
+    prompt with its own seed; the results are gathered back into prompt order and selected on every process,
+    so the result reads as one process's."""
+    if state is None or state.num_processes == 1:
+        return select_samples(sample_and_score(model, tokenizer, prompts, cfg, scorer, seed, sampler), tokenizer,
+                              cfg, mode, top_k, threshold)
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    try:
+        part = sample_and_score(model, tokenizer, [prompts[i] for i in mine], cfg, scorer,
+                                _shard_seed(seed, state.process_index), sampler)
+    except AlignlabError as e:
+        if e.field != "prompts":  # a process whose every prompt is too long (or that has none) still takes part
+            raise
+        part = {"prompts": [], "indices": [], "groups": [], "scores": [],
+                "skipped": {"prompt too long": len(mine), "bad score": 0}}
+    mine_kept = [(mine[i], p, g, sc) for i, p, g, sc in zip(part["indices"], part["prompts"], part["groups"],
+                                                               part["scores"])]
+    every = gather_object([(mine_kept, part["skipped"])])
+    merged = sorted((item for items, _ in every for item in items), key=lambda item: item[0])
+    if not merged:
+        raise AlignlabError(f"every prompt is longer than {cfg.max_prompt_tokens} tokens", field="prompts")
+    skipped: dict[str, int] = {}
+    for _, counts in every:
+        for key, value in counts.items():
+            skipped[key] = skipped.get(key, 0) + value
+    indices, kept_prompts, groups, scores = (list(column) for column in zip(*merged))
+    return select_samples({"prompts": kept_prompts, "indices": indices, "groups": groups, "scores": scores,
+                           "skipped": skipped}, tokenizer, cfg, mode, top_k, threshold)
 
 
 def _processes() -> Any:
@@ -267,52 +311,6 @@ def _shard_seed(seed: int, rank: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def sample_score_select_sharded(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any,
-                                seed: int, state: Any, sampler: Sampler | None = None, **select_kw: Any
-                                ) -> dict[str, Any]:
-    """:func:`sample_score_select` with every process taking every N-th prompt, gathered back into prompt order
-    on every process (so the result reads as one process's, with ``prompt_index`` counting kept prompts)."""
-    if state.num_processes == 1:
-        return sample_score_select(model, tokenizer, prompts, cfg, scorer, seed, sampler=sampler, **select_kw)
-    from accelerate.utils import gather_object
-
-    mine = list(range(state.process_index, len(prompts), state.num_processes))
-    try:
-        part = sample_score_select(model, tokenizer, [prompts[i] for i in mine], cfg, scorer,
-                                   _shard_seed(seed, state.process_index), sampler=sampler, **select_kw)
-    except AlignlabError as e:
-        if e.field != "prompts":  # a process whose every prompt is too long (or that has none) still takes part
-            raise
-        part = {"rows": [], "kept": [], "scores": [], "groups": [], "prompts": [], "indices": [],
-                "skipped": {"prompt too long": len(mine), "bad score": 0}}
-    # one block per kept prompt: its global index, rows, kept rows, scores, samples, prompt
-    blocks, rows_left, kept_left = [], list(part["rows"]), list(part["kept"])
-    for local, prompt in enumerate(part["prompts"]):
-        rows = [r for r in rows_left if r["prompt_index"] == local]
-        kept = kept_left[: sum(r["kept"] for r in rows)]
-        kept_left = kept_left[len(kept):]
-        blocks.append((mine[part["indices"][local]], rows, kept, part["scores"][local], part["groups"][local],
-                       prompt))
-    every = gather_object([(blocks, part["skipped"])])
-    merged = sorted((b for blocks_of_one, _ in every for b in blocks_of_one), key=lambda b: b[0])
-    if not merged:
-        raise AlignlabError(f"every prompt is longer than {cfg.max_prompt_tokens} tokens", field="prompts")
-    skipped: dict[str, int] = {}
-    for _, counts in every:
-        for key, value in counts.items():
-            skipped[key] = skipped.get(key, 0) + value
-    out: dict[str, Any] = {"rows": [], "kept": [], "scores": [], "groups": [], "prompts": [], "indices": [],
-                           "skipped": skipped}
-    for p_index, (index, rows, kept, scores, group, prompt) in enumerate(merged):
-        out["rows"] += [{**r, "prompt_index": p_index} for r in rows]
-        out["kept"] += kept
-        out["scores"].append(scores)
-        out["groups"].append(group)
-        out["prompts"].append(prompt)
-        out["indices"].append(index)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- bon
@@ -411,9 +409,8 @@ def run_rs(cfg: RSConfig) -> Path:
         model = load_model(policy, allow_pickle=cfg.allow_pickle).to(state.device)
         t0 = time.perf_counter()
         sampler = make_sampler(cfg.backend, model, tokenizer, checkpoint=_checkpoint(cfg.backend, policy))
-        result = sample_score_select_sharded(model, tokenizer, prompts, cfg, scorer, cfg.seed + r, state,
-                                             sampler=sampler, mode=cfg.select, top_k=cfg.top_k,
-                                             threshold=cfg.threshold)
+        result = sample_score_select(model, tokenizer, prompts, cfg, scorer, cfg.seed + r, mode=cfg.select,
+                                     top_k=cfg.top_k, threshold=cfg.threshold, sampler=sampler, state=state)
         sampler.close()
         del model, sampler
         if state.is_main_process:
