@@ -27,7 +27,7 @@ from alignlab.reward import (
     score_last_token,
 )
 from alignlab.train.loop import list_checkpoints
-from alignlab.train.reward import collate_rankings, encode_preferences, rewards_grid, train_reward
+from alignlab.train.reward import collate_rankings, encode_preferences, ranking_rewards, rewards_grid, train_reward
 
 GOOD = ["great", "wonderful", "lovely", "delightful", "beautiful", "happy"]
 BAD = ["awful", "terrible", "boring", "hated", "long", "bad"]
@@ -143,12 +143,13 @@ def test_kwise_loss_equals_mean_of_expanded_pairs(tiny_rm):
     records = [PreferenceRecord(**_ranking(rng, k), record=i + 1) for i, k in enumerate([4, 2, 3, 5])]
     examples, _ = encode_preferences(records, tok, template="none", max_length=128)
     with torch.no_grad():
-        batch = collate_rankings(examples, tok.pad_token_id)
-        rewards = rewards_grid(score_last_token(model, batch.input_ids, batch.attention_mask), batch.mask)
+        batch = collate_rankings(examples, tok.pad_token_id)  # each prompt encoded once
+        assert batch.encoded < batch.tokens
+        rewards = rewards_grid(ranking_rewards(model, batch), batch.mask)
         kwise = kwise_ranking_loss(rewards, mask=batch.mask)  # (b,)
         pairs = expand_to_pairs(records)
         pair_examples, _ = encode_preferences(pairs, tok, template="none", max_length=128)
-        pair_batch = collate_rankings(pair_examples, tok.pad_token_id)
+        pair_batch = collate_rankings(pair_examples, tok.pad_token_id, shared=False)  # one padded row each
         pair_rewards = rewards_grid(score_last_token(model, pair_batch.input_ids, pair_batch.attention_mask),
                                     pair_batch.mask)
         pair_losses = bradley_terry_loss(pair_rewards[:, 0], pair_rewards[:, 1])

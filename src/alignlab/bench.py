@@ -394,17 +394,23 @@ def ratios(ours: dict[str, Any], trl: dict[str, Any], keys: tuple[str, ...] = RA
 def compare_rankings(report: dict[str, Any]) -> dict[str, Any]:
     """``rm-kwise``: what the K-wise path saves over expanding rankings to pairs, over one epoch of the data.
 
-    ``token_factor`` = encoded tokens of the expanded pairs / of the K-wise examples (each answer once);
+    ``token_factor`` = tokens of the expanded pairs / of the K-wise examples, each sequence (prompt + answer)
+    counted whole, i.e. what a trainer that encodes every sequence separately would run (each answer once in
+    K-wise, K - 1 times as pairs); ``run_token_factor``: the same for the tokens our shared-prompt layout
+    actually runs (a prompt once per K-wise example, once per pair when expanded);
     ``epoch_s`` = those tokens / each run's measured tokens/s; ``speed_factor`` = pairs epoch / K-wise epoch
     (``= token_factor x`` the tokens/s ratio). The issue's target: ``speed_factor >= token_factor``, i.e. the
     K-wise batches are processed at least as fast per token as the pairs."""
     kwise, pairs = report["results"]["kwise"], report["results"]["pairs"]
     tokens = {"kwise": kwise["dataset"]["tokens"], "pairs": pairs["dataset"]["tokens"]}
+    encoded = {"kwise": kwise["dataset"].get("encoded_tokens"), "pairs": pairs["dataset"].get("encoded_tokens")}
     epoch = {name: tokens[name] / report["results"][name]["tokens_per_s"] for name in tokens}
     token_factor = tokens["pairs"] / tokens["kwise"]
     speed_factor = epoch["pairs"] / epoch["kwise"]
     return {
         "encoded_tokens_per_epoch": tokens,
+        "run_tokens_per_epoch": encoded,
+        "run_token_factor": encoded["pairs"] / encoded["kwise"] if encoded["kwise"] else None,
         "comparisons_per_epoch": kwise["dataset"]["pairs"],
         "token_factor": token_factor,
         "epoch_s_estimate": epoch,
@@ -672,6 +678,10 @@ def print_report(report: dict[str, Any]) -> None:
             f"tokens, pairs {tokens['pairs']:,} (token factor {comparison['token_factor']:.2f}x); estimated epoch "
             f"{epoch['kwise']:.1f} s vs {epoch['pairs']:.1f} s: speed factor {comparison['speed_factor']:.2f}x "
             f"(target >= token factor: {'met' if comparison['target_met'] else 'NOT met'})")
+        run = comparison.get("run_tokens_per_epoch") or {}
+        if run.get("kwise"):
+            console.print(f"tokens actually run with shared prompts: K-wise {run['kwise']:,}, pairs {run['pairs']:,} "
+                          f"(factor {comparison['run_token_factor']:.2f}x)")
     peaks = report.get("matmul_peak_flops")
     if peaks:
         console.print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
@@ -1166,6 +1176,14 @@ def reward_examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], lis
                         lambda item: encode_preferences([item], tokenizer, **encode)[0])
 
 
+def _encoded(example: Any) -> int:
+    """Tokens our trainer runs for one example: its shared prompt once, then each response."""
+    from alignlab.train.forward import split_shared_prefix
+
+    prefix, suffixes = split_shared_prefix(example.sequences)
+    return len(prefix) + sum(map(len, suffixes))
+
+
 def _comparisons(k: int) -> int:
     return k * (k - 1) // 2
 
@@ -1195,7 +1213,7 @@ def _ours_rm(spec: BenchSpec, *, expand_pairs: bool, batch_size: int = 0,
         step_counts={"pairs": [sum(_comparisons(sequences[i]) for i in step) for step in plan],
                      "sequences": [sum(sequences[i] for i in step) for step in plan]},
         dataset={"examples": len(examples), "pairs": sum(map(_comparisons, sequences)), "sequences": sum(sequences),
-                 "tokens": sum(len(e) for e in examples)},
+                 "tokens": sum(len(e) for e in examples), "encoded_tokens": sum(map(_encoded, examples))},
     )
 
 

@@ -4,10 +4,10 @@ unpaired feedback.
 The loop, top to bottom: load pairs (a ranking becomes all its pairs) -> tokenize each pair with an exact
 prompt/response boundary and apply the length policy (every cut and drop counted) -> load the policy (+LoRA)
 -> set up the reference -> plan every optimizer step -> for each step: this process's micro-batches, chosen and
-rejected rows in ONE forward (2b rows), log-probs of the response tokens only, the reference's log-probs of the
-same rows, the loss (mean over the pairs of the global batch, plus an optional NLL term per chosen token),
-backward, clip, step -> log rewards, margins, accuracies and KL to the reference, evaluate, checkpoint -> save
-the final model.
+rejected in ONE forward (each prompt encoded once, its two responses after it), log-probs of the response
+tokens only, the reference's log-probs of the same rows, the loss (mean over the pairs of the global batch,
+plus an optional NLL term per chosen token), backward, clip, step -> log rewards, margins, accuracies and KL
+to the reference, evaluate, checkpoint -> save the final model.
 
 Where the reference log-probs come from (:class:`Reference`):
 
@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -65,12 +65,12 @@ from alignlab.losses.common import row_chunks, selective_log_softmax
 from alignlab.losses.dpo import kto_kl_reference_point, kto_loss, preference_loss, rpo_sft_term
 from alignlab.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model
 from alignlab.train.forward import (
-    IGNORE,
     AlignedBatch,
     aligned_logits,
+    attention_crossover,
     collate_aligned,
-    collate_right,
-    loss_rows_logps,
+    collate_shared_prompt,
+    shared_prompt_logps,
 )
 from alignlab.train.loop import Run, micro_batches, plan_steps, resolve_precision
 from alignlab.train.sft import prepare_policy, split_eval
@@ -376,21 +376,48 @@ def response_logps(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
     return token_logps.float() * batch.loss_mask
 
 
-def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run
-               ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One forward over ``rows``: per-token response log-probs ``(n, k)``, their mask ``(n, k)`` (k: the padded
-    width of the layout used, see :func:`~alignlab.train.forward.loss_rows_logps`) and the number
-    of real tokens."""
+class Scored(NamedTuple):
+    """What :func:`score_rows` returns: per-token response log-probs ``(n, k)`` (float32, zero where ``mask``
+    is False), their ``mask`` ``(n, k)``, ``tokens`` (the rows' real tokens, as separate sequences) and
+    ``encoded`` (the tokens the forward ran: fewer when rows share a prompt)."""
+
+    token_logps: torch.Tensor
+    mask: torch.Tensor
+    tokens: int
+    encoded: int
+
+
+def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run) -> Scored:
+    """One forward over ``rows`` in their order, each distinct prompt encoded once.
+
+    Rows with the same prompt (a pair's chosen and rejected rows) are laid out as the prompt followed by each
+    response (:func:`~alignlab.train.forward.collate_shared_prompt`): every response attends to the prompt and
+    to itself only, so its log-probs are those of its own ``prompt + response`` row, while the prompt's tokens
+    go through the model once instead of once per response, and short groups share a row instead of being
+    padded. Where long responses would make rows so wide that attention costs more than the prompt saves,
+    they get their own copy of the prompt (:func:`~alignlab.train.forward.plan_segments`). Engines that shard
+    weights between calls (FSDP, DeepSpeed ZeRO-3) cannot run the LM head outside the model's forward; they get
+    one aligned row per sequence (:func:`response_logps`)."""
     seqs, labels = [r[0] for r in rows], [r[1] for r in rows]
-    if run.shards_weights:  # the head's weight only exists inside forward: the aligned layout slices there
+    if run.shards_weights:
         batch = collate_aligned(seqs, labels, pad).to(run.device)
         with run.accelerator.autocast():
             token_logps = response_logps(model, batch)
-        return token_logps, batch.loss_mask, int(batch.attention_mask.sum())
-    padded = collate_right(seqs, labels, pad).to(run.device)
+        tokens = int(batch.attention_mask.sum())
+        return Scored(token_logps, batch.loss_mask, tokens, tokens)
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, lab) in enumerate(rows):
+        start = next((j for j, t in enumerate(lab) if t != IGNORE_INDEX), len(lab))
+        by_prompt.setdefault(tuple(ids[:start]), []).append(i)
+    groups = [(list(prompt), [seqs[i][len(prompt):] for i in members]) for prompt, members in by_prompt.items()]
+    crossover = attention_crossover(run.accelerator.unwrap_model(model).config)
+    batch = collate_shared_prompt(groups, pad, crossover=crossover).to(run.device)
     with run.accelerator.autocast():
-        token_logps = loss_rows_logps(model, padded)
-    return token_logps, padded.targets != IGNORE, int(padded.attention_mask.sum())
+        token_logps = shared_prompt_logps(model, batch)
+    order = torch.tensor([i for members in by_prompt.values() for i in members], device=run.device)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(len(order), device=run.device)  # row i is response back[i] of the batch
+    return Scored(token_logps[back], batch.mask[back], batch.tokens, batch.encoded)
 
 
 class Reference:
@@ -416,9 +443,9 @@ class Reference:
         if self.adapter_of is not None:
             peft_model = run.accelerator.unwrap_model(self.adapter_of)
             with peft_model.disable_adapter():
-                token_logps, _, _ = score_rows(peft_model, rows, pad, run)
+                token_logps = score_rows(peft_model, rows, pad, run).token_logps
         else:
-            token_logps, _, _ = score_rows(self.model, rows, pad, run)
+            token_logps = score_rows(self.model, rows, pad, run).token_logps
         return token_logps.sum(-1)
 
 
@@ -449,7 +476,7 @@ def pair_terms(cfg: DPOConfig, model: torch.nn.Module, pairs: Sequence[PairExamp
     ``tokens`` (int).
     """
     rows = pair_rows(pairs)
-    token_logps, mask, tokens = score_rows(model, rows, pad, run)
+    token_logps, mask, tokens, encoded = score_rows(model, rows, pad, run)
     logps, lengths = token_logps.sum(-1), mask.sum(-1)
     b = len(pairs)
     reference_chosen = reference_rejected = None
@@ -465,6 +492,7 @@ def pair_terms(cfg: DPOConfig, model: torch.nn.Module, pairs: Sequence[PairExamp
         "policy_chosen": logps[:b], "policy_rejected": logps[b:], "reference_chosen": reference_chosen,
         "reference_rejected": reference_rejected, "chosen_lengths": lengths[:b],
         "chosen_token_logps": token_logps[:b], "chosen_mask": mask[:b], "tokens": tokens,
+        "encoded_tokens": encoded,
     }
 
 
@@ -475,11 +503,12 @@ def feedback_terms(cfg: DPOConfig, model: torch.nn.Module, examples: Sequence[Fe
     ``policy_chosen``/``policy_rejected`` the desirable/undesirable examples, plus ``kl_reference_point``.
     With ``sync`` (training) ``z0`` is averaged over processes, which then must all call this together."""
     rows = [_row(e.prompt_ids, e.completion_ids) for e in examples]
-    token_logps, mask, tokens = score_rows(model, rows, pad, run)
+    token_logps, mask, tokens, encoded = score_rows(model, rows, pad, run)
     logps, lengths = token_logps.sum(-1), mask.sum(-1)
     mismatched = kl_rows(examples, cfg.max_length)
     with torch.no_grad():
-        policy_kl = score_rows(model, mismatched, pad, run)[0].sum(-1)
+        kl_scored = score_rows(model, mismatched, pad, run)
+    policy_kl = kl_scored.token_logps.sum(-1)
     z0 = kto_kl_reference_point(policy_kl, reference.logps(mismatched, pad, run))
     if sync and run.world_size > 1:  # TRL averages the estimate over processes
         z0 = torch.as_tensor(run.gather_mean(float(z0)), device=run.device)
@@ -495,7 +524,7 @@ def feedback_terms(cfg: DPOConfig, model: torch.nn.Module, examples: Sequence[Fe
         "reference_chosen": reference_logps[desirable], "reference_rejected": reference_logps[~desirable],
         "chosen_lengths": lengths[desirable], "chosen_token_logps": token_logps[desirable],
         "chosen_mask": mask[desirable], "kl_reference_point": float(z0),
-        "tokens": tokens + sum(len(ids) for ids, _ in mismatched),
+        "tokens": tokens + kl_scored.tokens, "encoded_tokens": encoded + kl_scored.encoded,
     }
 
 
@@ -521,6 +550,7 @@ def add_to_sums(sums: Counter, terms: dict[str, Any], nll_weight: float) -> None
         sums["kl_reference_point"] += terms["kl_reference_point"]
         sums["micro_batches"] += 1
     sums["tokens"] += terms["tokens"]
+    sums["encoded_tokens"] += terms["encoded_tokens"]
 
 
 def summarize(sums: Counter, run: Run, cfg: DPOConfig) -> dict[str, float]:
@@ -577,6 +607,7 @@ def evaluate_preferences(cfg: DPOConfig, model: torch.nn.Module, examples: Seque
         add_to_sums(sums, terms, sft_weight(cfg))
     model.train()
     sums.pop("tokens", None)
+    sums.pop("encoded_tokens", None)
     return {f"eval_{k}": v for k, v in summarize(sums, run, cfg).items()}
 
 
@@ -834,8 +865,10 @@ def train_dpo(cfg: DPOConfig) -> Path:
         # -- log, evaluate, checkpoint ------------------------------------------------------------------
         seconds = time.perf_counter() - t0
         tokens = run.all_reduce_sum(sums.pop("tokens"))
+        encoded = run.all_reduce_sum(sums.pop("encoded_tokens"))
         metrics: dict[str, Any] = summarize(sums, run, cfg)
         metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens=int(tokens),
+                       encoded_tokens=int(encoded),
                        tokens_per_s=tokens / seconds, s_per_step=seconds)
         if run.should_eval(step, len(plan)) and eval_set:
             metrics.update(evaluate_preferences(cfg, model, eval_set, reference, pad, run))

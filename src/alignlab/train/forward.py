@@ -1,5 +1,10 @@
 """Batches laid out so the LM head only runs where a loss is taken, and the log-probs of those tokens.
 
+Three layouts: right-padded rows with the head on the gathered loss rows (SFT, :func:`loss_rows_cross_entropy`);
+shared prompts (DPO, KTO and reward models, :func:`collate_shared_prompt`: each prompt encoded once, its
+responses after it, groups packed into rows); and the aligned layout below, the fallback for engines that shard
+weights between calls (FSDP, DeepSpeed ZeRO-3), where the head cannot run outside the model's forward.
+
 Layout ("aligned" batches): each row is left-padded so that its first loss token sits at the same column
 for every row, and right-padded to a common length. The positions that predict loss tokens are then the
 last ``k`` columns for every row, so the model's own ``logits_to_keep=k`` argument slices the hidden states
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -197,30 +203,245 @@ def _head_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torc
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def loss_rows_logps(model: torch.nn.Module, batch: PaddedBatch, chunk_rows: int = 1024) -> torch.Tensor:
-    """Per-token log-probs ``(b, t - 1)`` (float32) of the targets, zero where there is no loss.
+# --------------------------------------------------------------------------- shared prompts: each prompt encoded once
 
-    As :func:`loss_rows_cross_entropy`, the head runs on the loss positions only. The ``(n, v)`` logits are
-    never all held at once: each chunk of ``chunk_rows`` rows goes through the head and its log-softmax (in
-    float32, as preference losses difference sums of hundreds of log-probs) under activation checkpointing,
-    so the backward pass recomputes that chunk's logits instead of keeping them (on SmolLM2 with 8 DPO pairs
-    of ~500 tokens, the kept logits alone would be several GiB). Same caveat as the cross-entropy: plain and
-    DDP models only; FSDP/DeepSpeed use the aligned layout.
+
+@dataclass
+class SharedPromptBatch:
+    """Groups of responses to one prompt, laid out so that each prompt is encoded once.
+
+    A *segment* is a prompt followed by all of its responses; each response token attends (causally) to its own
+    prompt and to the earlier tokens of its own response only, and its position ids continue from the end of the
+    prompt, so every response gets exactly the hidden states it would get as its own ``prompt + response``
+    sequence. Segments are packed into rows (first fit, longest first), so short groups share a row instead of
+    being padded to the longest; a group whose responses are long may be split among several copies of its
+    prompt (:func:`plan_segments`), as attention grows with the row width. Pad columns attend to earlier pad
+    columns only.
+
+    Shapes: ``input_ids``, ``position_ids``: ``(r, t)``; ``attention_mask``: ``(r, 1, t, t)`` bool (True:
+    attend), passed to the model as a ready 4D mask; ``last``: ``(n,)`` the flat index (``row * t + column``)
+    of each response's last token, responses listed group by group; ``predictors``: ``(n, k)`` the flat index
+    of the position whose hidden state predicts each response token (0 where ``mask`` is False); ``targets``,
+    ``mask``: ``(n, k)`` the response tokens and which are real (a response's first token has no predictor when
+    its prompt is empty).
     """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1,
-                output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states[-1][:, :-1]
-    rows = batch.targets != IGNORE
-    picked, targets = hidden[rows], batch.targets[rows]
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last: torch.Tensor
+    predictors: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    tokens: int
+    encoded: int
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        return SharedPromptBatch(
+            self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device),
+            self.last.to(device), self.predictors.to(device), self.targets.to(device), self.mask.to(device),
+            self.tokens, self.encoded,
+        )
+
+
+def split_shared_prefix(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """``(prefix, suffixes)``: the longest common prefix of ``sequences``, kept one token short of the
+    shortest so that every suffix is non-empty (its last token is where a reward model reads its score)."""
+    shortest = min(len(s) for s in sequences)
+    n = 0
+    while n < shortest - 1 and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return list(sequences[0][:n]), [list(s[n:]) for s in sequences]
+
+
+def pack_rows(widths: Sequence[int], cap: int | None = None) -> list[list[int]]:
+    """Indices of ``widths`` packed into rows no wider than ``cap`` (default: the widest), first fit, widest
+    first."""
+    cap = max(widths) if cap is None else cap
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(widths)), key=lambda j: -widths[j]):
+        slot = next((r for r, room in enumerate(free) if room >= widths[i]), None)
+        if slot is None:
+            rows.append([i])
+            free.append(cap - widths[i])
+        else:
+            rows[slot].append(i)
+            free[slot] -= widths[i]
+    return rows
+
+
+def attention_crossover(config: Any) -> int:
+    """The row width at which attention costs as much per token as the rest of a layer, for a model config.
+
+    Per token and layer, the projections and MLP cost ``2 x`` their parameters in FLOPs and attention over a
+    row of width ``W`` costs ``4 x W x d`` (scores and weighted values; CPU attention kernels compute masked-out
+    blocks too), so a row of width ``W`` costs ``1 + W / crossover`` times its projections. On SmolLM2-135M
+    this gives 3,070; a fit to measured forward+backward times of DPO batches gave about 2,600.
+    """
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    mlp = 3 * d * config.intermediate_size  # gated MLP (Llama family); close enough for others
+    per_layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + mlp
+    return max(1, int(0.85 * per_layer / (2 * d)))
+
+
+def plan_segments(groups: Sequence[tuple[int, Sequence[int]]], crossover: int | None
+                  ) -> tuple[list[tuple[int, list[int]]], int]:
+    """Split each group (``prompt length``, ``response lengths``) into segments (a copy of the prompt and some
+    of its responses) no wider than a row width ``W``, and choose ``W`` to minimise the estimated cost
+    ``cells x (1 + W / crossover)`` of the packed rows. Sharing a prompt among more responses saves its tokens
+    but widens the rows, and attention grows with the width: long responses are better in rows of their own,
+    short ones after one shared prompt. ``crossover`` None: every group is one segment.
+
+    Returns ``([(group, [response indices]), ...], W)``."""
+    whole = [p + sum(rs) for p, rs in groups]
+    if crossover is None:
+        return [(g, list(range(len(rs)))) for g, (_, rs) in enumerate(groups)], max(whole)
+    narrowest = max(p + max(rs) for p, rs in groups)  # every response with its prompt must fit
+    best: tuple[float, list[tuple[int, list[int]]], int] | None = None
+    for width in sorted({narrowest, *(w for w in whole if w > narrowest)}):
+        segments, widths = [], []
+        for g, (p, rs) in enumerate(groups):
+            current, used = [], p
+            for j, m in enumerate(rs):
+                if current and used + m > width:
+                    segments.append((g, current))
+                    widths.append(used)
+                    current, used = [], p
+                current.append(j)
+                used += m
+            segments.append((g, current))
+            widths.append(used)
+        cells = len(pack_rows(widths, width)) * width
+        cost = cells * (1 + width / crossover)
+        if best is None or cost < best[0]:
+            best = (cost, segments, width)
+    assert best is not None
+    return best[1], best[2]
+
+
+def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                          pad_token_id: int, crossover: int | None = None) -> SharedPromptBatch:
+    """Lay out ``groups`` of ``(prompt_ids, [response_ids, ...])`` as a :class:`SharedPromptBatch`.
+
+    With ``crossover`` (:func:`attention_crossover` of the model), a group's responses may be split among
+    several copies of its prompt when that is cheaper (:func:`plan_segments`); without it each group is one
+    segment. Responses must be non-empty; the prompt may be empty (then each response's first token is not
+    scored)."""
+    if any(len(r) == 0 for _, rs in groups for r in rs):
+        raise ValueError("a response is empty")
+    segments, t = plan_segments([(len(p), [len(r) for r in rs]) for p, rs in groups], crossover)
+    widths = [len(groups[g][0]) + sum(len(groups[g][1][j]) for j in js) for g, js in segments]
+    rows = pack_rows(widths, t)
+    n = sum(len(rs) for _, rs in groups)
+    k = max(len(r) for _, rs in groups for r in rs)
+    input_ids = torch.full((len(rows), t), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), t), dtype=torch.long)
+    segment = torch.full((len(rows), t), -1, dtype=torch.long)  # which segment a column belongs to (-1: pad)
+    part = torch.full((len(rows), t), -1, dtype=torch.long)  # 0: the prompt, j: response j (1-based)
+    last = torch.zeros(n, dtype=torch.long)
+    predictors = torch.zeros((n, k), dtype=torch.long)
+    targets = torch.zeros((n, k), dtype=torch.long)
+    mask = torch.zeros((n, k), dtype=torch.bool)
+    first_response = [0]
+    for _, rs in groups:
+        first_response.append(first_response[-1] + len(rs))
+    for r, members in enumerate(rows):
+        col = 0
+        for s in members:
+            g, js = segments[s]
+            prompt, responses = groups[g]
+            p = len(prompt)
+            input_ids[r, col : col + p] = torch.as_tensor(list(prompt), dtype=torch.long)
+            position_ids[r, col : col + p] = torch.arange(p)
+            segment[r, col : col + p] = s
+            part[r, col : col + p] = 0
+            start = col + p
+            for j in js:
+                m, i = len(responses[j]), first_response[g] + j
+                input_ids[r, start : start + m] = torch.as_tensor(list(responses[j]), dtype=torch.long)
+                position_ids[r, start : start + m] = torch.arange(p, p + m)
+                segment[r, start : start + m] = s
+                part[r, start : start + m] = j + 1
+                flat = r * t + start
+                last[i] = flat + m - 1
+                targets[i, :m] = input_ids[r, start : start + m]
+                predictors[i, 1:m] = torch.arange(flat, flat + m - 1)
+                mask[i, 1:m] = True
+                if p > 0:
+                    predictors[i, 0] = r * t + col + p - 1
+                    mask[i, 0] = True
+                start += m
+            col = start
+    q_segment, kv_segment = segment.unsqueeze(-1), segment.unsqueeze(-2)
+    q_part, kv_part = part.unsqueeze(-1), part.unsqueeze(-2)
+    causal = torch.ones((t, t), dtype=torch.bool).tril()
+    attention_mask = causal & (q_segment == kv_segment) & ((kv_part == 0) | (q_part == kv_part))
+    tokens = sum(len(p) * len(rs) + sum(len(x) for x in rs) for p, rs in groups)
+    return SharedPromptBatch(input_ids, position_ids, attention_mask.unsqueeze(1), last, predictors, targets, mask,
+                             tokens, sum(widths))
+
+
+def shared_prompt_hidden(model: torch.nn.Module, batch: SharedPromptBatch) -> torch.Tensor:
+    """The final (normed) hidden states ``(r * t, d)`` of a :class:`SharedPromptBatch`, flattened so that
+    ``batch.last`` and ``batch.predictors`` index them."""
+    extra = {"logits_to_keep": 1} if _is_causal_lm(model) else {}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                output_hidden_states=True, use_cache=False, **extra)
+    hidden = out.hidden_states[-1]
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return extract_model_from_parallel(model).get_output_embeddings() is not None
+
+
+def shared_prompt_logps(model: torch.nn.Module, batch: SharedPromptBatch, chunk_rows: int = 1024) -> torch.Tensor:
+    """Per-token log-probs ``(n, k)`` (float32) of every response token, zero where ``batch.mask`` is False:
+    the LM head runs on response positions only, in checkpointed chunks
+    (:func:`_chunked_token_logps`), and each prompt is encoded once for all of its responses."""
+    hidden = shared_prompt_hidden(model, batch)
     head = extract_model_from_parallel(model).get_output_embeddings()
+    picked = _chunked_token_logps(head, hidden[batch.predictors[batch.mask]], batch.targets[batch.mask], chunk_rows)
+    logps = torch.zeros(batch.mask.shape, dtype=torch.float32, device=hidden.device)
+    return logps.masked_scatter(batch.mask, picked) if picked.numel() else logps
+
+
+def _chunked_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int) -> torch.Tensor:
+    """``log p(target)`` (float32) for each row of ``hidden`` ``(n, d)``.
+
+    The ``(n, v)`` logits are never all held at once: each chunk of ``chunk_rows`` rows goes through the head
+    and its log-softmax (in float32, as preference losses difference sums of hundreds of log-probs) under
+    activation checkpointing when gradients are on, so the backward pass recomputes that chunk's logits
+    instead of keeping them (on SmolLM2 with 8 DPO pairs of ~500 tokens, the kept logits alone would be
+    several GiB)."""
     pieces = []
-    for start in range(0, picked.shape[0], chunk_rows):
-        h, t = picked[start : start + chunk_rows], targets[start : start + chunk_rows]
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
         if torch.is_grad_enabled():
             pieces.append(torch.utils.checkpoint.checkpoint(_head_token_logps, head, h, t, use_reentrant=False))
         else:
             pieces.append(_head_token_logps(head, h, t))
-    logps = torch.zeros(rows.shape, dtype=torch.float32, device=hidden.device)
-    if pieces:
-        logps = logps.masked_scatter(rows, torch.cat(pieces))
-    return logps
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def shared_prompt_scores(model: torch.nn.Module, batch: SharedPromptBatch) -> torch.Tensor:
+    """Reward-model scores ``(n,)`` (float32): the score head at each response's last token, each prompt
+    encoded once for all of its responses. ``model`` is an ``AutoModelForSequenceClassification`` with one
+    label (its own pooled output is not used: it would read one position per row)."""
+    hidden = shared_prompt_hidden(model, batch)
+    head = score_head(model)
+    return head(hidden[batch.last])[:, 0].float()
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The score head of a sequence-classification model (through DDP and PEFT wrappers)."""
+    inner = extract_model_from_parallel(model)
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no score head")
+    return head

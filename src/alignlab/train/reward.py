@@ -4,7 +4,9 @@ The loop, top to bottom: load preference pairs and rankings -> hold out whole so
 expand every ranking into its K(K-1)/2 pairs) -> encode every response as ``prompt_ids + completion_ids`` ->
 load the model with a scalar score head (+LoRA, head trained too) -> plan every optimizer step (one example =
 one prompt with its K responses) -> for each step: per micro-batch, all its responses go through one
-right-padded forward, the rewards are reshaped to ``(b, k)`` with a mask (prompts with different K share a
+forward with each prompt encoded once (``train/forward.py: collate_shared_prompt``: a prompt's responses
+follow it in one row and attend to it and to themselves only; short prompts' groups share rows), the rewards
+are reshaped to ``(b, k)`` with a mask (prompts with different K share a
 batch), the K-wise ranking loss (InstructGPT; equal to Bradley-Terry for pairs) is summed over prompts and
 divided by the global batch's prompt count (plus the centring term over its response count), so
 accumulation and multiple processes give the gradient of one big batch -> backward, clip, step -> log,
@@ -45,6 +47,13 @@ from alignlab.reward import (
     score_last_token,
     score_sequences,
 )
+from alignlab.train.forward import (
+    SharedPromptBatch,
+    attention_crossover,
+    collate_shared_prompt,
+    shared_prompt_scores,
+    split_shared_prefix,
+)
 from alignlab.train.loop import Run, micro_batches, plan_steps
 from alignlab.train.sft import prepare_policy
 
@@ -54,6 +63,7 @@ __all__ = [
     "RewardExample",
     "batch_sums",
     "collate_rankings",
+    "ranking_rewards",
     "encode_preferences",
     "evaluate_reward",
     "rewards_grid",
@@ -246,26 +256,49 @@ def split_by_record(records: list[PreferenceRecord], fraction: float, seed: int)
 
 @dataclass
 class RankingBatch:
-    """A micro-batch of ``b`` prompts with up to ``k`` responses each, encoded as one right-padded batch.
+    """A micro-batch of ``b`` prompts with up to ``k`` responses each.
 
-    Shapes: ``input_ids``, ``attention_mask``: ``(n, t)`` with ``n`` = the number of real responses, listed
-    prompt by prompt, best first; ``mask``: ``(b, k)`` bool, True on real responses; ``margins``: ``(b, k)``
-    margin scores or None.
+    Two layouts of the same ``n`` responses (listed prompt by prompt, best first): ``shared`` (each prompt
+    encoded once, :class:`~alignlab.train.forward.SharedPromptBatch`), or, when ``shared`` is None, every
+    response as its own ``prompt + response`` row of the right-padded ``input_ids``, ``attention_mask``
+    ``(n, t)`` (for engines that shard weights between calls, where the score head cannot be applied outside
+    the model's forward). ``mask``: ``(b, k)`` bool, True on real responses; ``margins``: ``(b, k)`` margin
+    scores or None; ``tokens``: the tokens of the ``n`` sequences as separate rows (the data's size, whatever
+    the layout); ``encoded``: the tokens the forward actually runs (padding excluded).
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    shared: SharedPromptBatch | None
     mask: torch.Tensor
     margins: torch.Tensor | None
+    tokens: int
+    encoded: int
 
     def to(self, device: torch.device | str) -> RankingBatch:
-        margins = None if self.margins is None else self.margins.to(device)
-        return RankingBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device), margins)
+        def move(x: Any) -> Any:
+            return None if x is None else x.to(device)
+
+        return RankingBatch(move(self.input_ids), move(self.attention_mask), move(self.shared), self.mask.to(device),
+                            move(self.margins), self.tokens, self.encoded)
 
 
-def collate_rankings(examples: list[RewardExample], pad_token_id: int) -> RankingBatch:
-    """All responses of ``examples`` in one right-padded batch, with the ``(b, k)`` mask of real slots."""
-    input_ids, attention_mask = pad_right([s for e in examples for s in e.sequences], pad_token_id)
+def collate_rankings(examples: list[RewardExample], pad_token_id: int, *, shared: bool = True,
+                     crossover: int | None = None) -> RankingBatch:
+    """All responses of ``examples`` in one batch (with ``shared``, prompts encoded once and responses packed
+    into rows, split among copies of their prompt where ``crossover`` says it is cheaper, see
+    :func:`~alignlab.train.forward.plan_segments`; else one padded row per response), with the ``(b, k)``
+    mask of real slots."""
+    sequences = [s for e in examples for s in e.sequences]
+    tokens = sum(len(s) for s in sequences)
+    input_ids = attention_mask = packed = None
+    if shared:
+        packed = collate_shared_prompt([split_shared_prefix(e.sequences) for e in examples], pad_token_id,
+                                       crossover=crossover)
+        encoded = packed.encoded
+    else:
+        input_ids, attention_mask = pad_right(sequences, pad_token_id)
+        encoded = tokens
     k = max(len(e.sequences) for e in examples)
     mask = torch.zeros((len(examples), k), dtype=torch.bool)
     for row, e in enumerate(examples):
@@ -276,7 +309,14 @@ def collate_rankings(examples: list[RewardExample], pad_token_id: int) -> Rankin
         for row, e in enumerate(examples):
             if e.margins is not None:
                 margins[row, : len(e.margins)] = torch.tensor(e.margins, dtype=torch.float32)
-    return RankingBatch(input_ids, attention_mask, mask, margins)
+    return RankingBatch(input_ids, attention_mask, packed, mask, margins, tokens, encoded)
+
+
+def ranking_rewards(model: torch.nn.Module, batch: RankingBatch) -> torch.Tensor:
+    """The ``(n,)`` float32 rewards of a :class:`RankingBatch`'s responses, in its order."""
+    if batch.shared is not None:
+        return shared_prompt_scores(model, batch.shared)
+    return score_last_token(model, batch.input_ids, batch.attention_mask)
 
 
 def rewards_grid(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -344,15 +384,21 @@ def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_t
     """
     from accelerate.utils import gather_object
 
-    mine = list(range(run.rank, len(examples), run.world_size))
-    sequences = [s for i in mine for s in examples[i].sequences]
-    with full_precision(run, model):
-        flat = score_sequences(model, sequences, pad_token_id, batch_size=batch_size, device=run.device)
-    scored, position = [], 0
-    for i in mine:
-        k = len(examples[i].sequences)
-        scored.append((i, flat[position : position + k]))
-        position += k
+    mine = sorted(range(run.rank, len(examples), run.world_size), key=lambda i: len(examples[i]))
+    scored = []
+    was_training = model.training
+    model.eval()
+    with full_precision(run, model), torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            batch = collate_rankings([examples[i] for i in chunk], pad_token_id, shared=not run.shards_weights,
+                                     crossover=attention_crossover(run.accelerator.unwrap_model(model).config))
+            flat, position = ranking_rewards(model, batch.to(run.device)).tolist(), 0
+            for i in chunk:
+                k = len(examples[i].sequences)
+                scored.append((i, flat[position : position + k]))
+                position += k
+    model.train(was_training)
     if run.world_size > 1:
         scored = gather_object(scored)
     per_example: list[list[float]] = [[] for _ in examples]
@@ -450,6 +496,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     plan = plan_steps(lengths, cfg, run.world_size)
     model, optimizer, scheduler, start, _ = run.prepare_training(model, len(plan))
     pad = tokenizer.pad_token_id
+    crossover = attention_crossover(run.accelerator.unwrap_model(model).config)
 
     # -- the loop -------------------------------------------------------------------------------------------
     eval_scores: list[list[float]] | None = None
@@ -462,10 +509,11 @@ def train_reward(cfg: RewardConfig) -> Path:
         sums: Counter[str] = Counter()  # summed over micro-batches, then over processes
         ok = True
         for n, idx in enumerate(mine):
-            batch = collate_rankings([train_set[i] for i in idx], pad).to(run.device)
+            batch = collate_rankings([train_set[i] for i in idx], pad, shared=not run.shards_weights,
+                                     crossover=crossover).to(run.device)
             with run.accumulate(model, last=n == len(mine) - 1):
                 with run.accelerator.autocast():
-                    flat = score_last_token(model, batch.input_ids, batch.attention_mask)  # (n,)
+                    flat = ranking_rewards(model, batch)  # (n,)
                 rewards = rewards_grid(flat, batch.mask)  # (b, k), best first
                 ranking = kwise_ranking_loss(rewards, mask=batch.mask, scores=batch.margins).sum()
                 centring = cfg.center_rewards_coef * (flat**2).sum()
@@ -474,7 +522,7 @@ def train_reward(cfg: RewardConfig) -> Path:
                 ok = run.check_finite(loss, step) and ok
                 run.accelerator.backward(loss)
             sums.update(ranking=float(ranking.detach()), centring=float(centring.detach()),
-                        tokens=int(batch.attention_mask.sum()),
+                        tokens=batch.tokens, encoded_tokens=batch.encoded,
                         **batch_sums(rewards.detach(), batch.mask))
         grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
         if not ok:
@@ -492,6 +540,7 @@ def train_reward(cfg: RewardConfig) -> Path:
             "grad_norm": grad_norm,
             "lr": scheduler.get_last_lr()[0],
             "tokens": int(total_sums["tokens"]),
+            "encoded_tokens": int(total_sums["encoded_tokens"]),
             "tokens_per_s": total_sums["tokens"] / seconds,
             "s_per_step": seconds,
         }
