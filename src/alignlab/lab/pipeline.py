@@ -70,14 +70,15 @@ class LabConfig:
     sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
     sft_lr: float = opt(5e-4, "SFT learning rate")
     # preference data
-    k_annotate: int = opt(4, "answers sampled per training prompt for the annotators to rank")
+    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank")
     annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
     # reward model
-    rm_steps: int = opt(12, "reward-model optimizer steps")
+    rm_steps: int = opt(24, "reward-model optimizer steps")
     rm_lr: float = opt(1e-3, "reward-model learning rate")
+    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
     # DPO family
-    dpo_steps: int = opt(12, "optimizer steps for dpo, ipo and simpo")
-    dpo_lr: float = opt(5e-4, "learning rate for dpo, ipo and simpo")
+    dpo_steps: int = opt(16, "optimizer steps for dpo, ipo and simpo")
+    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
     dpo_beta: float = opt(0.1, "beta of dpo and ipo")
     # PPO
     ppo_iterations: int = opt(6, "PPO iterations (rollouts)")
@@ -85,7 +86,7 @@ class LabConfig:
     ppo_lr: float = opt(5e-4, "PPO learning rate")
     ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
     # rejection sampling / best-of-n
-    rs_n: int = opt(4, "samples per prompt in rejection sampling")
+    rs_n: int = opt(6, "samples per prompt in rejection sampling")
     rs_steps: int = opt(6, "SFT steps on the kept samples")
     rs_lr: float = opt(5e-4, "rejection-sampling fine-tuning learning rate")
     bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")

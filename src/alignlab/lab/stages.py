@@ -112,8 +112,7 @@ class Context:
 
         cfg = RewardConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
                            template="none", max_steps=self.cfg.rm_steps, lr=self.cfg.rm_lr, eval_fraction=0.2,
-                           max_length=256, **{**self.train_common(folder), "batch_size": max(1, self.cfg.batch_size
-                                                                                           // self.cfg.k_annotate)})
+                           max_length=256, **{**self.train_common(folder), "batch_size": self.cfg.rm_batch_size})
         run = train_reward(cfg)
         stats_file = run / "eval_stats.json"
         evals = json.loads(stats_file.read_text()) if stats_file.exists() else {}
