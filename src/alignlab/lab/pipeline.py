@@ -73,7 +73,7 @@ class LabConfig:
     k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank")
     annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
     # reward model
-    rm_steps: int = opt(24, "reward-model optimizer steps")
+    rm_steps: int = opt(48, "reward-model optimizer steps")
     rm_lr: float = opt(1e-3, "reward-model learning rate")
     rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
     # DPO family
