@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.models import load_model
+from alignlab.models import load_model, load_tokenizer
 from alignlab.train.forward import collate_aligned, completion_logps
 
 
@@ -110,12 +110,10 @@ GROUPS = [  # (prompt, responses): different prompt lengths, K from 1 to 3, an e
 
 
 def _separate(model, prompt, response):
-    """Log-probs of ``response`` and the model's final hidden state at its last token, from the one sequence
-    ``prompt + response`` run alone."""
+    """Log-probs of ``response`` from the one sequence ``prompt + response`` run alone."""
     ids = torch.tensor([prompt + response])
-    out = model(ids, output_hidden_states=True)
-    logp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
-    return logp[max(0, len(prompt) - 1):], out.hidden_states[-1][0, -1]
+    logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[max(0, len(prompt) - 1):]
 
 
 def test_shared_prompt_layout_packs_and_masks():
@@ -172,7 +170,7 @@ def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer,
     i, total = 0, 0.0
     for prompt, responses in groups:
         for response in responses:
-            want, _ = _separate(lm, prompt, response)
+            want = _separate(lm, prompt, response)
             have = got[i][batch.mask[i]]
             assert torch.allclose(have, want, atol=1e-5), (i, have, want)
             total = total + want.sum()
@@ -181,16 +179,10 @@ def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer,
     for a, b in zip(shared_grads, [p.grad for p in lm.parameters()]):
         assert torch.allclose(a, b, atol=1e-5)
 
-    tok = prepare_reward_tokenizer(load_tokenizer_for_rm())
+    tok = prepare_reward_tokenizer(load_tokenizer("tiny-random"))
     rm = load_model("tiny-random", head="score", tokenizer=tok).eval()
     with torch.no_grad():
         scores = shared_prompt_scores(rm, collate_shared_prompt(groups, tok.pad_token_id, crossover=crossover)).tolist()
         want = [rm(torch.tensor([p + r])).logits[0, 0].item() for p, rs in groups for r in rs]
     assert scores == pytest.approx(want, abs=1e-5)
     assert len({round(s, 4) for s in scores}) == len(scores)
-
-
-def load_tokenizer_for_rm():
-    from alignlab.models import load_tokenizer
-
-    return load_tokenizer("tiny-random")

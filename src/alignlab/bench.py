@@ -396,8 +396,8 @@ def compare_rankings(report: dict[str, Any]) -> dict[str, Any]:
 
     ``token_factor`` = tokens of the expanded pairs / of the K-wise examples, each sequence (prompt + answer)
     counted whole, i.e. what a trainer that encodes every sequence separately would run (each answer once in
-    K-wise, K - 1 times as pairs); ``run_token_factor``: the same for the tokens our shared-prompt layout
-    actually runs (a prompt once per K-wise example, once per pair when expanded);
+    K-wise, K - 1 times as pairs); ``run_token_factor``: the same with every prompt encoded once per example (a
+    prompt once per K-wise example, once per pair when expanded), the most our shared-prompt layout saves;
     ``epoch_s`` = those tokens / each run's measured tokens/s; ``speed_factor`` = pairs epoch / K-wise epoch
     (``= token_factor x`` the tokens/s ratio). The issue's target: ``speed_factor >= token_factor``, i.e. the
     K-wise batches are processed at least as fast per token as the pairs."""
@@ -680,8 +680,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"(target >= token factor: {'met' if comparison['target_met'] else 'NOT met'})")
         run = comparison.get("run_tokens_per_epoch") or {}
         if run.get("kwise"):
-            console.print(f"tokens actually run with shared prompts: K-wise {run['kwise']:,}, pairs {run['pairs']:,} "
-                          f"(factor {comparison['run_token_factor']:.2f}x)")
+            console.print(f"tokens with each example's prompt encoded once: K-wise {run['kwise']:,}, "
+                          f"pairs {run['pairs']:,} (factor {comparison['run_token_factor']:.2f}x)")
     peaks = report.get("matmul_peak_flops")
     if peaks:
         console.print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
@@ -1177,7 +1177,9 @@ def reward_examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], lis
 
 
 def _encoded(example: Any) -> int:
-    """Tokens our trainer runs for one example: its shared prompt once, then each response."""
+    """Tokens of one example with its prompt encoded once, then each response: what our trainer runs when
+    it keeps the example in one segment (it may split a group with long responses among prompt copies, see
+    ``plan_segments``, so this is the most the layout can save)."""
     from alignlab.train.forward import split_shared_prefix
 
     prefix, suffixes = split_shared_prefix(example.sequences)

@@ -386,13 +386,14 @@ def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_t
 
     mine = sorted(range(run.rank, len(examples), run.world_size), key=lambda i: len(examples[i]))
     scored = []
+    crossover = attention_crossover(run.accelerator.unwrap_model(model).config)
     was_training = model.training
     model.eval()
     with full_precision(run, model), torch.no_grad():
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             batch = collate_rankings([examples[i] for i in chunk], pad_token_id, shared=not run.shards_weights,
-                                     crossover=attention_crossover(run.accelerator.unwrap_model(model).config))
+                                     crossover=crossover)
             flat, position = ranking_rewards(model, batch.to(run.device)).tolist(), 0
             for i in chunk:
                 k = len(examples[i].sequences)
