@@ -37,6 +37,41 @@ def test_generation_is_seeded_and_batch_independent(tiny_tokenizer):
     assert all(len(s.response_ids) <= 8 for s in a)
 
 
+def test_inverse_cdf_sampling_draws_from_the_tempered_softmax():
+    """Plain sampling goes through our processor: token frequencies match softmax(logits / T), and a
+    token with zero probability is never drawn."""
+    import torch
+
+    from alignlab.generation import _InverseCDFSampling
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    for temperature in (1.0, 0.5):
+        picked = _InverseCDFSampling(temperature)(None, logits).argmax(-1)
+        freq = torch.bincount(picked, minlength=5).double() / len(picked)
+        expected = torch.softmax(logits[0].double() / temperature, -1)
+        assert freq[3] == 0
+        assert torch.allclose(freq, expected, atol=0.012), (freq, expected)
+
+
+def test_plain_sampling_follows_the_model_distribution(tiny_tokenizer):
+    """End to end through generate: first tokens sampled many times follow the model's next-token softmax."""
+    import torch
+
+    model = load_model("tiny-random")
+    ids = tiny_tokenizer("The movie", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    top = probs.topk(3)
+    samples = generate(model, tiny_tokenizer, ["The movie"] * 3000,
+                       SamplingConfig(max_new_tokens=1, temperature=1.0, seed=0, batch_size=1000), template="none")
+    pad = tiny_tokenizer.pad_token_id  # a drawn pad token is cut from the response
+    first = torch.tensor([s.response_ids[0] if s.response_ids else pad for s in samples])
+    for p, token in zip(top.values, top.indices):
+        p = float(p)
+        assert abs(float((first == token).double().mean()) - p) < 4 * (p * (1 - p) / 3000) ** 0.5 + 0.005
+
+
 # ----------------------------------------------------------------------------------------------- backends
 
 

@@ -170,6 +170,45 @@ def test_shared_backbone_logits_match_the_policy(tiny_tokenizer):
     assert values.shape == batch.loss_mask.shape
 
 
+def test_shared_prompt_rollouts_give_the_aligned_numbers(tiny_tokenizer):
+    """Rows sharing a prompt, encoded after one copy of it, give the old log-probs, entropies, values and reference
+    log-probs of the aligned layout (fp32), with a shared value head and with a separate critic; and the
+    training forward (the update's) agrees as well."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from alignlab.train.forward import attention_crossover
+    from alignlab.train.ppo import prompt_groups, rollout_forward
+
+    torch.manual_seed(0)
+    policy = load_model("tiny-random")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # the policy has moved away from the reference
+    reference = load_model("tiny-random").eval()
+    critic = load_model("tiny-random", head="score", tokenizer=tiny_tokenizer)
+    prompts = [[1, 5, 6]] * 3 + [[1, 7]] + [[1, 9, 9, 4]] * 2
+    responses = [[8, 9, 2], [10], [11, 12, 13, 14], [15, 16], [17], [18, 19, 20]]
+    assert prompt_groups(prompts) == [[0, 1, 2], [3], [4, 5]]
+    run = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m, autocast=nullcontext),
+                          device=torch.device("cpu"))
+    cfg = PPOConfig(batch_size=4, temperature=0.7)
+    crossover = attention_crossover(policy.config)
+    for model in (PolicyAndValue(policy, value_head=torch.nn.Linear(policy.config.hidden_size, 1)),
+                  PolicyAndValue(policy, critic=critic)):
+        model.eval()
+        aligned = rollout_forward(model, reference, prompts, responses, 0, cfg, run)
+        shared = rollout_forward(model, reference, prompts, responses, 0, cfg, run, crossover)
+        for a, b in zip(aligned, shared):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        assert aligned[0].abs().sum() > 0 and not torch.allclose(aligned[0], aligned[3])
+        with torch.no_grad():
+            batch = collate_rollout(prompts, responses, 0, crossover)
+            logits, values = model(**batch.inputs, keep=batch.keep, predictors=batch.predictors)
+        assert torch.allclose(values * batch.loss_mask, shared[2], atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- learning
 
 
@@ -189,6 +228,18 @@ def test_toy_task_ppo_raises_the_reward(tmp_path, prompts_file):
     assert logged <= set().union(*rows)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {"prompt", "response", "score"} <= set(samples[0]) and {s["split"] for s in samples} == {"train", "eval"}
+
+
+def test_several_responses_per_prompt_learn_the_toy_task(tmp_path, prompts_file):
+    """responses_per_prompt=4: 8 prompts x 4 responses per rollout, each prompt encoded once in the forward passes
+    (micro-batches of 8 under gradient accumulation); the reward still rises."""
+    cfg = _cfg(tmp_path, "k4", prompts_file, iterations=24, kl_coef=0.01, eval_fraction=0.0, responses_per_prompt=4,
+               share_backbone=True, batch_size=16, grad_accum=2)
+    train = _train_rows(_metrics(train_ppo(cfg, reward=frac_e)))
+    first, last = _mean(r["score"] for r in train[:4]), _mean(r["score"] for r in train[-4:])
+    assert first < 0.15 and last > 2 * first + 0.05, (first, last)
+    with pytest.raises(AlignlabError, match="multiple of responses_per_prompt"):
+        train_ppo(_cfg(tmp_path, "k5", prompts_file, responses_per_prompt=5), reward=frac_e)
 
 
 def test_adaptive_kl_keeps_kl_near_its_target(tmp_path, prompts_file):

@@ -94,13 +94,13 @@ def test_nan_reward_is_an_error_or_a_counted_skip(tmp_path, reward_file):
 
 def test_two_rounds_raise_the_reward_and_resume(tmp_path, reward_file):
     prompts = tmp_path / "p.txt"
-    train = [f"Review {i}:" for i in range(12)]
+    train = [f"Review {i}:" for i in range(24)]
     prompts.write_text("\n".join(train))
     held_file = tmp_path / "held.txt"
     held_file.write_text("\n".join(f"Opinion {i}:" for i in range(48)))
-    overrides = dict(model="tiny-random", reward=f"{reward_file}:spaces", prompts=str(prompts), n=6,
+    overrides = dict(model="tiny-random", reward=f"{reward_file}:spaces", prompts=str(prompts), n=8,
                      eval_prompts=str(held_file),
-                     max_new_tokens=12, template="none", output_dir=str(tmp_path / "rs"), rounds=2, max_steps=8,
+                     max_new_tokens=12, template="none", output_dir=str(tmp_path / "rs"), rounds=2, max_steps=12,
                      batch_size=6, lr=5e-3, warmup_ratio=0, eval_fraction=0, progress=False, precision="fp32")
     final = run_rs(build_config(RSConfig, overrides=overrides))
     tokenizer = load_tokenizer("tiny-random")

@@ -114,6 +114,20 @@ def test_score_sits_on_the_last_real_token(tiny_rm):
     assert tok.pad_token_id != tok.eos_token_id
 
 
+def test_scorer_encodes_a_shared_prompt_once_with_the_same_scores(tiny_rm):
+    """Several responses per prompt (best-of-n, rejection sampling) are scored with each prompt encoded once;
+    the scores equal scoring every pair alone, in fp32, whatever the grouping and order."""
+    scorer = ModelScorer(*tiny_rm, template="none", max_length=64, batch_size=5)
+    prompts = ["Review: the film", "Review: the film", "Another prompt here", "Review: the film",
+               "Another prompt here", "Lonely prompt", "Review: the film"]
+    responses = ["was great.", "was awful and long.", "Fine", "was great.", "Not fine at all", "ok", "w"]
+    shared = scorer.score(prompts, responses)
+    alone = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert len(set(round(a, 4) for a in alone)) >= 5
+    assert shared == pytest.approx(alone, abs=1e-5)
+    assert shared[0] == pytest.approx(shared[3], abs=1e-6)  # the same pair, two places in the batch
+
+
 def test_pad_equal_to_eos_is_fixed_or_refused(tiny_rm):
     _, tok = tiny_rm
     other = load_tokenizer("tiny-random")

@@ -326,6 +326,9 @@ class PPOConfig(TrainConfig):
     iterations: int = opt(20, "PPO iterations (rollout -> score -> advantages -> update)")
     num_mini_batches: int = opt(1, "optimizer steps per PPO epoch over the rollout")
     ppo_epochs: int = opt(4, "passes over each rollout")
+    responses_per_prompt: int = opt(1, "responses sampled per prompt in a rollout (> 1: the rollout holds "
+                                    "rollout/k prompts, and each prompt is encoded once for its k responses in the "
+                                    "forward passes)")
     max_new_tokens: int = opt(64, "longest response in tokens")
     temperature: float = opt(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
     top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")

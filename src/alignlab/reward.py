@@ -32,6 +32,7 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,8 @@ class ModelScorer(Scorer):
         stats: training reward statistics (``mean``, ``std``) for ``normalize``.
         normalize: return ``(r - mean) / std``.
         name: shown in messages.
+        precision: ``"fp32"`` or ``"bf16"`` (forward passes under bf16 autocast: about 1.5x faster on CPUs
+            with native bf16; scores move by bf16 rounding, ~1e-2).
     """
 
     def __init__(
@@ -283,6 +286,7 @@ class ModelScorer(Scorer):
         stats: dict[str, Any] | None = None,
         normalize: bool = False,
         name: str = "reward model",
+        precision: str = "fp32",
     ) -> None:
         self.tokenizer = prepare_reward_tokenizer(tokenizer)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -300,6 +304,7 @@ class ModelScorer(Scorer):
             raise AlignlabError(f"normalize needs the reward statistics ({REWARD_STATS_FILE}) of the model",
                                 file=name)
         self.normalize = normalize
+        self.precision = precision
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """The token ids the model scores for one (prompt, response) pair."""
@@ -324,13 +329,49 @@ class ModelScorer(Scorer):
                 raise AlignlabError(f"{self.name}: item {index}: {error.message}", field=error.field) from error
         if not sequences:
             return []
-        scores = score_sequences(self.model, sequences, self.tokenizer.pad_token_id,
-                                 batch_size=self.batch_size, device=self.device)
+        bf16 = self.precision == "bf16"
+        autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(prompt if isinstance(prompt, str) else json.dumps(prompt), []).append(index)
+        if len(groups) < len(sequences):  # several responses per prompt (best-of-n, rejection sampling)
+            scores = self._score_shared(sequences, list(groups.values()), autocast)
+        else:
+            scores = score_sequences(self.model, sequences, self.tokenizer.pad_token_id,
+                                     batch_size=self.batch_size, device=self.device, autocast=autocast)
         if self.normalize:
             assert self.stats is not None
             mean, std = float(self.stats["mean"]), max(float(self.stats["std"]), 1e-8)
             scores = [(s - mean) / std for s in scores]
         return scores
+
+    @torch.no_grad()
+    def _score_shared(self, sequences: list[list[int]], groups: list[list[int]], autocast: Any) -> list[float]:
+        """Score sequences group by group (the indices of one prompt's responses), each group's common prefix
+        encoded once (:func:`alignlab.train.forward.collate_shared_prompt`: the same scores as one sequence at a
+        time); about ``batch_size`` responses per forward pass, whole groups."""
+        from alignlab.train.forward import (
+            attention_crossover,
+            collate_shared_prompt,
+            shared_prompt_scores,
+            split_shared_prefix,
+        )
+
+        crossover = attention_crossover(self.model.config)
+        out = [0.0] * len(sequences)
+        chunk: list[list[int]] = []
+        for g, members in enumerate(groups):
+            chunk.append(members)
+            if g + 1 < len(groups) and sum(map(len, chunk)) + len(groups[g + 1]) <= self.batch_size:
+                continue
+            batch = collate_shared_prompt([split_shared_prefix([sequences[i] for i in m]) for m in chunk],
+                                          self.tokenizer.pad_token_id, crossover)
+            with autocast():
+                scores = shared_prompt_scores(self.model, batch.to(self.device)).tolist()
+            for i, value in zip([i for m in chunk for i in m], scores):
+                out[i] = value
+            chunk = []
+        return out
 
 
 class FunctionScorer(Scorer):
@@ -419,6 +460,7 @@ def load_scorer(
     max_length: int | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    precision: str = "fp32",
 ) -> Scorer:
     """A :class:`Scorer` from a reward-model folder or a Python function.
 
@@ -433,6 +475,8 @@ def load_scorer(
         max_length: override the recorded max_length (default: recorded, else 1024).
         allow_pickle: allow pickle-based weights (unsafe with untrusted files).
         trust_remote_code: let transformers run code shipped with the checkpoint.
+        precision: a reward model's forward precision, ``fp32`` or ``bf16`` (autocast); ``auto`` = bf16 where
+            the hardware has it.
 
     Raises:
         AlignlabError: a missing folder or module, a checkpoint that is not a reward model, a function that
@@ -444,7 +488,8 @@ def load_scorer(
         module_name, _, function_name = spec.rpartition(":")
         return FunctionScorer(_load_function(module_name, function_name, spec), spec)
     return _load_model_scorer(spec, batch_size=batch_size, device=device, normalize=normalize, template=template,
-                              max_length=max_length, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                              max_length=max_length, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              precision=precision)
 
 
 def _load_function(module_name: str, function_name: str, spec: str) -> Callable[..., Any]:
@@ -481,8 +526,10 @@ def _load_function(module_name: str, function_name: str, spec: str) -> Callable[
 
 
 def _load_model_scorer(spec: str, *, batch_size: int, device: Any, normalize: bool, template: str | None,
-                       max_length: int | None, allow_pickle: bool, trust_remote_code: bool) -> ModelScorer:
+                       max_length: int | None, allow_pickle: bool, trust_remote_code: bool,
+                       precision: str) -> ModelScorer:
     from alignlab.models import load_model, load_tokenizer, resolve_model
+    from alignlab.train.loop import resolve_precision
 
     ref = Path(resolve_model(spec))
     _check_is_reward_model(ref, spec)
@@ -504,6 +551,7 @@ def _load_model_scorer(spec: str, *, batch_size: int, device: Any, normalize: bo
         stats=stats,
         normalize=normalize,
         name=spec,
+        precision=resolve_precision(precision),
     )
 
 

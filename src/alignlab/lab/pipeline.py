@@ -39,8 +39,9 @@ from alignlab.errors import AlignlabError
 ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
 MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
     "sft": "1 (policy)",
-    "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA)",
-    "ppo_nokl": "3-4 roles: policy, reward, value (no reference needed at beta = 0, kept for logging)",
+    "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
+           "head on the policy with ppo_share_backbone)",
+    "ppo_nokl": "4 roles, as ppo (the reference is not needed at beta = 0; kept for logging the KL)",
     "dpo": "2: policy, reference (adapter-off policy with LoRA)",
     "ipo": "2: policy, reference (adapter-off policy with LoRA)",
     "simpo": "1: policy (reference-free)",
@@ -80,11 +81,16 @@ class LabConfig:
     dpo_steps: int = opt(16, "optimizer steps for dpo, ipo and simpo")
     dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
     dpo_beta: float = opt(0.1, "beta of dpo and ipo")
+    dpo_batch_size: int = opt(16, "preference pairs per dpo, ipo and simpo step")
     # PPO
     ppo_iterations: int = opt(6, "PPO iterations (rollouts)")
     ppo_rollout: int = opt(32, "responses per PPO rollout")
     ppo_lr: float = opt(5e-4, "PPO learning rate")
     ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
+    ppo_epochs: int = opt(2, "PPO passes over each rollout")
+    ppo_responses_per_prompt: int = opt(1, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
+    ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
+                                   "model (about half the update's compute)")
     # rejection sampling / best-of-n
     rs_n: int = opt(6, "samples per prompt in rejection sampling")
     rs_steps: int = opt(6, "SFT steps on the kept samples")
@@ -214,13 +220,15 @@ def run_lab(cfg: LabConfig) -> Path:
     lab.stage("reward_model", {**common, "steps": cfg.rm_steps, "lr": cfg.rm_lr}, ["preferences"],
               ctx.reward_model)
     lab.stage("eval_sft", {**common}, ["sft", "reward_model"], ctx.evaluate_sft)
+    ppo_params = {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr,
+                  "epochs": cfg.ppo_epochs, "share_backbone": cfg.ppo_share_backbone,
+                  "responses_per_prompt": cfg.ppo_responses_per_prompt}
     method_params = {
-        "ppo": {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr,
-                "kl_coef": cfg.ppo_kl_coef},
-        "ppo_nokl": {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr, "kl_coef": 0.0},
-        "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta},
-        "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta},
-        "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr},
+        "ppo": {**ppo_params, "kl_coef": cfg.ppo_kl_coef},
+        "ppo_nokl": {**ppo_params, "kl_coef": 0.0},
+        "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta, "pairs_per_step": cfg.dpo_batch_size},
+        "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta, "pairs_per_step": cfg.dpo_batch_size},
+        "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "pairs_per_step": cfg.dpo_batch_size},
         "rs": {"n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
         "bon": {"n": cfg.bon_n},
     }

@@ -128,9 +128,10 @@ class Context:
         tokenizer = load_tokenizer(self.sft_model)
         reference = load_model(self.sft_model)
         policy = load_model(policy_path) if policy_path else None
+        proxy = load_scorer(self.rm_path, precision="auto")
         result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
                                   reference=reference, pad_token_id=tokenizer.pad_token_id,
-                                  proxy_scorer=load_scorer(self.rm_path), baseline_gold=baseline_gold)
+                                  proxy_scorer=proxy, baseline_gold=baseline_gold)
         result.update(extra or {})
         _write_jsonl(folder / "samples.jsonl", [
             {"prompt": p, "response": s.text, "gold": g} for p, s, g in
@@ -172,7 +173,8 @@ class Context:
         c = self.cfg
         cfg = PPOConfig(model=self.sft_model, prompts=self.prompts_file(folder), eval_fraction=0.0,
                         reward_model=self.rm_path, kl_coef=kl_coef, iterations=c.ppo_iterations,
-                        num_mini_batches=max(1, c.ppo_rollout // c.batch_size), ppo_epochs=2,
+                        num_mini_batches=max(1, c.ppo_rollout // c.batch_size), ppo_epochs=c.ppo_epochs,
+                        share_backbone=c.ppo_share_backbone, responses_per_prompt=c.ppo_responses_per_prompt,
                         max_new_tokens=c.max_new_tokens, template="none", lr=c.ppo_lr,
                         log_samples=c.ppo_rollout, generation_batch_size=c.gen_batch_size,
                         reward_normalization="stats", **{**self.train_common(folder),
@@ -187,7 +189,7 @@ class Context:
                 gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
                 curve.append({"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
                               "kl": m["kl"], "length": m.get("response_length")})
-        steps = c.ppo_iterations * 2 * max(1, c.ppo_rollout // c.batch_size)
+        steps = c.ppo_iterations * c.ppo_epochs * max(1, c.ppo_rollout // c.batch_size)
         return {"model": str(run / "final"), "optimizer_steps": steps, "samples": c.ppo_iterations * c.ppo_rollout,
                 "curve": curve}
 
@@ -199,7 +201,7 @@ class Context:
         beta = c.dpo_beta if loss in ("dpo", "ipo") else 0.0  # 0 = the loss's own default (SimPO: 2.0)
         cfg = DPOConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
                         template="none", loss=loss, beta=beta, max_steps=c.dpo_steps, lr=c.dpo_lr, max_length=256,
-                        eval_fraction=0.0, **self.train_common(folder))
+                        eval_fraction=0.0, **{**self.train_common(folder), "batch_size": c.dpo_batch_size})
         run = train_dpo(cfg)
         metrics = _read_jsonl(run / "metrics.jsonl")
         return {"model": str(run / "final"), "optimizer_steps": len(metrics),
@@ -226,7 +228,7 @@ class Context:
 
         n = self.cfg.bon_n
         groups = self.sample(self.sft_model, self.eval_prompts, n, seed=self.cfg.seed + 11)
-        scorer = load_scorer(self.rm_path)
+        scorer = load_scorer(self.rm_path, precision="auto")
         curve, chosen = [], []
         proxy = [scorer.score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
         gold = [self.task.gold_score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]

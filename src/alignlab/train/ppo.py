@@ -21,8 +21,9 @@ checkpoint that holds both.
 
 One iteration, top to bottom (:func:`train_ppo`):
 
-1. **rollout**: sample one response per prompt with the KV cache (:mod:`alignlab.generation`); each is cut at
-   its first EOS (kept) or stop string, and marked unfinished when it hit ``max_new_tokens`` first;
+1. **rollout**: sample ``responses_per_prompt`` responses per prompt (default one) with the KV cache
+   (:mod:`alignlab.generation`); each is cut at its first EOS (kept) or stop string, and marked unfinished when
+   it hit ``max_new_tokens`` first;
 2. **score**: the reward on the (prompt, response text) pairs, checked (count, finite);
 3. **no-grad forward**: old log-probs and entropy (policy), values (critic), reference log-probs, once per
    rollout and batched: the update reuses them;
@@ -38,7 +39,10 @@ Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF wi
 
 Response layout: a rollout's rows are "aligned" batches (:mod:`alignlab.train.forward`): prompts left-padded
 so every response starts at column 0 of the kept columns; per-token tensors are ``(b, t)`` with
-``mask[i] = [1] * len(response_i) + [0] * ...``. The LM head only ever runs on response positions.
+``mask[i] = [1] * len(response_i) + [0] * ...``. The LM head only ever runs on response positions. With
+``responses_per_prompt > 1`` a prompt's responses follow one copy of it under a 4D mask instead
+(:func:`~alignlab.train.forward.collate_shared_prompt`, exactly the same numbers): with SmolLM2 on the lab's
+prompts (56 tokens, responses of ~25) four responses per prompt halve the tokens of every forward and backward.
 
 Log-probs are of the sampling distribution at ``temperature`` (logits divided by it), as TRL does; top-p/top-k
 truncation is not reflected in them (also as TRL).
@@ -75,7 +79,7 @@ from alignlab.losses.ppo import (
 )
 from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer, resolve_model
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
-from alignlab.train.forward import AlignedBatch, aligned_logits, collate_aligned
+from alignlab.train.forward import attention_crossover, collate_aligned, collate_shared_prompt
 from alignlab.train.loop import Run, resolve_precision
 from alignlab.train.sft import prepare_policy, split_eval
 
@@ -122,20 +126,35 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.critic, self.value_head = policy, critic, value_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(b, k, v)`` and values ``(b, k)`` (float32) at the ``k = keep`` response positions of an
-        aligned batch: column ``j`` predicts response token ``j`` and values the state before it."""
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False)
+                keep: int, predictors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(b, k, v)`` and values ``(b, k)`` (float32) at the ``k = keep`` response positions of a
+        :class:`RolloutBatch`: column ``j`` predicts response token ``j`` and values the state before it."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if self.value_head is not None:  # one backbone forward for both heads
-            hidden = _decoder(self.policy)(**inputs).last_hidden_state[:, -(keep + 1) : -1]
+            hidden = response_hidden(self.policy, inputs, keep, predictors)
             logits = _unpeft(self.policy).get_output_embeddings()(hidden)
             values = self.value_head(hidden)
         else:
-            logits = self.policy(**inputs, logits_to_keep=keep + 1).logits[:, :-1]
-            hidden = _decoder(self.critic)(**inputs).last_hidden_state[:, -(keep + 1) : -1]
-            values = _unpeft(self.critic).score(hidden)
+            logits = _unpeft(self.policy).get_output_embeddings()(response_hidden(self.policy, inputs, keep,
+                                                                                  predictors))
+            values = _unpeft(self.critic).score(response_hidden(self.critic, inputs, keep, predictors))
         return logits, values.squeeze(-1).float()
+
+
+def response_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor], keep: int,
+                    predictors: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states ``(b, k, d)`` of ``model``'s backbone at the positions that predict the response
+    tokens: the last ``keep + 1`` columns but one of an aligned batch, or the ``predictors`` (flat indices) of a
+    shared-prompt batch."""
+    hidden = _decoder(model)(**inputs, use_cache=False).last_hidden_state
+    if predictors is None:
+        return hidden[:, -(keep + 1) : -1]
+    return hidden.reshape(-1, hidden.shape[-1])[predictors]
+
+
+def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """A causal LM's logits ``(b, k, v)`` at a :class:`RolloutBatch`'s response positions (the reference)."""
+    return _unpeft(model).get_output_embeddings()(response_hidden(model, batch.inputs, batch.keep, batch.predictors))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -209,20 +228,64 @@ class Rollout:
     returns: torch.Tensor | None = None
 
 
+@dataclass
+class RolloutBatch:
+    """Rollout rows for a forward pass. ``targets``, ``loss_mask``: ``(b, k)``, ``k = keep`` the longest
+    response, every response from column 0. Two layouts: *aligned* (``predictors`` None; ``(b, t)`` rows of
+    left-padded prompt + response, the response columns last), or *shared prompt* (consecutive rows with the
+    same prompt follow one copy of it under a 4D mask, :func:`~alignlab.train.forward.collate_shared_prompt`;
+    ``predictors`` ``(b, k)`` index the flattened hidden states)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    keep: int
+    predictors: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                            self.targets.to(device), self.loss_mask.to(device), self.keep,
+                            None if self.predictors is None else self.predictors.to(device))
+
+
+def prompt_groups(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Row indices grouped into runs of consecutive rows with the same prompt (a rollout lists a prompt's
+    ``responses_per_prompt`` responses together)."""
+    groups: list[list[int]] = []
+    for i, p in enumerate(prompt_ids):
+        if groups and list(prompt_ids[groups[-1][0]]) == list(p):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def collate_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                    pad_token_id: int) -> AlignedBatch:
-    """Rows ``prompt + response`` as an aligned batch: ``loss_mask`` ``(b, t)`` is the response mask (every
-    response starts at column 0), ``targets`` the response tokens, ``t`` the longest response."""
-    rows = [[*p, *r] for p, r in zip(prompt_ids, response_ids)]
-    labels = [[IGNORE] * len(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-    return collate_aligned(rows, labels, pad_token_id)
+                    pad_token_id: int, crossover: int | None = None) -> RolloutBatch:
+    """Rows ``prompt + response`` as a :class:`RolloutBatch`: aligned, or with ``crossover`` (the model's
+    :func:`~alignlab.train.forward.attention_crossover`) each run of rows sharing a prompt encoded once."""
+    if crossover is None:
+        rows = [[*p, *r] for p, r in zip(prompt_ids, response_ids)]
+        labels = [[IGNORE] * len(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        b = collate_aligned(rows, labels, pad_token_id)
+        return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.loss_mask, b.keep)
+    groups = [(prompt_ids[g[0]], [response_ids[i] for i in g]) for g in prompt_groups(prompt_ids)]
+    b = collate_shared_prompt(groups, pad_token_id, crossover)
+    return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.mask.float(), b.mask.shape[1],
+                        b.predictors)
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
 
-def token_logps(logits: torch.Tensor, batch: AlignedBatch, temperature: float) -> torch.Tensor:
+def token_logps(logits: torch.Tensor, batch: RolloutBatch, temperature: float) -> torch.Tensor:
     """Log-probs ``(b, t)`` (float32) of the response tokens under ``logits / temperature``; 0 off the mask."""
     logits = logits.float()
     if temperature != 1.0:
@@ -232,23 +295,24 @@ def token_logps(logits: torch.Tensor, batch: AlignedBatch, temperature: float) -
 
 @torch.no_grad()
 def rollout_forward(model: torch.nn.Module, reference: torch.nn.Module | None, prompt_ids: list[list[int]],
-                    response_ids: list[list[int]], pad: int, cfg: PPOConfig, run: Run
+                    response_ids: list[list[int]], pad: int, cfg: PPOConfig, run: Run, crossover: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Old log-probs, entropies, values and reference log-probs ``(b, t)`` of a rollout, ``batch_size`` rows
-    per forward, no gradient. ``reference=None``: the policy with its LoRA adapter disabled."""
+    per forward, no gradient. ``reference=None``: the policy with its LoRA adapter disabled. ``crossover``:
+    rows that share a prompt are encoded with one copy of it (:func:`collate_rollout`)."""
     unwrapped = run.accelerator.unwrap_model(model)
     width = max(len(r) for r in response_ids)
     pieces: dict[str, list[torch.Tensor]] = {"logps": [], "entropy": [], "values": [], "ref": []}
     for start in range(0, len(prompt_ids), cfg.batch_size):
         sl = slice(start, start + cfg.batch_size)
-        batch = collate_rollout(prompt_ids[sl], response_ids[sl], pad).to(run.device)
+        batch = collate_rollout(prompt_ids[sl], response_ids[sl], pad, crossover).to(run.device)
         with run.accelerator.autocast():
-            logits, values = unwrapped(batch.input_ids, batch.attention_mask, batch.position_ids, batch.keep)
+            logits, values = unwrapped(**batch.inputs, keep=batch.keep, predictors=batch.predictors)
             if reference is None:
                 with unwrapped.policy.disable_adapter():
-                    ref_logits = aligned_logits(unwrapped.policy, batch)
+                    ref_logits = response_logits(unwrapped.policy, batch)
             else:
-                ref_logits = aligned_logits(reference, batch)
+                ref_logits = response_logits(reference, batch)
         scaled = logits.float() / cfg.temperature
         pieces["logps"].append(token_logps(logits, batch, cfg.temperature))
         pieces["entropy"].append(entropy_from_logits(scaled, batch.loss_mask))
@@ -380,7 +444,7 @@ def as_scorer(reward: Scorer | Callable[..., Any] | str, cfg: PPOConfig, device:
     if callable(reward):
         return FunctionScorer(reward, getattr(reward, "__qualname__", repr(reward)))
     return load_scorer(reward, batch_size=cfg.reward_batch_size, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code, device=device)
+                       trust_remote_code=cfg.trust_remote_code, device=device, precision=cfg.precision)
 
 
 def score_responses(scorer: Scorer, prompts: list[Any], texts: list[str]) -> torch.Tensor:
@@ -470,7 +534,8 @@ def check_config(cfg: PPOConfig) -> None:
     if bool(cfg.reward_model) == bool(cfg.reward):
         raise AlignlabError("give exactly one of --reward-model FOLDER and --reward module:function",
                             field="reward_model")
-    for name in ("iterations", "ppo_epochs", "num_mini_batches", "batch_size", "grad_accum", "max_new_tokens"):
+    for name in ("iterations", "ppo_epochs", "num_mini_batches", "batch_size", "grad_accum", "max_new_tokens",
+                 "responses_per_prompt"):
         if getattr(cfg, name) < 1:
             raise AlignlabError(f"must be at least 1, found {getattr(cfg, name)}", field=name)
     if cfg.temperature <= 0:
@@ -574,7 +639,15 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         eval_prompts, eval_ids = [train_prompts[i] for i in eval_idx], [train_ids[i] for i in eval_idx]
         train_prompts, train_ids = [train_prompts[i] for i in train_idx], [train_ids[i] for i in train_idx]
     rollout_size = cfg.batch_size * cfg.grad_accum * cfg.num_mini_batches  # per process
-    batches = prompt_batches(len(train_prompts), rollout_size * run.world_size, cfg.iterations, cfg.seed)
+    k = cfg.responses_per_prompt
+    if rollout_size % k:
+        raise AlignlabError(f"the rollout ({rollout_size} responses per process = batch_size x grad_accum x "
+                            f"num_mini_batches) is not a multiple of responses_per_prompt={k}",
+                            field="responses_per_prompt")
+    # prompts per rollout; each is sampled k times, its responses listed together (and encoded after one copy of
+    # the prompt: the forward passes cost about (prompt + k responses) instead of k x (prompt + response))
+    batches = prompt_batches(len(train_prompts), rollout_size * run.world_size // k, cfg.iterations, cfg.seed)
+    crossover = (attention_crossover(_unpeft(policy).config) if k > 1 and not run.shards_weights else None)
     steps_per_iteration = cfg.ppo_epochs * cfg.num_mini_batches
 
     # -- optimizer, KL controller, resume ------------------------------------------------------------
@@ -618,7 +691,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         t0 = time.perf_counter()
 
         # -- 1. rollout: one sampled response per prompt ------------------------------------------------
-        mine = batches[iteration][run.rank :: run.world_size]
+        mine = [i for i in batches[iteration][run.rank :: run.world_size] for _ in range(k)]
         # a seed per (iteration, process): the samples do not depend on how many random numbers anything
         # else drew, so a resumed run samples exactly what the uninterrupted run did
         sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
@@ -644,7 +717,8 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
 
         # -- 3. old log-probs, values, reference log-probs: once per rollout, no gradient ---------------
         t = time.perf_counter()
-        logps, entropy, values, ref_logps = rollout_forward(model, reference, prompt_ids, response_ids, pad, cfg, run)
+        logps, entropy, values, ref_logps = rollout_forward(model, reference, prompt_ids, response_ids, pad, cfg, run,
+                                                            crossover)
         mask = response_mask(response_ids, run.device)
         t_forward = time.perf_counter() - t
         ro = Rollout(prompts, prompt_ids, response_ids, texts, finished, mask, logps, ref_logps, values, entropy,
@@ -677,16 +751,18 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         sums: Counter = Counter()
         grad_norms = []
         update_rng = np.random.default_rng([cfg.seed, iteration, 1])
+        groups = prompt_groups(prompt_ids)  # one row each unless responses_per_prompt > 1: kept together
         for _epoch in range(cfg.ppo_epochs):
-            for minibatch in np.array_split(update_rng.permutation(len(kept)), cfg.num_mini_batches):
+            for chosen in np.array_split(update_rng.permutation(len(groups)), cfg.num_mini_batches):
+                minibatch = np.array([i for g in chosen for i in groups[g]], dtype=int)
                 # the loss is a mean over the minibatch's response tokens (on every process), however it is cut
                 minibatch_tokens = run.all_reduce_sum(float(mask[minibatch].sum()))
                 micro = [m for m in np.array_split(minibatch, cfg.grad_accum) if len(m)]
                 ok = True
-                for k, rows in enumerate(micro):
+                for j, rows in enumerate(micro):
                     rows = rows.tolist()
                     ok = update_micro_batch(model, ro, rows, minibatch_tokens, pad, cfg, run, sums, iteration,
-                                            last=k == len(micro) - 1) and ok
+                                            last=j == len(micro) - 1, crossover=crossover) and ok
                 norm = run.optimizer_step(model, optimizer, scheduler, iteration) if ok else None
                 if not ok:
                     optimizer.zero_grad(set_to_none=True)
@@ -748,10 +824,12 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
 
 
 def update_micro_batch(model: torch.nn.Module, ro: Rollout, rows: list[int], minibatch_tokens: float, pad: int,
-                       cfg: PPOConfig, run: Run, sums: Counter, iteration: int, *, last: bool) -> bool:
+                       cfg: PPOConfig, run: Run, sums: Counter, iteration: int, *, last: bool,
+                       crossover: int | None = None) -> bool:
     """Forward and backward one micro-batch of rollout ``rows``; adds its statistics (token-weighted) to
     ``sums``. Returns False when its loss was not finite (and ``on_nan=skip``)."""
-    batch = collate_rollout([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad).to(run.device)
+    batch = collate_rollout([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad,
+                            crossover).to(run.device)
     k = batch.keep
     mask = batch.loss_mask
 
@@ -760,7 +838,7 @@ def update_micro_batch(model: torch.nn.Module, ro: Rollout, rows: list[int], min
 
     with run.accumulate(model, last=last):
         with run.accelerator.autocast():
-            logits, values = model(batch.input_ids, batch.attention_mask, batch.position_ids, k)
+            logits, values = model(**batch.inputs, keep=k, predictors=batch.predictors)
         logps = token_logps(logits, batch, cfg.temperature)
         policy = ppo_policy_loss(logps, old(ro.logps), old(ro.advantages), mask, cfg.clip_range)
         value = ppo_value_loss(values, old(ro.values), old(ro.returns), mask, cfg.clip_range_value or None)

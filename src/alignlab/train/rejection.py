@@ -199,7 +199,7 @@ def _scorer(cfg: SampleConfig) -> Any:
     if bool(cfg.reward_model) == bool(cfg.reward):
         raise AlignlabError("give exactly one of --reward-model FOLDER or --reward module:function",
                             field="reward")
-    return load_scorer(cfg.reward_model or cfg.reward)
+    return load_scorer(cfg.reward_model or cfg.reward, precision=getattr(cfg, "precision", "fp32"))
 
 
 def _sampling(cfg: SampleConfig, seed: int) -> SamplingConfig:
