@@ -115,3 +115,9 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     before = (root / "sft" / "stage.json").stat().st_mtime_ns
     assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0
     assert (root / "sft" / "stage.json").stat().st_mtime_ns == before
+    # a changed reward model retrains what reads it (PPO, RS, BoN) and every evaluation (the proxy score), not
+    # the methods that learn from the pairs alone
+    stamps = {m: (root / m / "stage.json").stat().st_mtime_ns for m in ("dpo", "ppo", "rs", "eval_dpo")}
+    assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false", "rm_steps=4"]) == 0
+    changed = {m: (root / m / "stage.json").stat().st_mtime_ns != t for m, t in stamps.items()}
+    assert changed == {"dpo": False, "ppo": True, "rs": True, "eval_dpo": True}

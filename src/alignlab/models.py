@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from alignlab.errors import AlignlabError
 
@@ -347,7 +349,17 @@ def load_model(
             if tokenizer is not None:
                 config.pad_token_id = tokenizer.pad_token_id
             config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_pretrained(ref, config=config, **kwargs)
+            # transformers prints a load-report table for the new head; one line of ours says the same
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    ref, config=config, output_loading_info=True, **kwargs)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            new = [k for k in info.get("missing_keys", ()) if k.startswith("score")]
+            if new:
+                print(f"score head: new in {ref} ({', '.join(sorted(new))}), initialised randomly to be trained")
         else:
             raise AlignlabError(f"unknown head '{head}' (choose causal_lm or score)", field="head")
     except OSError as e:
@@ -385,7 +397,10 @@ def add_lora(
         modules_to_save=modules_to_save,
         task_type="SEQ_CLS" if modules_to_save and "score" in modules_to_save else "CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft still reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -37,6 +37,7 @@ from alignlab.data.templates import render_alpaca_prompt
 from alignlab.errors import AlignlabError
 
 ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
+PAIRWISE_METHODS = ("dpo", "ipo", "simpo")  # learn from the preference pairs directly, no reward model
 MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
     "sft": "1 (policy)",
     "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
@@ -75,26 +76,26 @@ class LabConfig:
     annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
     # reward model
     rm_steps: int = opt(48, "reward-model optimizer steps")
-    rm_lr: float = opt(1e-3, "reward-model learning rate")
+    rm_lr: float = opt(3e-3, "reward-model learning rate")
     rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
     # DPO family
-    dpo_steps: int = opt(16, "optimizer steps for dpo, ipo and simpo")
+    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo")
     dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
     dpo_beta: float = opt(0.1, "beta of dpo and ipo")
-    dpo_batch_size: int = opt(16, "preference pairs per dpo, ipo and simpo step")
+    dpo_batch_size: int = opt(8, "preference pairs per dpo, ipo and simpo step")
     # PPO
-    ppo_iterations: int = opt(6, "PPO iterations (rollouts)")
-    ppo_rollout: int = opt(32, "responses per PPO rollout")
-    ppo_lr: float = opt(5e-4, "PPO learning rate")
+    ppo_iterations: int = opt(8, "PPO iterations (rollouts)")
+    ppo_rollout: int = opt(48, "responses per PPO rollout")
+    ppo_lr: float = opt(1e-3, "PPO learning rate")
     ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
     ppo_epochs: int = opt(2, "PPO passes over each rollout")
-    ppo_responses_per_prompt: int = opt(1, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
+    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
     ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
                                    "model (about half the update's compute)")
     # rejection sampling / best-of-n
-    rs_n: int = opt(6, "samples per prompt in rejection sampling")
-    rs_steps: int = opt(6, "SFT steps on the kept samples")
-    rs_lr: float = opt(5e-4, "rejection-sampling fine-tuning learning rate")
+    rs_n: int = opt(12, "samples per prompt in rejection sampling")
+    rs_steps: int = opt(12, "SFT steps on the kept samples")
+    rs_lr: float = opt(1e-3, "rejection-sampling fine-tuning learning rate")
     bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
     batch_size: int = opt(16, "training micro-batch size for every method")
     progress: bool = opt(True, "show progress bars")
@@ -234,7 +235,9 @@ def run_lab(cfg: LabConfig) -> Path:
     }
     for method in cfg.methods:
         params = {**common, **method_params[method]}
-        lab.stage(method, params, ["sft", "preferences", "reward_model"], ctx.method(method))
+        # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
+        needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
+        lab.stage(method, params, needs, ctx.method(method))
         lab.stage(f"eval_{method}", params, [method, "eval_sft"], ctx.evaluate_method(method))
     report = write_report(lab, task)
     print(f"[lab] report: {report} (and {report.with_suffix('.html')})")

@@ -79,7 +79,7 @@ from alignlab.losses.ppo import (
 )
 from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer, resolve_model
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
-from alignlab.train.forward import attention_crossover, collate_aligned, collate_shared_prompt
+from alignlab.train.forward import AlignedBatch, attention_crossover, collate_aligned, collate_shared_prompt
 from alignlab.train.loop import Run, resolve_precision
 from alignlab.train.sft import prepare_policy, split_eval
 
@@ -229,19 +229,13 @@ class Rollout:
 
 
 @dataclass
-class RolloutBatch:
+class RolloutBatch(AlignedBatch):
     """Rollout rows for a forward pass. ``targets``, ``loss_mask``: ``(b, k)``, ``k = keep`` the longest
     response, every response from column 0. Two layouts: *aligned* (``predictors`` None; ``(b, t)`` rows of
     left-padded prompt + response, the response columns last), or *shared prompt* (consecutive rows with the
     same prompt follow one copy of it under a 4D mask, :func:`~alignlab.train.forward.collate_shared_prompt`;
     ``predictors`` ``(b, k)`` index the flattened hidden states)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    targets: torch.Tensor
-    loss_mask: torch.Tensor
-    keep: int
     predictors: torch.Tensor | None = None
 
     @property
