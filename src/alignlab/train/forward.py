@@ -17,8 +17,8 @@ model's own ``forward``, this works unchanged under DDP, FSDP and DeepSpeed wrap
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, Self
 
 import torch
 import torch.utils.checkpoint
@@ -45,11 +45,11 @@ class AlignedBatch:
     loss_mask: torch.Tensor
     keep: int
 
-    def to(self, device: torch.device | str) -> AlignedBatch:
-        return AlignedBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-            self.targets.to(device), self.loss_mask.to(device), self.keep,
-        )
+    def to(self, device: torch.device | str) -> Self:
+        """A copy with every tensor on ``device``; a subclass's extra tensors move too."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
     @property
     def num_loss_tokens(self) -> int:

@@ -130,13 +130,11 @@ class PolicyAndValue(torch.nn.Module):
         """Logits ``(b, k, v)`` and values ``(b, k)`` (float32) at the ``k = keep`` response positions of a
         :class:`RolloutBatch`: column ``j`` predicts response token ``j`` and values the state before it."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = response_hidden(self.policy, inputs, keep, predictors)
+        logits = _unpeft(self.policy).get_output_embeddings()(hidden)
         if self.value_head is not None:  # one backbone forward for both heads
-            hidden = response_hidden(self.policy, inputs, keep, predictors)
-            logits = _unpeft(self.policy).get_output_embeddings()(hidden)
             values = self.value_head(hidden)
         else:
-            logits = _unpeft(self.policy).get_output_embeddings()(response_hidden(self.policy, inputs, keep,
-                                                                                  predictors))
             values = _unpeft(self.critic).score(response_hidden(self.critic, inputs, keep, predictors))
         return logits, values.squeeze(-1).float()
 
@@ -241,11 +239,6 @@ class RolloutBatch(AlignedBatch):
     @property
     def inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
-
-    def to(self, device: torch.device | str) -> RolloutBatch:
-        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                            self.targets.to(device), self.loss_mask.to(device), self.keep,
-                            None if self.predictors is None else self.predictors.to(device))
 
 
 def prompt_groups(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -641,7 +634,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     # prompts per rollout; each is sampled k times, its responses listed together (and encoded after one copy of
     # the prompt: the forward passes cost about (prompt + k responses) instead of k x (prompt + response))
     batches = prompt_batches(len(train_prompts), rollout_size * run.world_size // k, cfg.iterations, cfg.seed)
-    crossover = (attention_crossover(_unpeft(policy).config) if k > 1 and not run.shards_weights else None)
+    crossover = attention_crossover(_unpeft(policy).config) if k > 1 and not run.shards_weights else None
     steps_per_iteration = cfg.ppo_epochs * cfg.num_mini_batches
 
     # -- optimizer, KL controller, resume ------------------------------------------------------------
