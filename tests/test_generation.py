@@ -91,6 +91,46 @@ def test_hf_sampler_is_generate_from_ids(tiny_tokenizer):
     assert sampler.model is other
 
 
+def test_hf_sampler_bf16_samples_from_a_merged_bf16_copy_refreshed_at_sync(tiny_tokenizer):
+    """bf16 on CPU: the sampler decodes with a bf16 copy (LoRA merged) and leaves the trained model untouched;
+    after the adapter changes, ``sync`` refreshes the copy."""
+    import torch
+
+    from alignlab.generation import HFSampler, generate_from_ids
+    from alignlab.models import add_lora
+
+    lora = add_lora(load_model("tiny-random"), r=2, alpha=4)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    ids = [tiny_tokenizer("Tell me about the movie.").input_ids, tiny_tokenizer("Why").input_ids]
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, precision="bf16")
+    sampler = HFSampler(lora, tiny_tokenizer)
+    got = sampler.generate(ids, greedy)
+    copy = sampler._copy
+    assert copy is not None and next(copy.parameters()).dtype == torch.bfloat16
+    name = "model.layers.0.self_attn.q_proj"
+    layer = lora.get_base_model().get_submodule(name)
+    expected = (layer.base_layer.weight + layer.get_delta_weight("default")).to(torch.bfloat16)
+    assert torch.equal(copy.get_submodule(name).weight, expected)
+    for key, value in lora.state_dict().items():  # the trained model's weights are not touched
+        if "lora_B" not in key:
+            assert torch.equal(value, before[key]), key
+    assert got == generate_from_ids(copy, tiny_tokenizer, ids, SamplingConfig(max_new_tokens=6, temperature=0.0))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.fill_(-0.05)
+    sampler.generate(ids, greedy)
+    assert torch.equal(copy.get_submodule(name).weight, expected)  # not synced: the old weights
+    sampler.sync(lora)
+    sampler.generate(ids, greedy)
+    assert sampler._copy is copy  # refreshed in place
+    assert not torch.equal(copy.get_submodule(name).weight, expected)
+
+
 def _no_vllm(monkeypatch):
     import alignlab.generation as generation
 

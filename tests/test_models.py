@@ -91,3 +91,23 @@ def test_smollm2_reloads_from_cache_quickly(smollm2_path):
     assert model.config.quantization_config is None if hasattr(model.config, "quantization_config") else True
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "score"])
+def test_bf16_matmul_weights_change_nothing_under_bf16_autocast(head):
+    """A frozen model with bf16 matmul weights gives bit-identical outputs under bf16 autocast (autocast casts
+    the float32 weights to the same values), keeps its embeddings float32 and unties a tied LM head."""
+    from alignlab.models import bf16_matmul_weights
+
+    model = load_model("tiny-random", head=head).eval()
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+    converted = bf16_matmul_weights(model.requires_grad_(False))
+    assert converted.get_input_embeddings().weight.dtype == torch.float32
+    assert converted.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    if head == "causal_lm":
+        assert converted.get_output_embeddings().weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = converted(input_ids=ids).logits
+    assert torch.equal(before, after)

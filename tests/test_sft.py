@@ -63,6 +63,14 @@ def test_resume_gives_the_same_losses(tmp_path):
         assert a["lr"] == pytest.approx(b["lr"])
 
 
+def test_a_fresh_run_in_a_used_folder_starts_its_logs_afresh(tmp_path):
+    cfg = _cfg(tmp_path, "again", max_steps=3, eval_fraction=0, resume="never")
+    first = _metrics(train_sft(cfg))
+    second = _metrics(train_sft(cfg))
+    assert [m["step"] for m in second] == [1, 2, 3]  # not appended to the first run's lines
+    assert [m["loss"] for m in second] == pytest.approx([m["loss"] for m in first], rel=1e-6)
+
+
 def test_batch_8_equals_batch_1_times_accumulation_8(tmp_path):
     one = _metrics(train_sft(_cfg(tmp_path, "b8", max_steps=3, batch_size=8, grad_accum=1, eval_fraction=0)))
     acc = _metrics(train_sft(_cfg(tmp_path, "b1x8", max_steps=3, batch_size=1, grad_accum=8, eval_fraction=0)))

@@ -528,7 +528,7 @@ def _load_function(module_name: str, function_name: str, spec: str) -> Callable[
 def _load_model_scorer(spec: str, *, batch_size: int, device: Any, normalize: bool, template: str | None,
                        max_length: int | None, allow_pickle: bool, trust_remote_code: bool,
                        precision: str) -> ModelScorer:
-    from alignlab.models import load_model, load_tokenizer, resolve_model
+    from alignlab.models import bf16_matmul_weights, load_model, load_tokenizer, resolve_model
     from alignlab.train.loop import resolve_precision
 
     ref = Path(resolve_model(spec))
@@ -540,6 +540,8 @@ def _load_model_scorer(spec: str, *, batch_size: int, device: Any, normalize: bo
     prepare_reward_tokenizer(tokenizer)
     model = load_model(str(ref), head="score", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        tokenizer=tokenizer)
+    if resolve_precision(precision) == "bf16":  # the scorer only ever runs under bf16 autocast
+        bf16_matmul_weights(model)
     return ModelScorer(
         model,
         tokenizer,

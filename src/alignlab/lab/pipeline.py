@@ -41,12 +41,12 @@ PAIRWISE_METHODS = ("dpo", "ipo", "simpo")  # learn from the preference pairs di
 MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
     "sft": "1 (policy)",
     "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
-           "head on the policy with ppo_share_backbone)",
+           "head on the policy with ppo_share_backbone), and a bf16 copy of the policy for sampling",
     "ppo_nokl": "4 roles, as ppo (the reference is not needed at beta = 0; kept for logging the KL)",
     "dpo": "2: policy, reference (adapter-off policy with LoRA)",
     "ipo": "2: policy, reference (adapter-off policy with LoRA)",
     "simpo": "1: policy (reference-free)",
-    "rs": "2: policy, reward model",
+    "rs": "2: policy, reward model (and a bf16 copy of the policy for sampling)",
     "bon": "2 at inference: policy, reward model",
 }
 

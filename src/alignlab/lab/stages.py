@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignlab.evaluate import evaluate_samples
 from alignlab.generation import Sample, SamplingConfig, generate_from_ids
 from alignlab.lab.annotate import annotate
@@ -58,9 +60,13 @@ class Context:
         from alignlab.data.tokenize import encode_prompt
 
         tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path)
+        sampling = self.sampling(seed)
+        if sampling.precision == "bf16":  # a model loaded only to sample: bf16 weights, no per-step autocast casts
+            model, sampling.precision = load_model(model_path, dtype=torch.bfloat16), "fp32"
+        else:
+            model = load_model(model_path)
         ids = [encode_prompt(tokenizer, p, template="none") for p in prompts]
-        flat = generate_from_ids(model, tokenizer, [i for i in ids for _ in range(n)], self.sampling(seed))
+        flat = generate_from_ids(model, tokenizer, [i for i in ids for _ in range(n)], sampling)
         return [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
 
     def prompts_file(self, folder: Path) -> str:
@@ -129,9 +135,13 @@ class Context:
         reference = load_model(self.sft_model)
         policy = load_model(policy_path) if policy_path else None
         proxy = load_scorer(self.rm_path, precision="auto")
-        result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
-                                  reference=reference, pad_token_id=tokenizer.pad_token_id,
-                                  proxy_scorer=proxy, baseline_gold=baseline_gold)
+        # KL and fluency log-probs under bf16 autocast where the CPU has it: 2.5x faster than float32, and on
+        # IPO's held-out samples of a demo run the KL moved by 0.05 nats (5.57 vs 5.62) and the fluency NLL
+        # by 0.008 nats/token
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16"):
+            result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
+                                      reference=reference, pad_token_id=tokenizer.pad_token_id,
+                                      proxy_scorer=proxy, baseline_gold=baseline_gold)
         result.update(extra or {})
         _write_jsonl(folder / "samples.jsonl", [
             {"prompt": p, "response": s.text, "gold": g} for p, s, g in
@@ -199,9 +209,13 @@ class Context:
 
         c = self.cfg
         beta = c.dpo_beta if loss in ("dpo", "ipo") else 0.0  # 0 = the loss's own default (SimPO: 2.0)
+        # DPO and IPO score the same responses with the same reference (the SFT model): its log-probs are
+        # computed once, by whichever runs first, and read from the run's cache by the other
         cfg = DPOConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
                         template="none", loss=loss, beta=beta, max_steps=c.dpo_steps, lr=c.dpo_lr, max_length=256,
-                        eval_fraction=0.0, **{**self.train_common(folder), "batch_size": c.dpo_batch_size})
+                        eval_fraction=0.0, precompute_ref=loss != "simpo",
+                        ref_cache_dir=str(self.lab.root / "reference-logps"),
+                        **{**self.train_common(folder), "batch_size": c.dpo_batch_size})
         run = train_dpo(cfg)
         metrics = _read_jsonl(run / "metrics.jsonl")
         return {"model": str(run / "final"), "optimizer_steps": len(metrics),

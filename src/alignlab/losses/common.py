@@ -121,11 +121,13 @@ def row_chunks(tensor: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """Log-probability of the token ids ``index`` under ``logits``, without a full ``(b, t, v)`` log-softmax.
 
-    Equals ``torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)`` but only ever holds
-    ``chunk_size`` rows of ``v`` values beyond the input. For float32/float64 it gathers the chosen logit and
-    subtracts a chunked ``logsumexp``; for bfloat16/float16 ``logit - logsumexp`` loses too much precision
-    (two large numbers rounded to 8 bits of mantissa), so it falls back to ``log_softmax`` on one chunk of
-    rows at a time, like TRL's ``selective_log_softmax``.
+    Equals ``torch.log_softmax(logits.float(), -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)`` but only ever
+    holds ``chunk_size`` rows of ``v`` values beyond the input. Half-precision logits (bf16/fp16) are
+    normalised in float32 by the fused kernel itself (``log_softmax(..., dtype=float32)``): no float32 copy of
+    the logits is made, and the result keeps float32 precision, which preference losses need (they difference
+    sums of hundreds of token log-probs; bf16 keeps 8 bits of mantissa). The fused ``log_softmax`` is also
+    faster than gathering and subtracting a ``logsumexp``, forward and backward (measured on SmolLM2's 49k
+    vocabulary).
 
     Args:
         logits: ``(b, t, v)`` (any leading shape ``(..., v)`` works).
@@ -133,21 +135,15 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
         chunk_size: rows of ``v`` logits processed at once.
 
     Returns:
-        ``(b, t)`` log-probabilities in the dtype of ``logits``.
+        ``(b, t)`` log-probabilities: float32 for half-precision logits, else the dtype of ``logits``.
     """
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and index {tuple(index.shape)} do not match")
-    full_precision = logits.dtype in (torch.float32, torch.float64)
-    pieces = []
-    for chunk, chunk_index in zip(
-        row_chunks(logits, chunk_size), row_chunks(index.long().unsqueeze(-1), chunk_size)
-    ):
-        if full_precision:  # log_softmax(x)_i = x_i - logsumexp(x)
-            pieces.append(chunk.gather(-1, chunk_index).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
-        else:
-            pieces.append(F.log_softmax(chunk, dim=-1).gather(-1, chunk_index).squeeze(-1))
+    dtype = torch.float32 if logits.dtype in (torch.bfloat16, torch.float16) else logits.dtype
+    chunks = zip(row_chunks(logits, chunk_size), row_chunks(index.long().unsqueeze(-1), chunk_size))
+    pieces = [F.log_softmax(chunk, dim=-1, dtype=dtype).gather(-1, i).squeeze(-1) for chunk, i in chunks]
     if not pieces:
-        return logits.new_zeros(index.shape)
+        return logits.new_zeros(index.shape, dtype=dtype)
     return torch.cat(pieces).reshape(index.shape)
 
 

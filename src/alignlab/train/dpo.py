@@ -61,9 +61,16 @@ from alignlab.data.tokenize import (
     encode_prompt_completion,
 )
 from alignlab.errors import AlignlabError
-from alignlab.losses.common import row_chunks, selective_log_softmax
+from alignlab.losses.common import selective_log_softmax
 from alignlab.losses.dpo import kto_kl_reference_point, kto_loss, preference_loss, rpo_sft_term
-from alignlab.models import cache_dir, count_parameters, load_model, load_tokenizer, resolve_model
+from alignlab.models import (
+    cache_dir,
+    count_parameters,
+    disable_dropout,
+    load_frozen_reference,
+    load_tokenizer,
+    resolve_model,
+)
 from alignlab.train.forward import (
     AlignedBatch,
     aligned_logits,
@@ -359,21 +366,13 @@ def load_examples(path: str, tokenizer: Any, cfg: DPOConfig, run: Run) -> tuple[
 def response_logps(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
     """Per-token log-probs ``(b, k)`` of the response tokens in float32, zero elsewhere.
 
-    The LM head runs on the response columns only (:func:`~alignlab.train.forward.aligned_logits`). In float32
-    this is :func:`~alignlab.train.forward.completion_logps`. Under bf16 autocast each chunk of rows is upcast
-    before its ``logsumexp``: DPO differences sums of hundreds of token log-probs, and bf16 rounding of each
-    (8 bits of mantissa) would swamp the small differences between policy and reference.
+    The LM head runs on the response columns only (:func:`~alignlab.train.forward.aligned_logits`). Under bf16
+    autocast the log-softmax is still taken in float32 (:func:`~alignlab.losses.common.selective_log_softmax`):
+    DPO differences sums of hundreds of token log-probs, and bf16 rounding of each (8 bits of mantissa) would
+    swamp the small differences between policy and reference.
     """
     logits = aligned_logits(model, batch)
-    if logits.dtype in (torch.float32, torch.float64):
-        token_logps = selective_log_softmax(logits, batch.targets)
-    else:
-        pieces = []
-        for chunk, index in zip(row_chunks(logits, 256), row_chunks(batch.targets.unsqueeze(-1), 256)):
-            chunk = chunk.float()
-            pieces.append(chunk.gather(-1, index).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
-        token_logps = torch.cat(pieces).reshape(batch.targets.shape)
-    return token_logps.float() * batch.loss_mask
+    return selective_log_softmax(logits, batch.targets).float() * batch.loss_mask
 
 
 class Scored(NamedTuple):
@@ -717,21 +716,6 @@ def read_reference_cache(path: Path, digests: Sequence[int]) -> dict[int, float]
         return None
     table = dict(zip(data["digests"].tolist(), data["logps"].tolist()))
     return table if all(d in table for d in digests) else None
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (as TRL's ``disable_dropout`` does)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def load_frozen_reference(name: str, cfg: DPOConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module:
-    """A reference model: loaded, dropout off, eval mode, no gradients, on ``device``."""
-    model = load_model(name, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
-                       tokenizer=tokenizer)
-    disable_dropout(model)
-    return model.eval().requires_grad_(False).to(device)
 
 
 def setup_reference(cfg: DPOConfig, model: torch.nn.Module, tokenizer: Any, run: Run, train_set: list,

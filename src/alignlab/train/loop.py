@@ -399,6 +399,7 @@ class Run:
         """Load the newest valid checkpoint (``resume=auto``) or the one named; returns (next step, extra
         state). A corrupted newest checkpoint is reported and the previous one used."""
         if self.cfg.resume == "never":
+            self._truncate_logs(0)  # a fresh run in a used output_dir: its logs start empty, not appended
             return 0, {}
         if self.shards_weights and (self.cfg.resume != "auto" or list_checkpoints(self.out / "checkpoints")):
             # the checkpoint holds full weights and the main process's optimizer state, which sharded
@@ -408,6 +409,7 @@ class Run:
         if self.cfg.resume == "auto":
             found = find_valid_checkpoint(self.out / "checkpoints", warn=self.print)
             if found is None:
+                self._truncate_logs(0)
                 return 0, {}
         else:
             found = Path(self.cfg.resume)

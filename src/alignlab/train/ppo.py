@@ -77,7 +77,16 @@ from alignlab.losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from alignlab.models import add_lora, count_parameters, is_peft, load_model, load_tokenizer, resolve_model
+from alignlab.models import (
+    add_lora,
+    count_parameters,
+    disable_dropout,
+    is_peft,
+    load_frozen_reference,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
 from alignlab.train.forward import AlignedBatch, attention_crossover, collate_aligned, collate_shared_prompt
 from alignlab.train.loop import Run, resolve_precision
@@ -153,13 +162,6 @@ def response_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor], kee
 def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """A causal LM's logits ``(b, k, v)`` at a :class:`RolloutBatch`'s response positions (the reference)."""
     return _unpeft(model).get_output_embeddings()(response_hidden(model, batch.inputs, batch.keep, batch.predictors))
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off: the rollout-time log-probs must equal the first update's, or the PPO ratio starts != 1."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def load_critic(cfg: PPOConfig, tokenizer: Any, scorer: Scorer) -> torch.nn.Module:
@@ -273,11 +275,11 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def token_logps(logits: torch.Tensor, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    """Log-probs ``(b, t)`` (float32) of the response tokens under ``logits / temperature``; 0 off the mask."""
-    logits = logits.float()
+    """Log-probs ``(b, t)`` (float32) of the response tokens under ``logits / temperature``; 0 off the mask.
+    bf16 logits are normalised in float32 without an upcast copy (:func:`selective_log_softmax`)."""
     if temperature != 1.0:
-        logits = logits / temperature
-    return selective_log_softmax(logits, batch.targets) * batch.loss_mask
+        logits = logits.float() / temperature
+    return selective_log_softmax(logits, batch.targets).float() * batch.loss_mask
 
 
 @torch.no_grad()
@@ -592,17 +594,13 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     policy = prepare_policy(cfg, tokenizer)
     disable_dropout(policy)
     if cfg.reference:
-        reference = load_model(cfg.reference, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
-                               tokenizer=tokenizer).eval().requires_grad_(False).to(run.device)
-        disable_dropout(reference)
+        reference = load_frozen_reference(cfg.reference, cfg, tokenizer, run.device)
         run.print(f"reference: a frozen copy of {cfg.reference}")
     elif cfg.lora:
         reference = None  # the policy with its adapter disabled: the base weights, no second model
         run.print("reference: the base weights (LoRA adapter disabled)")
     else:
-        reference = load_model(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
-                               tokenizer=tokenizer).eval().requires_grad_(False).to(run.device)
-        disable_dropout(reference)
+        reference = load_frozen_reference(cfg.model, cfg, tokenizer, run.device)
         run.print(f"reference: a frozen copy of {cfg.model}")
     if cfg.share_backbone:
         hidden = _unpeft(policy).config.hidden_size
