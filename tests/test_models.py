@@ -111,3 +111,27 @@ def test_bf16_matmul_weights_change_nothing_under_bf16_autocast(head):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         after = converted(input_ids=ids).logits
     assert torch.equal(before, after)
+
+
+def test_frozen_weight_cast_cache_is_exact_and_follows_weight_changes():
+    """LoRA's frozen layers reuse their autocast copy: outputs bit-identical to plain autocast, and an in-place
+    change of a base weight (a merge, a resume) is seen at the next call."""
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2]])
+    plain = add_lora(load_model("tiny-random"), r=2, alpha=4).eval()
+    cached = add_lora(load_model("tiny-random"), r=2, alpha=4).eval()  # add_lora turns the cache on
+    for module in plain.modules():  # undo it on the first one: plain nn.Linear forwards
+        module.__dict__.pop("forward", None)
+    cached.load_state_dict(plain.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(input_ids=ids).logits
+        first, second = cached(input_ids=ids).logits, cached(input_ids=ids).logits
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    with torch.no_grad():
+        for model in (plain, cached):
+            model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.mul_(1.5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        changed, cached_changed = plain(input_ids=ids).logits, cached(input_ids=ids).logits
+    assert not torch.equal(changed, expected)
+    assert torch.equal(cached_changed, changed)
+    with torch.no_grad():  # outside autocast the layers compute in float32 as before
+        assert torch.equal(cached(input_ids=ids).logits, plain(input_ids=ids).logits)

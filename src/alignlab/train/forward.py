@@ -26,6 +26,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from alignlab.data.tokenize import common_prefix_length
 from alignlab.losses.common import selective_log_softmax
+from alignlab.models import autocast_weight
 
 IGNORE = -100
 
@@ -207,17 +208,16 @@ def _head_token_logps(weight: torch.Tensor, bias: torch.Tensor | None, hidden: t
 
 
 def _head_weights(head: torch.nn.Module, device_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The head's weight and bias in the dtype autocast would run it in, cast once per call.
+    """The head's weight and bias in the dtype autocast would run it in, cast once per call (or taken from the
+    cache of a frozen head, :func:`~alignlab.models.cache_frozen_weight_casts`).
 
     Under autocast a frozen weight (the tied embedding under LoRA) is cast again at every use, and the head runs
     once per chunk and again in the checkpointed backward: on SmolLM2 that is a (49152, 576) cast several times
     a step, about 7% of a LoRA DPO step (torch.profiler). The cast here is differentiable, so a trained head
     still gets its gradient."""
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    weight, bias = autocast_weight(head, device_type), getattr(head, "bias", None)
+    if bias is not None:
+        bias = bias.to(weight.dtype)
     return weight, bias
 
 
