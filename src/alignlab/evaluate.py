@@ -68,7 +68,7 @@ def response_logps(model: torch.nn.Module, samples: Sequence[Sample], pad_token_
         seqs = [list(samples[i].prompt_ids) + list(samples[i].response_ids) for i in idx]
         labels = [[-100] * len(samples[i].prompt_ids) + list(samples[i].response_ids) for i in idx]
         batch = collate_aligned(seqs, labels, pad_token_id).to(device)
-        logps = completion_logps(model, batch).float().cpu()
+        logps = completion_logps(model, batch).cpu()
         mask = batch.loss_mask.cpu()
         for row, i in enumerate(idx):
             out[i] = logps[row][mask[row]]

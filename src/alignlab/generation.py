@@ -184,8 +184,9 @@ class HFSampler(Sampler):
     With ``precision="bf16"`` on a CPU and a float32 model, sampling runs on a bf16 copy of the weights (a LoRA
     adapter merged in), refreshed at each :meth:`sync`: under autocast every decoding step would recast all
     weights to bf16 (and peft adds its adapter matmuls on top), so on SmolLM2-135M with a LoRA adapter the copy
-    decodes about 3x faster (BENCHMARKS.md). Log-probs for training are always recomputed by the trained model,
-    so the copy only proposes the tokens, as a vLLM engine would. Otherwise ``sync`` just points at the model."""
+    decodes about 2x faster (BENCHMARKS.md, the lab's PPO rollouts). Log-probs for training are always
+    recomputed by the trained model, so the copy only proposes the tokens, as a vLLM engine would. Otherwise
+    ``sync`` just points at the model."""
 
     name = "hf"
 

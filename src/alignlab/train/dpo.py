@@ -61,7 +61,6 @@ from alignlab.data.tokenize import (
     encode_prompt_completion,
 )
 from alignlab.errors import AlignlabError
-from alignlab.losses.common import selective_log_softmax
 from alignlab.losses.dpo import kto_kl_reference_point, kto_loss, preference_loss, rpo_sft_term
 from alignlab.models import (
     cache_dir,
@@ -72,11 +71,10 @@ from alignlab.models import (
     resolve_model,
 )
 from alignlab.train.forward import (
-    AlignedBatch,
-    aligned_logits,
     attention_crossover,
     collate_aligned,
     collate_shared_prompt,
+    completion_logps,
     shared_prompt_logps,
 )
 from alignlab.train.loop import Run, micro_batches, plan_steps, resolve_precision
@@ -96,7 +94,6 @@ __all__ = [
     "prepare_pairs",
     "reference_cache_path",
     "reference_fingerprint",
-    "response_logps",
     "row_digest",
     "train_dpo",
 ]
@@ -363,18 +360,6 @@ def load_examples(path: str, tokenizer: Any, cfg: DPOConfig, run: Run) -> tuple[
 # --------------------------------------------------------------------------------------------- log-probs
 
 
-def response_logps(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
-    """Per-token log-probs ``(b, k)`` of the response tokens in float32, zero elsewhere.
-
-    The LM head runs on the response columns only (:func:`~alignlab.train.forward.aligned_logits`). Under bf16
-    autocast the log-softmax is still taken in float32 (:func:`~alignlab.losses.common.selective_log_softmax`):
-    DPO differences sums of hundreds of token log-probs, and bf16 rounding of each (8 bits of mantissa) would
-    swamp the small differences between policy and reference.
-    """
-    logits = aligned_logits(model, batch)
-    return selective_log_softmax(logits, batch.targets).float() * batch.loss_mask
-
-
 class Scored(NamedTuple):
     """What :func:`score_rows` returns: per-token response log-probs ``(n, k)`` (float32, zero where ``mask``
     is False), their ``mask`` ``(n, k)``, ``tokens`` (the rows' real tokens, as separate sequences) and
@@ -396,12 +381,12 @@ def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run) 
     padded. Where long responses would make rows so wide that attention costs more than the prompt saves,
     they get their own copy of the prompt (:func:`~alignlab.train.forward.plan_segments`). Engines that shard
     weights between calls (FSDP, DeepSpeed ZeRO-3) cannot run the LM head outside the model's forward; they get
-    one aligned row per sequence (:func:`response_logps`)."""
+    one aligned row per sequence (:func:`~alignlab.train.forward.completion_logps`)."""
     seqs, labels = [r[0] for r in rows], [r[1] for r in rows]
     if run.shards_weights:
         batch = collate_aligned(seqs, labels, pad).to(run.device)
         with run.accelerator.autocast():
-            token_logps = response_logps(model, batch)
+            token_logps = completion_logps(model, batch)
         tokens = int(batch.attention_mask.sum())
         return Scored(token_logps, batch.loss_mask, tokens, tokens)
     by_prompt: dict[tuple[int, ...], list[int]] = {}

@@ -114,13 +114,15 @@ def aligned_logits(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
 
 
 def completion_logps(model: torch.nn.Module, batch: AlignedBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (b, k) of the targets, zero where ``loss_mask`` is 0. No (b, t, v) log-softmax
-    is materialised: only the kept columns get logits, and the log-prob is gathered then normalised."""
+    """Per-token log-probs (b, k) of the targets in float32, zero where ``loss_mask`` is 0. No (b, t, v)
+    log-softmax is materialised: only the kept columns get logits, and the log-prob is gathered then normalised.
+    Under bf16 autocast the normalisation is still float32 (:func:`selective_log_softmax`): DPO differences sums
+    of hundreds of token log-probs, and bf16 rounding of each (8 bits of mantissa) would swamp the small
+    differences between policy and reference."""
     logits = aligned_logits(model, batch)
     if temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_log_softmax(logits, batch.targets)
-    return logps * batch.loss_mask
+        logits = logits.float() / temperature
+    return selective_log_softmax(logits, batch.targets).float() * batch.loss_mask
 
 
 def sum_token_cross_entropy(model: torch.nn.Module, batch: AlignedBatch) -> torch.Tensor:
