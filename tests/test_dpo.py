@@ -13,7 +13,7 @@ import torch
 import alignlab.train.dpo as dpo
 from alignlab.config import DPOConfig
 from alignlab.data.preference import PreferenceRecord
-from alignlab.data.tokenize import LONGER_THAN_MAX_LENGTH, PROMPT_FILLS_MAX_LENGTH
+from alignlab.data.tokenize import LONGER_THAN_MAX_LENGTH, PROMPT_FILLS_MAX_LENGTH, encode_prompt_completion
 from alignlab.errors import AlignlabError
 from alignlab.models import load_model, load_tokenizer, save_model
 from alignlab.train.forward import collate_aligned, completion_logps
@@ -103,6 +103,39 @@ def test_concatenated_forward_equals_two_forwards(tiny, fake_run):
     torch.testing.assert_close(terms["policy_chosen"], chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(terms["policy_rejected"], rejected, rtol=1e-5, atol=1e-5)
     assert terms["chosen_lengths"].tolist() == [len(p.chosen_ids) for p in pairs]
+
+
+def test_pairs_of_a_ranking_score_each_answer_once_with_the_same_losses_and_gradients(tiny, fake_run):
+    model, tokenizer = tiny
+    from alignlab.data.preference import expand_to_pairs
+
+    rankings = [PreferenceRecord(f"Rate movie {i}.", [f" It was {GOOD[i]}.", " It was fine.", f" It was {BAD[i]}."],
+                                 record=i + 1) for i in range(2)]
+    cfg = _cfg(Path("unused"), "unused", data="unused", template="none")
+    pairs, _ = dpo.prepare_pairs(expand_to_pairs(rankings), tokenizer, cfg)
+    assert len(pairs) == 6 and dpo.ranking_units(pairs, True) == [[0, 1, 2], [3, 4, 5]]
+    assert dpo.ranking_units(pairs, False) == [[i] for i in range(6)]
+    rows, inverse = dpo.distinct_rows(dpo.pair_rows(pairs))
+    assert len(rows) == 6 and [rows[i] for i in inverse] == dpo.pair_rows(pairs)
+    table = {dpo.row_digest(*r): -float(k) for k, r in enumerate(rows)}  # a reference of known log-probs
+    reference = dpo.Reference(table=table)
+
+    def grads(terms):
+        model.zero_grad()
+        terms["losses"].sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    shared = dpo.pair_terms(cfg, model, pairs, reference, tokenizer.pad_token_id, fake_run)
+    shared_grads = grads(shared)
+    separate = [dpo.pair_terms(cfg, model, [p], reference, tokenizer.pad_token_id, fake_run) for p in pairs]
+    torch.testing.assert_close(shared["losses"], torch.cat([t["losses"] for t in separate]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared["reference_rejected"], torch.cat([t["reference_rejected"] for t in separate]))
+    model.zero_grad()
+    sum(t["losses"].sum() for t in separate).backward()
+    for a, b in zip(shared_grads, [p.grad for p in model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+    assert shared["tokens"] < sum(t["tokens"] for t in separate) / 1.9  # 6 answers instead of 12 rows
 
 
 def test_completion_only_head_equals_full_forward_on_right_padded_batch(tiny):
@@ -317,10 +350,18 @@ def test_bad_records_stop_or_are_counted(tmp_path, capsys):
     assert "chosen equals rejected" in out and "empty response" in out
 
 
-def test_rankings_become_pairs_and_config_errors(tmp_path):
+def test_rankings_become_pairs_and_config_errors(tmp_path, capsys):
     ranking = [{"prompt": f"Rate movie {i}.", "responses": [" Great.", " Fine.", " Awful."]} for i in range(4)]
-    run = dpo.train_dpo(_cfg(tmp_path, "rank", data=_write(tmp_path / "rank.json", ranking), max_steps=3))
-    assert len(_metrics(run)) == 3  # 4 rankings x 3 pairs = 12 pairs = 3 steps of 4
+    run = dpo.train_dpo(_cfg(tmp_path, "rank", data=_write(tmp_path / "rank.json", ranking), max_steps=3,
+                             batch_size=2))
+    assert "12 train (in 4 rankings)" in capsys.readouterr().out  # 4 rankings x 3 pairs
+    steps = _metrics(run)
+    assert len(steps) == 3
+    # a step is 2 whole rankings (6 pairs): their 6 answers are scored once each, not as the 12 rows of 6 pairs
+    tokenizer = load_tokenizer("tiny-random")
+    answer_tokens = sum(len(p) + len(c) for p, c in (
+        encode_prompt_completion(tokenizer, "Rate movie 0.", r, template="none") for r in ranking[0]["responses"]))
+    assert [m["tokens"] for m in steps] == [2 * answer_tokens] * 3
     with pytest.raises(AlignlabError, match="label_smoothing"):
         dpo.train_dpo(_cfg(tmp_path, "cdpo", loss="cdpo"))
     with pytest.raises(AlignlabError, match="batch_size"):

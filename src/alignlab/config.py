@@ -131,6 +131,9 @@ class DPOConfig(DataConfig, TrainConfig):
                              "ref-logps")
     max_prompt_length: int = opt(0, "maximum prompt tokens (0 = only max_length limits); longer prompts keep their "
                                  "end (truncation=right) or are dropped (truncation=drop)")
+    group_rankings: bool = opt(True, "keep each ranking's pairs together in one micro-batch, each answer encoded once "
+                               "for all its pairs (the K-wise batching of the reward model); batch_size then "
+                               "counts records, a ranking of K answers bringing its K(K-1)/2 pairs")
 
 
 def parse_columns(spec: str) -> dict[str, str] | None:

@@ -468,9 +468,9 @@ def bf16_matmul_weights(model: torch.nn.Module) -> torch.nn.Module:
     Autocast runs every linear layer in bf16 anyway, casting float32 weights at each call (a frozen weight's
     cast is not cached); stored in bf16 they are the very same values, without the casts and at half the
     memory. (A frozen model that must keep its float32 weights, LoRA's base model, keeps a cached copy
-    instead: :func:`cache_frozen_weight_casts`.) Everything autocast keeps in float32 stays so: embeddings (a tied LM head gets its own bf16 copy,
-    the input embedding stays float32), norms and the residual stream, so the outputs are unchanged. Not for a
-    model that trains or is saved."""
+    instead: :func:`cache_frozen_weight_casts`.) Everything autocast keeps in float32 stays so: embeddings (a
+    tied LM head gets its own bf16 copy, the input embedding stays float32), norms and the residual stream, so
+    the outputs are unchanged. Not for a model that trains or is saved."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)

@@ -81,8 +81,9 @@ class LabConfig:
     # DPO family
     dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo")
     dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
-    dpo_beta: float = opt(0.1, "beta of dpo and ipo")
-    dpo_batch_size: int = opt(8, "preference pairs per dpo, ipo and simpo step")
+    dpo_beta: float = opt(0.15, "beta of dpo and ipo")
+    dpo_batch_size: int = opt(3, "rankings per dpo, ipo and simpo step, each with all its pairs (15 for 6 answers, "
+                              "each answer encoded once): about the sequences of 8 separate pairs")
     # PPO
     ppo_iterations: int = opt(8, "PPO iterations (rollouts)")
     ppo_rollout: int = opt(48, "responses per PPO rollout")
@@ -95,7 +96,7 @@ class LabConfig:
     # rejection sampling / best-of-n
     rs_n: int = opt(12, "samples per prompt in rejection sampling")
     rs_steps: int = opt(12, "SFT steps on the kept samples")
-    rs_lr: float = opt(1e-3, "rejection-sampling fine-tuning learning rate")
+    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
     bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
     batch_size: int = opt(16, "training micro-batch size for every method")
     progress: bool = opt(True, "show progress bars")
@@ -227,9 +228,11 @@ def run_lab(cfg: LabConfig) -> Path:
     method_params = {
         "ppo": {**ppo_params, "kl_coef": cfg.ppo_kl_coef},
         "ppo_nokl": {**ppo_params, "kl_coef": 0.0},
-        "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta, "pairs_per_step": cfg.dpo_batch_size},
-        "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta, "pairs_per_step": cfg.dpo_batch_size},
-        "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "pairs_per_step": cfg.dpo_batch_size},
+        "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta,
+                "rankings_per_step": cfg.dpo_batch_size},
+        "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta,
+                "rankings_per_step": cfg.dpo_batch_size},
+        "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "rankings_per_step": cfg.dpo_batch_size},
         "rs": {"n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
         "bon": {"n": cfg.bon_n},
     }

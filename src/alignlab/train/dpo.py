@@ -3,8 +3,9 @@ unpaired feedback.
 
 The loop, top to bottom: load pairs (a ranking becomes all its pairs) -> tokenize each pair with an exact
 prompt/response boundary and apply the length policy (every cut and drop counted) -> load the policy (+LoRA)
--> set up the reference -> plan every optimizer step -> for each step: this process's micro-batches, chosen and
-rejected in ONE forward (each prompt encoded once, its two responses after it), log-probs of the response
+-> set up the reference -> plan every optimizer step (a ranking's pairs stay together: ``group_rankings``) ->
+for each step: this process's micro-batches, chosen and rejected in ONE forward (each prompt encoded once, its
+responses after it; a ranking's K answers once for its K(K-1)/2 pairs), log-probs of the response
 tokens only, the reference's log-probs of the same rows, the loss (mean over the pairs of the global batch,
 plus an optional NLL term per chosen token), backward, clip, step -> log rewards, margins, accuracies and KL
 to the reference, evaluate, checkpoint -> save the final model.
@@ -152,6 +153,32 @@ def _row(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> Row:
 def pair_rows(pairs: Sequence[PairExample]) -> list[Row]:
     """The ``2b`` rows of one concatenated forward: every chosen row, then every rejected row."""
     return [_row(p.prompt_ids, p.chosen_ids) for p in pairs] + [_row(p.prompt_ids, p.rejected_ids) for p in pairs]
+
+
+def distinct_rows(rows: Sequence[Row]) -> tuple[list[Row], list[int]]:
+    """The distinct rows in first-seen order, and for every row the index of its twin among them: the pairs
+    of one ranking share their answers (K answers, K(K-1)/2 pairs), which are then scored once."""
+    index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    distinct: list[Row] = []
+    inverse = []
+    for row in rows:
+        key = (tuple(row[0]), tuple(row[1]))
+        if key not in index:
+            index[key] = len(distinct)
+            distinct.append(row)
+        inverse.append(index[key])
+    return distinct, inverse
+
+
+def ranking_units(examples: Sequence[PairExample], group: bool) -> list[list[int]]:
+    """What a batch is made of: with ``group``, the indices of each record's pairs (a ranking's pairs stay
+    together, so its answers are encoded once for all of them); otherwise every example on its own."""
+    if not group:
+        return [[i] for i in range(len(examples))]
+    units: dict[int, list[int]] = {}
+    for i, example in enumerate(examples):
+        units.setdefault(example.record, []).append(i)
+    return list(units.values())
 
 
 def kl_rows(examples: Sequence[FeedbackExample], max_length: int) -> list[Row]:
@@ -452,20 +479,25 @@ def sft_weight(cfg: DPOConfig) -> float:
 
 def pair_terms(cfg: DPOConfig, model: torch.nn.Module, pairs: Sequence[PairExample], reference: Reference | None,
                pad: int, run: Run) -> dict[str, Any]:
-    """Score ``b`` pairs in one forward of ``2b`` rows and compute their losses.
+    """Score ``b`` pairs in one forward of at most ``2b`` rows (an answer shared by several pairs, as in a
+    ranking, is scored once) and compute their losses.
 
     Returns a dict of ``(b,)`` tensors: ``losses``, ``chosen_rewards``, ``rejected_rewards``, ``policy_chosen``,
     ``policy_rejected`` (summed log-probs), ``reference_chosen``/``reference_rejected`` (None without a
     reference), ``chosen_lengths``; ``chosen_token_logps`` and ``chosen_mask`` ``(b, k)`` for the NLL term;
     ``tokens`` (int).
     """
-    rows = pair_rows(pairs)
+    rows, inverse = distinct_rows(pair_rows(pairs))
     token_logps, mask, tokens, encoded = score_rows(model, rows, pad, run)
+    reference_logps = reference.logps(rows, pad, run) if reference is not None else None
+    if len(rows) < len(inverse):  # answers shared by several pairs were scored once
+        back = torch.tensor(inverse, device=token_logps.device)
+        token_logps, mask = token_logps[back], mask[back]
+        reference_logps = reference_logps[back] if reference_logps is not None else None
     logps, lengths = token_logps.sum(-1), mask.sum(-1)
     b = len(pairs)
     reference_chosen = reference_rejected = None
-    if reference is not None:
-        reference_logps = reference.logps(rows, pad, run)
+    if reference_logps is not None:
         reference_chosen, reference_rejected = reference_logps[:b], reference_logps[b:]
     losses, chosen_rewards, rejected_rewards = preference_loss(
         cfg.loss, logps[:b], logps[b:], reference_chosen, reference_rejected, lengths[:b], lengths[b:],
@@ -784,8 +816,13 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
     # -- data -----------------------------------------------------------------------------------------
     train_set, eval_set = load_examples(cfg.data, tokenizer, cfg, run)
-    lengths = [len(e) for e in train_set]
+    # the plan is made of units: single examples, or with group_rankings each ranking's pairs together
+    units = ranking_units(train_set, cfg.group_rankings and not kto)
+    lengths = [max(len(train_set[i]) for i in unit) for unit in units]
     plan = plan_steps(lengths, cfg, run.world_size)
+
+    def examples_of(unit_indices: Sequence[int]) -> list[int]:
+        return [i for u in unit_indices for i in units[u]]
 
     # -- policy, reference, optimizer -----------------------------------------------------------------
     model = prepare_policy(cfg, tokenizer)
@@ -795,7 +832,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     trainable, total = count_parameters(model)
     run.print(f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters; loss {cfg.loss} "
               f"(beta {default_beta(cfg)}{f', nll weight {nll_weight}' if nll_weight else ''}); "
-              f"{len(train_set)} train / {len(eval_set)} eval {'examples' if kto else 'pairs'}; "
+              f"{len(train_set)} train{f' (in {len(units)} rankings)' if len(units) < len(train_set) else ''} / "
+              f"{len(eval_set)} eval {'examples' if kto else 'pairs'}; "
               f"{len(plan)} steps; {run.world_size} process(es)")
     model, optimizer, scheduler, start, _ = run.prepare_training(model, len(plan))
     if reference is not None and reference.adapter_of is not None:
@@ -805,11 +843,12 @@ def train_dpo(cfg: DPOConfig) -> Path:
     bar = run.progress(len(plan), start)
     for step in range(start, len(plan)):
         t0 = time.perf_counter()
-        global_examples = len(plan[step])
+        global_indices = examples_of(plan[step])
+        global_examples = len(global_indices)
         # the NLL term is a mean over the chosen (desirable) tokens of the whole global batch
         global_chosen_tokens = sum(len(train_set[i].completion_ids if kto else train_set[i].chosen_ids)
-                                   for i in plan[step] if not kto or train_set[i].label)
-        mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)
+                                   for i in global_indices if not kto or train_set[i].label)
+        mine = [examples_of(u) for u in micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)]
         sums: Counter = Counter()
         ok = True
         for k, idx in enumerate(mine):
