@@ -247,7 +247,8 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"- Reward model: {rm['optimizer_steps']} steps, K-wise loss on the rankings; held-out: "
         + ", ".join(f"{k} {v:.3f}" for k, v in rm.get("eval", {}).items() if isinstance(v, float)) + ".",
         f"- DPO / IPO / SimPO: the same {prefs['pairs']} pairs, {cfg.dpo_steps} steps each of {cfg.dpo_batch_size} "
-        "whole rankings (all their pairs, each answer encoded once). PPO: "
+        f"whole rankings (all their pairs, each answer encoded once), lr {cfg.dpo_lr:g}; DPO beta {cfg.dpo_beta:g}, "
+        f"IPO tau {cfg.ipo_beta:g}, SimPO beta 2 and gamma 1. PPO: "
         f"{cfg.ppo_iterations} rollouts of {cfg.ppo_rollout} responses ({cfg.ppo_responses_per_prompt} per prompt) "
         f"on the same training prompts, {cfg.ppo_epochs} epochs over each. Rejection "
         f"sampling: {cfg.rs_n} samples per training prompt, the best by the reward model kept, {cfg.rs_steps} SFT "

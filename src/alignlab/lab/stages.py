@@ -208,7 +208,7 @@ class Context:
         from alignlab.train.dpo import train_dpo
 
         c = self.cfg
-        beta = c.dpo_beta if loss in ("dpo", "ipo") else 0.0  # 0 = the loss's own default (SimPO: 2.0)
+        beta = {"dpo": c.dpo_beta, "ipo": c.ipo_beta}.get(loss, 0.0)  # 0 = the loss's own default (SimPO: 2.0)
         # DPO and IPO score the same responses with the same reference (the SFT model): its log-probs are
         # computed once, by whichever runs first, and read from the run's cache by the other
         cfg = DPOConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
