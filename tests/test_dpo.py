@@ -138,6 +138,24 @@ def test_pairs_of_a_ranking_score_each_answer_once_with_the_same_losses_and_grad
     assert shared["tokens"] < sum(t["tokens"] for t in separate) / 1.9  # 6 answers instead of 12 rows
 
 
+def test_held_out_rankings_are_batched_whole_with_the_same_metrics(tmp_path):
+    ranking = [{"prompt": f"Rate movie {i}.", "responses": [f" {GOOD[i % 7]}.", " Fine, I suppose.", f" {BAD[i % 7]}."]}
+               for i in range(8)]
+    data = _write(tmp_path / "rank.json", ranking)
+    pairs = [dpo.PairExample([1], [2] * n, [3], record=r) for r, n in ((1, 3), (1, 1), (2, 2), (2, 1), (3, 1))]
+    chunks = dpo.eval_chunks(pairs, 2, dpo.ranking_units(pairs, True))
+    assert [[p.record for p in c] for c in chunks] == [[3, 2, 2], [1, 1]]  # whole rankings, shortest first
+    assert [len(c) for c in dpo.eval_chunks(pairs, 2)] == [2, 2, 1]
+    evals = {}
+    for group in (True, False):  # lr 0: the same model scores the same held-out pairs, batched differently
+        run = dpo.train_dpo(_cfg(tmp_path, f"g{group}", data=data, loss="simpo", lr=0.0, max_steps=1,
+                                 eval_fraction=0.5, batch_size=2, group_rankings=group))
+        evals[group] = {k: v for k, v in _metrics(run)[-1].items() if k.startswith("eval_")}
+    assert evals[True].keys() == evals[False].keys() and "eval_loss" in evals[True]
+    for key, value in evals[True].items():
+        assert value == pytest.approx(evals[False][key], rel=1e-5, abs=1e-6), key
+
+
 def test_completion_only_head_equals_full_forward_on_right_padded_batch(tiny):
     model, tokenizer = tiny
     rows = dpo.pair_rows(_examples(tokenizer))

@@ -602,10 +602,15 @@ def summarize(sums: Counter, run: Run, cfg: DPOConfig) -> dict[str, float]:
     return out
 
 
-def eval_chunks(examples: Sequence[Any], batch_size: int) -> list[list[Any]]:
-    """Held-out examples sorted by length and cut into batches (deterministic, so KTO's eval KL rows are too)."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]), i))
-    return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+def eval_chunks(examples: Sequence[Any], batch_size: int, units: Sequence[Sequence[int]] | None = None
+                ) -> list[list[Any]]:
+    """Held-out examples sorted by length and cut into batches of ``batch_size`` units (``units``: lists of
+    example indices, e.g. a ranking's pairs; default every example on its own). Deterministic, so KTO's eval
+    KL rows are too."""
+    units = units if units is not None else [[i] for i in range(len(examples))]
+    order = sorted(range(len(units)), key=lambda u: (max(len(examples[i]) for i in units[u]), u))
+    return [[examples[i] for u in order[s : s + batch_size] for i in units[u]]
+            for s in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -614,7 +619,8 @@ def evaluate_preferences(cfg: DPOConfig, model: torch.nn.Module, examples: Seque
     """The training metrics on held-out examples (this process's share; summed over processes), ``eval_``."""
     model.eval()
     sums: Counter = Counter()
-    for chunk in eval_chunks(examples[run.rank :: run.world_size], cfg.batch_size):
+    units = ranking_units(examples, cfg.group_rankings and cfg.loss != "kto")  # batched as in training
+    for chunk in eval_chunks(examples, cfg.batch_size, units[run.rank :: run.world_size]):
         if cfg.loss == "kto":
             # processes may hold different numbers of eval batches: each keeps its own z0 estimate
             terms = feedback_terms(cfg, model, chunk, reference, pad, run, sync=False)
