@@ -357,6 +357,25 @@ def test_prepare_pairs_reports_cuts_and_identical_pairs(tmp_path):
     assert all(p.chosen_ids[-1] == tokenizer.eos_token_id for p in pairs[:1])
 
 
+def test_unfinished_responses_are_trained_without_eos(tmp_path):
+    """A response cut at a sampler's limit ends without EOS in DPO's pairs and in KTO's feedback (unpaired
+    from the same ranking), and differs from the finished encoding by exactly that token."""
+    tokenizer = load_tokenizer("tiny-random")
+    eos = tokenizer.eos_token_id
+    ranking = PreferenceRecord("Hi.", [" It was great and", " It was fine.", " It was awful and"], record=1,
+                               unfinished=[True, False, True])
+    cfg = _cfg(tmp_path, "x", template="none")
+    pairs, _ = dpo.prepare_pairs(dpo.expand_to_pairs([ranking]), tokenizer, cfg)
+    assert [(p.chosen_ids[-1] == eos, p.rejected_ids[-1] == eos) for p in pairs] == [
+        (False, True), (False, False), (True, False)
+    ]  # fmt: skip
+    plain, _ = dpo.prepare_pairs(dpo.expand_to_pairs([PreferenceRecord("Hi.", ranking.responses, record=1)]),
+                                 tokenizer, cfg)
+    assert pairs[0].chosen_ids == plain[0].chosen_ids[:-1] and pairs[2].chosen_ids == plain[2].chosen_ids
+    feedback, _ = dpo.prepare_feedback(dpo.unpair([ranking]), tokenizer, cfg)
+    assert [(f.label, f.completion_ids[-1] == eos) for f in feedback] == [(True, False), (False, False)]
+
+
 def test_bad_records_stop_or_are_counted(tmp_path, capsys):
     records = _pairs(8) + [{"prompt": "Hi.", "chosen": " Same.", "rejected": " Same."},
                            {"prompt": "Hi.", "chosen": "", "rejected": " No."}]

@@ -115,6 +115,12 @@ def test_messages_sharegpt_prompt_completion_and_text(tmp_path: Path, tiny) -> N
     assert "".join(loss_text(tiny, raw)) == " 4<|im_end|>"
     assert loss_text(tiny, chat) == ["4<|im_end|>"]
 
+    cut = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4", "unfinished": True},
+                                             {"prompt": "Q:", "completion": " 5", "unfinished": "yes"}])
+    (u,), report = load_sft_dataset(cut, tiny, skip_invalid=True)
+    assert u.input_ids == raw.input_ids[:-1] and "".join(loss_text(tiny, u)) == " 4"  # no EOS after a cut answer
+    assert report.skipped_invalid == {"'unfinished' is not a bool": 1}
+
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "The movie was great."}])
     (t,), _ = load_sft_dataset(text, tiny)
     assert t.labels == t.input_ids and tiny.decode(t.input_ids) == "The movie was great.<|im_end|>"

@@ -171,6 +171,24 @@ def test_rankings(tmp_path):
     assert report.by_k == Counter({3: 1, 4: 1, 2: 1}) and report.pairs == 1 and report.rankings == 2
 
 
+def test_ranking_unfinished_flags_follow_the_order(tmp_path):
+    """``unfinished`` is aligned with the file's responses: sorting by score moves the flags with them, and
+    expanding to pairs gives each pair its two responses' flags."""
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "P", "responses": ["c", "a", "b"], "scores": [1, 3, 2], "unfinished": [True, False, True]},
+        {"prompt": "Q", "responses": ["x", "y"]},
+    ])
+    records, _ = load_preferences(path)
+    assert records[0].responses == ["a", "b", "c"] and records[0].unfinished == [False, True, True]
+    assert [records[0].finished(i) for i in range(3)] == [True, False, False]
+    assert records[1].unfinished is None and records[1].finished(1)
+    pairs = expand_to_pairs(records)
+    assert [(p.responses, p.unfinished) for p in pairs[:3]] == [
+        (["a", "b"], [False, True]), (["a", "c"], [False, True]), (["b", "c"], [True, True])
+    ]  # fmt: skip
+    assert pairs[3].unfinished is None
+
+
 def _tree(text, role, rank=None, replies=()):
     node = {"text": text, "role": role, "replies": list(replies)}
     if rank is not None:
@@ -372,6 +390,10 @@ BAD = [
      "scores do not match responses"),
     ("ranking-score-type", GOOD_RANKING, {"prompt": "P", "responses": ["a", "b"], "scores": [1, "x"]},
      "scores[1]", "wrong type"),
+    ("ranking-unfinished-count", GOOD_RANKING, {"prompt": "P", "responses": ["a", "b"], "unfinished": [True]},
+     "unfinished", "flags do not match responses"),
+    ("ranking-unfinished-type", GOOD_RANKING,
+     {"prompt": "P", "responses": ["a", "b"], "unfinished": [True, "no"]}, "unfinished[1]", "wrong type"),
     ("oasst-missing-rank", _oasst([0, 1]), _oasst([0, None, 1]), "prompt.replies[1].rank",
      "oasst: unranked reply beside ranked siblings"),
     ("oasst-tied-ranks", _oasst([0, 1]), _oasst([0, 1, 1]), "prompt.replies[2].rank", "tied ranks"),

@@ -125,3 +125,7 @@ def test_two_rounds_raise_the_reward_and_resume(tmp_path, reward_file):
     again = run_rs(build_config(RSConfig, overrides=overrides))
     assert again == final
     assert (tmp_path / "rs" / "round-1" / "samples.jsonl").stat().st_mtime_ns == stamp
+    # the SFT data marks the kept samples cut at max_new_tokens, which it trains without EOS
+    samples = [json.loads(x) for x in (tmp_path / "rs" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    kept = [json.loads(x) for x in (tmp_path / "rs" / "round-1" / "kept.jsonl").read_text().splitlines()]
+    assert [k["unfinished"] for k in kept] == [not s["finished"] for s in samples if s["kept"]]

@@ -85,6 +85,9 @@ def test_annotators_exact_at_zero_temperature_and_noisy_above():
     assert len(records) == 1 and records[0].responses == ["good", "bad"]
     assert report["skipped"]["fewer than 2 distinct responses"] == 1
     assert report["pairwise_agreement_with_gold"] == 1.0
+    records, _ = annotate(["p"], [["meh", "great and", "great and", "bad"]], [[0.1, 0.9, 0.9, -0.5]],
+                          temperature=0.0, seed=0, unfinished=[[False, True, False, True]])
+    assert records[0].responses == ["great and", "meh", "bad"] and records[0].unfinished == [True, False, True]
 
 
 def test_task_prompt_sources_give_the_task_splits():

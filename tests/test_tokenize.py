@@ -134,6 +134,18 @@ def test_eos_is_not_doubled(tiny) -> None:
     assert completion_ids.count(tiny.eos_token_id) == 1 and completion_ids[-1] == tiny.eos_token_id
 
 
+@pytest.mark.parametrize("template", ["none", "alpaca", "chat"])
+def test_unfinished_response_has_no_eos(tiny, template) -> None:
+    """A response cut at a sampler's limit is its text alone: the finished encoding minus its final EOS (for
+    chat: minus the template's end of turn), the prompt unchanged."""
+    prompt, text = "Say something long.", "It was a dark and stormy"
+    prompt_f, finished = encode_prompt_completion(tiny, prompt, text, template=template)
+    prompt_u, unfinished = encode_prompt_completion(tiny, prompt, text, template=template, finished=False)
+    assert prompt_u == prompt_f and finished[-1] == tiny.eos_token_id
+    assert unfinished == finished[:-1] and tiny.eos_token_id not in unfinished
+    assert tiny.decode(unfinished).strip() == text
+
+
 def test_bos_added_once(with_bos) -> None:
     bos = with_bos.bos_token_id
     prompt_ids, completion_ids = encode_prompt_completion(with_bos, "Say hi.", "Hi!", template="alpaca")

@@ -287,7 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the distributed process group, if a launcher made one, before the interpreter exits: left to the
+    exit-time destructors, gloo's worker threads can abort the process ("terminate called without an active
+    exception", seen once in the two-process reward-model test) after the run has finished."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
+        torch_distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Formats (``format=``):
 - ``"sharegpt"``: ``{conversations: [{from, value}, ...]}`` with ``from`` in human/gpt/system (also
   user/assistant); template ``chat``.
 - ``"prompt_completion"``: ``{prompt, completion}``, the prompt a string or a list of messages; template
-  ``none`` by default (``chat`` when the prompt is a list of messages).
+  ``none`` by default (``chat`` when the prompt is a list of messages). Optional ``unfinished: true`` marks a
+  completion cut off at a sampler's token limit (rejection sampling writes it): it is trained without EOS.
 - ``"text"``: ``{text}``: continued pretraining, loss on every token.
 
 ``format="auto"`` looks at the keys of the first record. Column names are mapped with ``columns``, a dict
@@ -61,6 +62,7 @@ CANONICAL_COLUMNS = (
     "conversations",
     "prompt",
     "completion",
+    "unfinished",
     "text",
 )
 SHAREGPT_ROLES = {
@@ -108,7 +110,8 @@ class InstructionRecord:
 
     - ``alpaca``: ``instruction``, ``input`` (``""`` when absent), ``output``;
     - ``conversation`` (messages and ShareGPT): ``messages`` as ``[{role, content}]``;
-    - ``prompt_completion``: ``prompt`` (a string or messages) and ``output`` (the completion);
+    - ``prompt_completion``: ``prompt`` (a string or messages), ``output`` (the completion) and
+      ``unfinished`` (the completion was cut off at a length limit: no EOS);
     - ``text``: ``text``.
     """
 
@@ -120,6 +123,7 @@ class InstructionRecord:
     prompt: str | list[dict[str, str]] | None = None
     messages: list[dict[str, str]] | None = None
     text: str = ""
+    unfinished: bool = False
 
 
 def _columns(columns: Mapping[str, str] | None) -> dict[str, str]:
@@ -355,7 +359,19 @@ def normalize_record(
         completion = _string(
             record, names["completion"], "completion", nonempty=True, empty_reason="empty response", **where
         )
-        return InstructionRecord(number, "prompt_completion", prompt=prompt, output=completion)
+        unfinished = record.get(names["unfinished"], False)
+        if isinstance(unfinished, str) and unfinished.strip().lower() in ("true", "false", ""):  # CSV cells
+            unfinished = unfinished.strip().lower() == "true"
+        if not isinstance(unfinished, bool):
+            raise InvalidRecordError(
+                f"{names['unfinished']} must be true or false, found {unfinished!r:.40}",
+                reason=f"'{names['unfinished']}' is not a bool",
+                file=file,
+                record=number,
+                field=names["unfinished"],
+            )
+        return InstructionRecord(number, "prompt_completion", prompt=prompt, output=completion,
+                                 unfinished=unfinished)
     text = _string(record, names["text"], "text", nonempty=True, empty_reason="empty text", **where)
     return InstructionRecord(number, "text", text=text)
 
@@ -387,7 +403,8 @@ def encode_record(tokenizer: Any, record: InstructionRecord, template: str) -> t
             prompt = alpaca_user_message(record.instruction, record.input)
     else:
         prompt = record.prompt
-    prompt_ids, completion_ids = encode_prompt_completion(tokenizer, prompt, record.output, template=template)
+    prompt_ids, completion_ids = encode_prompt_completion(tokenizer, prompt, record.output, template=template,
+                                                          finished=not record.unfinished)
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 

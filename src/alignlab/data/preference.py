@@ -26,6 +26,9 @@ Formats (``format=`` name, then the fields of one record; ``columns`` maps these
 ``ranking``
     ``{prompt, responses}`` best first, or ``{prompt, responses, scores}`` (higher is better; responses
     are sorted by score, descending; equal scores are an error, since the order would be undefined).
+    Optional ``unfinished``: a list of bools aligned with ``responses``, true for a response that was cut
+    off at a sampler's token limit (as the lab's sampled answers are); such a response is encoded without
+    EOS by the policy-training methods (DPO family), so they do not learn to stop where the sampler stopped.
 ``oasst``
     Open-Assistant message trees ``{message_tree_id, tree_state, prompt: Message}`` where a Message is
     ``{text, role: prompter/assistant, rank, replies: [Message]}``. Every prompter node with two or more
@@ -93,6 +96,7 @@ _CANONICAL_FIELDS = (
     "margin",
     "score_chosen",
     "score_rejected",
+    "unfinished",
     "conversations",
     "messages",
     "completion",
@@ -121,6 +125,8 @@ class PreferenceRecord:
         margin: optional margin for a pair (Llama 2 style): how much better ``chosen`` is.
         record: the 1-based record number in the source file.
         source: the file the record came from.
+        unfinished: optional per-response flags, aligned with ``responses``: True where the response was cut
+            off at a length limit (it is then encoded without EOS; see :mod:`alignlab.data.tokenize`).
     """
 
     prompt: Prompt
@@ -129,6 +135,11 @@ class PreferenceRecord:
     margin: float | None = None
     record: int = 0
     source: str = ""
+    unfinished: list[bool] | None = None
+
+    def finished(self, index: int) -> bool:
+        """Whether response ``index`` ended by itself (not cut off at a length limit)."""
+        return self.unfinished is None or not self.unfinished[index]
 
     @property
     def chosen(self) -> str:
@@ -151,6 +162,7 @@ class FeedbackRecord:
         label: ``True`` for a desirable completion, ``False`` for an undesirable one.
         record: the 1-based record number in the source file.
         source: the file the record came from.
+        unfinished: the completion was cut off at a length limit (encoded without EOS).
     """
 
     prompt: Prompt
@@ -158,6 +170,7 @@ class FeedbackRecord:
     label: bool
     record: int = 0
     source: str = ""
+    unfinished: bool = False
 
 
 @dataclass
@@ -751,6 +764,7 @@ def _parse_ranking(raw: dict[str, Any], ctx: _Context) -> Iterator[PreferenceRec
             "single response", f"a ranking needs two or more responses, got {len(responses)}", "responses"
         )
     scores = None
+    unfinished = _unfinished_flags(raw, len(responses), ctx)
     raw_scores = _maybe_json(raw.get("scores"), ctx)
     if raw_scores is not None and not (ctx.csv and raw_scores == ""):
         if not isinstance(raw_scores, list):
@@ -775,8 +789,25 @@ def _parse_ranking(raw: dict[str, Any], ctx: _Context) -> Iterator[PreferenceRec
                 )
         responses = [responses[i] for i in order]
         scores = [scores[i] for i in order]
+        unfinished = None if unfinished is None else [unfinished[i] for i in order]
     _distinct(responses, [f"responses[{i}]" for i in range(len(responses))], ctx)
-    yield PreferenceRecord(prompt, responses, scores, None, ctx.record, ctx.file)
+    yield PreferenceRecord(prompt, responses, scores, None, ctx.record, ctx.file, unfinished)
+
+
+def _unfinished_flags(raw: dict[str, Any], n: int, ctx: _Context) -> list[bool] | None:
+    """The optional ``unfinished`` field of a ranking: one bool per response, in the file's order."""
+    value = _maybe_json(raw.get("unfinished"), ctx)
+    if value is None or (ctx.csv and value == ""):
+        return None
+    if not isinstance(value, list):
+        raise ctx.fail("wrong type", f"expected a list of true/false, got {_type_name(value)}", "unfinished")
+    if len(value) != n:
+        raise ctx.fail("flags do not match responses", f"{len(value)} unfinished flags for {n} responses",
+                       "unfinished")
+    for index, flag in enumerate(value):
+        if not isinstance(flag, bool):
+            raise ctx.fail("wrong type", f"expected true or false, got {flag!r}", f"unfinished[{index}]")
+    return list(value)
 
 
 def _parse_oasst(raw: dict[str, Any], ctx: _Context) -> Iterator[PreferenceRecord]:
@@ -932,6 +963,7 @@ def expand_to_pairs(records: Iterable[PreferenceRecord]) -> list[PreferenceRecor
         for i in range(k):
             for j in range(i + 1, k):
                 scores = None if item.scores is None else [item.scores[i], item.scores[j]]
+                flags = None if item.unfinished is None else [item.unfinished[i], item.unfinished[j]]
                 margin = (
                     item.margin
                     if k == 2 and item.margin is not None
@@ -939,7 +971,8 @@ def expand_to_pairs(records: Iterable[PreferenceRecord]) -> list[PreferenceRecor
                 )
                 pairs.append(
                     replace(
-                        item, responses=[item.responses[i], item.responses[j]], scores=scores, margin=margin
+                        item, responses=[item.responses[i], item.responses[j]], scores=scores, margin=margin,
+                        unfinished=flags,
                     )
                 )
     return pairs
@@ -1029,8 +1062,11 @@ def inspect_preference_file(
 def _show(item: PreferenceRecord | FeedbackRecord, tokenizer: Any, template: str, width: int) -> list[str]:
     if template == "auto":
         template = default_template(item.prompt)
-    responses = [item.completion] if isinstance(item, FeedbackRecord) else item.responses
-    counts = [_count(tokenizer, item, response, template) for response in responses]
+    if isinstance(item, FeedbackRecord):
+        responses, finished = [item.completion], [not item.unfinished]
+    else:
+        responses, finished = item.responses, [item.finished(i) for i in range(len(item.responses))]
+    counts = [_count(tokenizer, item, r, template, f) for r, f in zip(responses, finished)]
     prompt_tokens = sorted({prompt for prompt, _ in counts})
     prompt_note = "/".join(map(str, prompt_tokens))  # differs only when a BPE merge crosses the boundary
     lines = [f"record {item.record}: prompt {prompt_note} tokens (template {template})"]
@@ -1047,16 +1083,17 @@ def _show(item: PreferenceRecord | FeedbackRecord, tokenizer: Any, template: str
         rank = "best" if index == 0 else ("worst" if index == len(item.responses) - 1 else f"#{index + 1}")
         score = "" if item.scores is None else f", score {item.scores[index]:g}"
         margin = f", margin {item.margin:g}" if item.margin is not None and index == 0 else ""
-        lines.append(f"  {index + 1}. ({rank}{score}{margin}, {tokens} tokens) {_clip(response, width)}")
+        cut = "" if item.finished(index) else ", unfinished: no EOS"
+        lines.append(f"  {index + 1}. ({rank}{score}{margin}, {tokens} tokens{cut}) {_clip(response, width)}")
     return lines
 
 
 def _count(
-    tokenizer: Any, item: PreferenceRecord | FeedbackRecord, response: str, template: str
+    tokenizer: Any, item: PreferenceRecord | FeedbackRecord, response: str, template: str, finished: bool
 ) -> tuple[int, int]:
     try:
         prompt_ids, completion_ids = encode_prompt_completion(
-            tokenizer, item.prompt, response, template=template
+            tokenizer, item.prompt, response, template=template, finished=finished
         )
     except AlignlabError as error:
         raise AlignlabError(

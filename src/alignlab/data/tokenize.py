@@ -13,6 +13,8 @@ Conventions (every stage relies on them):
   end-of-turn token is expected to be the EOS token (``<|im_end|>`` for ChatML): the response is cut right
   after its last EOS (template trailers such as the ``"\\n"`` after ``<|im_end|>`` carry no loss), and EOS is
   appended when the template wrote none. For ``"alpaca"`` and ``"none"`` EOS is appended to the text.
+  The exception is a response marked *unfinished* (``finished=False``: a sample cut at a sampler's token
+  limit): it ends where its text ends, with no EOS, so a model trained on it is not taught to stop there.
 - **Labels** are aligned with ``input_ids`` (the model shifts them); ``-100`` (:data:`IGNORE_INDEX`) means
   no loss.
 """
@@ -133,7 +135,7 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, *, template: str) -> list[int]
 
 
 def encode_prompt_completion(
-    tokenizer: Any, prompt: Prompt, completion: str, *, template: str
+    tokenizer: Any, prompt: Prompt, completion: str, *, template: str, finished: bool = True
 ) -> tuple[list[int], list[int]]:
     """Tokenize a prompt and its response with an exact boundary.
 
@@ -145,10 +147,13 @@ def encode_prompt_completion(
         completion: the response text.
         template: ``"alpaca"`` (Stanford Alpaca prompt), ``"chat"`` (the tokenizer's chat template, the
             response as the assistant turn), or ``"none"`` (prompt and response concatenated as they are).
+        finished: False for a response that was cut off (a sample that hit ``max_new_tokens``): its ids end
+            with its text, without EOS.
 
     Returns:
         ``(prompt_ids, completion_ids)``: ``prompt_ids`` starts with BOS when the tokenizer uses one;
-        ``completion_ids`` is non-empty and ends with ``tokenizer.eos_token_id``. Their concatenation is the
+        ``completion_ids`` is non-empty and ends with ``tokenizer.eos_token_id`` (unless ``finished`` is
+        False: then it is the response's text alone, EOS removed). Their concatenation is the
         tokenization of the whole rendered text (up to the EOS rules in the module docstring).
 
     Raises:
@@ -172,6 +177,10 @@ def encode_prompt_completion(
         completion_ids = _end_at_last_eos(completion_ids, eos)
     elif completion_ids[-1:] != [eos]:
         completion_ids.append(eos)
+    if not finished:
+        completion_ids = completion_ids[:-1]
+        if not completion_ids:
+            raise AlignlabError("an unfinished response has no tokens", field="completion")
     return _with_bos(tokenizer, prompt_ids), completion_ids
 
 

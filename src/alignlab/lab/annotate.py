@@ -32,8 +32,12 @@ def plackett_luce_order(scores: Sequence[float], temperature: float, rng: random
 
 
 def annotate(prompts: Sequence[Any], responses: Sequence[Sequence[str]], gold: Sequence[Sequence[float]], *,
-             temperature: float, seed: int, source: str = "simulated") -> tuple[list[PreferenceRecord], dict]:
+             temperature: float, seed: int, source: str = "simulated",
+             unfinished: Sequence[Sequence[bool]] | None = None) -> tuple[list[PreferenceRecord], dict]:
     """One ranking per prompt from its K responses and their gold scores.
+
+    ``unfinished`` (optional, aligned with ``responses``): which responses were cut off at the sampler's token
+    limit; the records carry the flags in ranking order (an identical text keeps its first occurrence's flag).
 
     Identical responses are merged first (a ranking of equal texts is undefined); prompts left with fewer
     than two distinct responses are skipped and counted. Returns the records and a report: prompts,
@@ -45,9 +49,12 @@ def annotate(prompts: Sequence[Any], responses: Sequence[Sequence[str]], gold: S
     agree = total = 0
     for n, (prompt, texts, scores) in enumerate(zip(prompts, responses, gold), start=1):
         unique: dict[str, float] = {}
-        for text, score in zip(texts, scores):
+        cut: dict[str, bool] = {}
+        flags = unfinished[n - 1] if unfinished is not None else [False] * len(texts)
+        for text, score, flag in zip(texts, scores, flags):
             if text.strip() and text not in unique:
                 unique[text] = float(score)
+                cut[text] = bool(flag)
         if len(unique) < 2:
             skipped["fewer than 2 distinct responses"] += 1
             continue
@@ -59,7 +66,8 @@ def annotate(prompts: Sequence[Any], responses: Sequence[Sequence[str]], gold: S
                 if ranked[i][1] != ranked[j][1]:
                     total += 1
                     agree += ranked[i][1] > ranked[j][1]
-        records.append(PreferenceRecord(prompt=prompt, responses=[t for t, _ in ranked], record=n, source=source))
+        records.append(PreferenceRecord(prompt=prompt, responses=[t for t, _ in ranked], record=n, source=source,
+                                        unfinished=None if unfinished is None else [cut[t] for t, _ in ranked]))
     report = {"prompts": len(prompts), "kept": len(records), "skipped": skipped,
               "pairwise_agreement_with_gold": agree / total if total else float("nan")}
     return records, report

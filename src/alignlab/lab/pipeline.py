@@ -219,8 +219,9 @@ def run_lab(cfg: LabConfig) -> Path:
               "batch_size": cfg.batch_size}
 
     lab.stage("sft", {**common, "steps": cfg.sft_steps, "lr": cfg.sft_lr}, [], ctx.sft)
-    lab.stage("preferences", {**common, "k": cfg.k_annotate, "temperature": cfg.annotator_temperature}, ["sft"],
-              ctx.preferences)
+    # "unfinished": the file marks answers cut at max_new_tokens (trained without EOS); older runs lack the flags
+    lab.stage("preferences", {**common, "k": cfg.k_annotate, "temperature": cfg.annotator_temperature,
+                              "unfinished": True}, ["sft"], ctx.preferences)
     lab.stage("reward_model", {**common, "steps": cfg.rm_steps, "lr": cfg.rm_lr}, ["preferences"],
               ctx.reward_model)
     lab.stage("eval_sft", {**common}, ["sft", "reward_model"], ctx.evaluate_sft)

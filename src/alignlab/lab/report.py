@@ -215,6 +215,10 @@ def write_report(lab: Lab, task: Task) -> Path:
     missed = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
               and not r["meets_target"]]
     hacking = lab.results.get("eval_ppo_nokl")
+    line = sft_eval["gold"] + (1.0 - sft_eval["gold"]) / 2
+    # one answer per held-out prompt: a method whose interval straddles the line could fall either side of it
+    near = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
+            and abs(r["gold"] - line) <= r["gold_ci95"]]
     intro = [
         f"# alignlab lab report: {cfg.name}",
         "",
@@ -227,7 +231,10 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"The SFT model's held-out gold score is {sft_eval['gold']:.3f} (the base model's: "
         f"{sft_eval['base_gold']:.3f}); the maximum is 1.0. A method meets the target when it closes at least half "
         f"of that gap at a KL of at most 10 nats with fluency no more than 1 nat/token worse than SFT's. "
-        + (f"Missed here: {', '.join(missed)}." if missed else "Every trained method met it in this run."),
+        + (f"Missed here: {', '.join(missed)}." if missed else "Every trained method met it in this run.")
+        + (f" The line (half the gap closed) is at gold {line:.3f}, inside the 95% interval of "
+           f"{', '.join(near)}: with one answer per held-out prompt, another run (seed) may put "
+           f"{'it' if len(near) == 1 else 'them'} on the other side." if near else ""),
         "",
         _md_table(head, body),
         "",
@@ -243,7 +250,9 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"- Preference data: {prefs['samples']} SFT samples ({cfg.k_annotate} per training prompt) ranked by "
         f"simulated annotators (Plackett-Luce temperature {cfg.annotator_temperature}): {prefs['rankings']} "
         f"rankings, {prefs['pairs']} pairs; agreement of the annotators' pairs with the exact gold order "
-        f"{prefs['pairwise_agreement_with_gold']:.2f}.",
+        f"{prefs['pairwise_agreement_with_gold']:.2f}"
+        + (f"; {prefs['unfinished']} of the samples were cut at {cfg.max_new_tokens} tokens, and the DPO family "
+           "learns them without an end-of-sequence token." if "unfinished" in prefs else "."),
         f"- Reward model: {rm['optimizer_steps']} steps, K-wise loss on the rankings; held-out: "
         + ", ".join(f"{k} {v:.3f}" for k, v in rm.get("eval", {}).items() if isinstance(v, float)) + ".",
         f"- DPO / IPO / SimPO: the same {prefs['pairs']} pairs, {cfg.dpo_steps} steps each of {cfg.dpo_batch_size} "

@@ -101,12 +101,15 @@ class Context:
         groups = self.sample(self.sft_model, self.train_prompts, k, seed=self.cfg.seed + 1)
         texts = [[s.text for s in g] for g in groups]
         gold = [self.task.gold_score([p] * len(t), t) for p, t in zip(self.train_prompts, texts)]
+        unfinished = [[not s.finished for s in g] for g in groups]
         records, report = annotate(self.train_prompts, texts, gold, temperature=self.cfg.annotator_temperature,
-                                   seed=self.cfg.seed)
+                                   seed=self.cfg.seed, unfinished=unfinished)
         path = _write_jsonl(folder / "preferences.jsonl",
-                            [{"prompt": r.prompt, "responses": r.responses} for r in records])
+                            [{"prompt": r.prompt, "responses": r.responses, "unfinished": r.unfinished}
+                             for r in records])
         flat_gold = [g for row in gold for g in row]
         return {"file": str(path), "samples": len(flat_gold), "rankings": len(records),
+                "unfinished": sum(map(sum, unfinished)),
                 "pairs": sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in records),
                 "sample_gold_mean": sum(flat_gold) / len(flat_gold), **report}
 

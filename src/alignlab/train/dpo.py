@@ -203,17 +203,20 @@ def row_digest(ids: Sequence[int], labels: Sequence[int]) -> int:
 # --------------------------------------------------------------------------------------------- tokenization
 
 
-def encode_pair(tokenizer: Any, prompt: Any, chosen: str, rejected: str, *, template: str
-                ) -> tuple[list[int], list[int], list[int]]:
+def encode_pair(tokenizer: Any, prompt: Any, chosen: str, rejected: str, *, template: str,
+                finished: tuple[bool, bool] = (True, True)) -> tuple[list[int], list[int], list[int]]:
     """``(prompt_ids, chosen_ids, rejected_ids)`` with the exact boundary of :func:`encode_prompt_completion`.
 
     A BPE merge across the boundary can move the prompt's last token into one response but not the other; the
     prompt is then the shorter of the two prompts and each response keeps everything after it, so
     ``prompt + chosen`` and ``prompt + rejected`` are still exactly the tokenizations of the whole texts (TRL takes
-    the same common prefix).
+    the same common prefix). A response that is not ``finished`` (cut off at a sampler's limit) ends without
+    EOS, so the policy is not taught to stop where the sampler stopped it.
     """
-    prompt_c, chosen_ids = encode_prompt_completion(tokenizer, prompt, chosen, template=template)
-    prompt_r, rejected_ids = encode_prompt_completion(tokenizer, prompt, rejected, template=template)
+    prompt_c, chosen_ids = encode_prompt_completion(tokenizer, prompt, chosen, template=template,
+                                                    finished=finished[0])
+    prompt_r, rejected_ids = encode_prompt_completion(tokenizer, prompt, rejected, template=template,
+                                                      finished=finished[1])
     n = min(len(prompt_c), len(prompt_r))
     return prompt_c[:n], prompt_c[n:] + chosen_ids, prompt_r[n:] + rejected_ids
 
@@ -280,7 +283,8 @@ def prepare_pairs(pairs: Sequence[PreferenceRecord], tokenizer: Any, cfg: DPOCon
         template = _template_for(cfg, item.prompt)
         encoded = _encode_or_skip(
             lambda item=item, template=template: encode_pair(tokenizer, item.prompt, item.responses[0],
-                                                             item.responses[1], template=template),
+                                                             item.responses[1], template=template,
+                                                             finished=(item.finished(0), item.finished(1))),
             item, cfg, report)
         if encoded is None:
             continue
@@ -314,7 +318,8 @@ def prepare_feedback(records: Sequence[FeedbackRecord], tokenizer: Any, cfg: DPO
         template = _template_for(cfg, item.prompt)
         encoded = _encode_or_skip(
             lambda item=item, template=template: encode_prompt_completion(tokenizer, item.prompt, item.completion,
-                                                                          template=template),
+                                                                          template=template,
+                                                                          finished=not item.unfinished),
             item, cfg, report)
         if encoded is None:
             continue
@@ -339,8 +344,10 @@ def unpair(records: Sequence[PreferenceRecord]) -> list[FeedbackRecord]:
     the best response is desirable, the worst undesirable; the middle of a ranking is left out (it is neither)."""
     out = []
     for item in records:
-        out.append(FeedbackRecord(item.prompt, item.responses[0], True, item.record, item.source))
-        out.append(FeedbackRecord(item.prompt, item.responses[-1], False, item.record, item.source))
+        out.append(FeedbackRecord(item.prompt, item.responses[0], True, item.record, item.source,
+                                  not item.finished(0)))
+        out.append(FeedbackRecord(item.prompt, item.responses[-1], False, item.record, item.source,
+                                  not item.finished(len(item.responses) - 1)))
     return out
 
 

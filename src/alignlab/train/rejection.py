@@ -253,7 +253,9 @@ def select_samples(sampled: dict[str, Any], tokenizer: Any, cfg: Any, mode: str 
                    "score": score, "finished": sample.finished, "kept": i in chosen}
             rows.append(row)
             if i in chosen:
-                kept.append({"prompt": rendered, "completion": sample.text, "score": score})
+                # a sample cut at max_new_tokens is trained without EOS: the policy should not learn to stop there
+                kept.append({"prompt": rendered, "completion": sample.text, "score": score,
+                             "unfinished": not sample.finished})
     return {**sampled, "rows": rows, "kept": kept}
 
 

@@ -158,8 +158,10 @@ def encode_preferences(
 ) -> tuple[list[RewardExample], RewardDataReport]:
     """Encode preference records for reward-model training.
 
-    Every response becomes ``prompt_ids + completion_ids`` (:func:`encode_prompt_completion`, ending with EOS)
-    cut to ``max_length`` by ``truncation`` (see :func:`alignlab.reward.fit_to_length`). A record is dropped
+    Every response becomes ``prompt_ids + completion_ids`` (:func:`encode_prompt_completion`, ending with EOS,
+    also where a record marks a response unfinished: the scorer sees text alone at use time and appends EOS to
+    every response, so the score is read at the same kind of token in training and in use) cut to
+    ``max_length`` by ``truncation`` (see :func:`alignlab.reward.fit_to_length`). A record is dropped
     (counted) when one of its responses is dropped, when truncation makes two responses identical, or when a
     sequence ends with the pad token; a record that cannot be encoded is an error, or with ``skip_invalid``
     counted and skipped.
