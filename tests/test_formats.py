@@ -116,8 +116,10 @@ def test_messages_sharegpt_prompt_completion_and_text(tmp_path: Path, tiny) -> N
     assert loss_text(tiny, chat) == ["4<|im_end|>"]
 
     cut = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4", "unfinished": True},
-                                             {"prompt": "Q:", "completion": " 5", "unfinished": "yes"}])
-    (u,), report = load_sft_dataset(cut, tiny, skip_invalid=True)
+                                             {"prompt": "Q:", "completion": " 5", "unfinished": "yes"},
+                                             {"prompt": "Q: 2+2?\nA:", "completion": " 4", "unfinished": None}])
+    (u, null), report = load_sft_dataset(cut, tiny, skip_invalid=True)
+    assert null.input_ids == raw.input_ids  # null reads as finished
     assert u.input_ids == raw.input_ids[:-1] and "".join(loss_text(tiny, u)) == " 4"  # no EOS after a cut answer
     assert report.skipped_invalid == {"'unfinished' is not a bool": 1}
 

@@ -359,7 +359,9 @@ def normalize_record(
         completion = _string(
             record, names["completion"], "completion", nonempty=True, empty_reason="empty response", **where
         )
-        unfinished = record.get(names["unfinished"], False)
+        unfinished = record.get(names["unfinished"])
+        if unfinished is None:  # absent or null: as the ranking format reads it
+            unfinished = False
         if isinstance(unfinished, str) and unfinished.strip().lower() in ("true", "false", ""):  # CSV cells
             unfinished = unfinished.strip().lower() == "true"
         if not isinstance(unfinished, bool):
