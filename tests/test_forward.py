@@ -152,18 +152,36 @@ def test_plan_segments_trades_prompt_copies_against_row_width():
     assert 2000 < attention_crossover(Config()) < 3500
 
 
-@pytest.mark.parametrize("crossover", [None, 1])  # one segment per group; the narrowest rows
-def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer, crossover):
+LAYOUTS = [  # one segment per group in packed rows; the narrowest rows; rows under eager attention (an additive
+    # mask); segment attention, also with the layers recomputed in the backward; the plan as a 4D mask (eager)
+    ("rows", {}), ("narrow", {"crossover": 1}), ("rows-eager", {}), ("segments", {"segments": True}),
+    ("checkpointed", {"segments": True}), ("dense", {"segments": True})]
+
+
+@pytest.mark.parametrize(("name", "layout"), LAYOUTS, ids=[n for n, _ in LAYOUTS])
+def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer, name, layout):
     from alignlab.reward import prepare_reward_tokenizer
-    from alignlab.train.forward import collate_shared_prompt, shared_prompt_logps, shared_prompt_scores
+    from alignlab.train.forward import (
+        SEGMENT_ATTENTION,
+        collate_shared_prompt,
+        shared_prompt_logps,
+        shared_prompt_scores,
+    )
 
     torch.manual_seed(0)
+    attn = "eager" if name in ("dense", "rows-eager") else "sdpa"  # eager cannot run the plan: it gets a mask
     lm = load_model("tiny-random").train()  # train mode: gradients flow as in training
+    lm.set_attn_implementation(attn)
+    if name == "checkpointed":  # the recomputed layers must get the plan again
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = [*GROUPS, ([37, 38], [list(range(39, 47)), list(range(47, 55))])]
-    batch = collate_shared_prompt(groups, tiny_tokenizer.pad_token_id, crossover=crossover)
-    if crossover == 1:  # the last group's long responses get a copy of their prompt each: rows of 10, not 18
+    batch = collate_shared_prompt(groups, tiny_tokenizer.pad_token_id, **layout)
+    if name in ("segments", "checkpointed", "dense"):  # one row, no padding
+        assert batch.input_ids.shape == (1, batch.encoded) and batch.attention_mask is None
+    if name == "narrow":  # the last group's long responses get a copy of their prompt each: rows of 10, not 18
         assert batch.input_ids.shape[1] == 10 and batch.encoded == batch.tokens - 2 * 3 - 2 - 2 * 1
     got = shared_prompt_logps(lm, batch)
+    assert (lm.config._attn_implementation == SEGMENT_ATTENTION) == (name in ("segments", "checkpointed"))
     got.sum().backward()
     shared_grads = [p.grad.clone() for p in lm.parameters()]
     lm.zero_grad()
@@ -181,8 +199,9 @@ def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer,
 
     tok = prepare_reward_tokenizer(load_tokenizer("tiny-random"))
     rm = load_model("tiny-random", head="score", tokenizer=tok).eval()
+    rm.set_attn_implementation(attn)
     with torch.no_grad():
-        scores = shared_prompt_scores(rm, collate_shared_prompt(groups, tok.pad_token_id, crossover=crossover)).tolist()
+        scores = shared_prompt_scores(rm, collate_shared_prompt(groups, tok.pad_token_id, **layout)).tolist()
         want = [rm(torch.tensor([p + r])).logits[0, 0].item() for p, rs in groups for r in rs]
     assert scores == pytest.approx(want, abs=1e-5)
     assert len({round(s, 4) for s in scores}) == len(scores)

@@ -177,7 +177,7 @@ def test_shared_prompt_rollouts_give_the_aligned_numbers(tiny_tokenizer):
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from alignlab.train.forward import attention_crossover
+    from alignlab.train.forward import shared_prompt_layout
     from alignlab.train.ppo import prompt_groups, rollout_forward
 
     torch.manual_seed(0)
@@ -193,18 +193,19 @@ def test_shared_prompt_rollouts_give_the_aligned_numbers(tiny_tokenizer):
     run = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m, autocast=nullcontext),
                           device=torch.device("cpu"))
     cfg = PPOConfig(batch_size=4, temperature=0.7)
-    crossover = attention_crossover(policy.config)
     for model in (PolicyAndValue(policy, value_head=torch.nn.Linear(policy.config.hidden_size, 1)),
                   PolicyAndValue(policy, critic=critic)):
         model.eval()
+        layout = shared_prompt_layout(model)
+        assert layout == {"segments": True}  # sdpa models run segment attention
         aligned = rollout_forward(model, reference, prompts, responses, 0, cfg, run)
-        shared = rollout_forward(model, reference, prompts, responses, 0, cfg, run, crossover)
+        shared = rollout_forward(model, reference, prompts, responses, 0, cfg, run, layout)
         for a, b in zip(aligned, shared):
             assert a.shape == b.shape
             assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
         assert aligned[0].abs().sum() > 0 and not torch.allclose(aligned[0], aligned[3])
         with torch.no_grad():
-            batch = collate_rollout(prompts, responses, 0, crossover)
+            batch = collate_rollout(prompts, responses, 0, layout)
             logits, values = model(**batch.inputs, keep=batch.keep, predictors=batch.predictors)
         assert torch.allclose(values * batch.loss_mask, shared[2], atol=1e-5)
 

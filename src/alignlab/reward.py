@@ -351,13 +351,13 @@ class ModelScorer(Scorer):
         encoded once (:func:`alignlab.train.forward.collate_shared_prompt`: the same scores as one sequence at a
         time); about ``batch_size`` responses per forward pass, whole groups."""
         from alignlab.train.forward import (
-            attention_crossover,
             collate_shared_prompt,
+            shared_prompt_layout,
             shared_prompt_scores,
             split_shared_prefix,
         )
 
-        crossover = attention_crossover(self.model.config)
+        layout = shared_prompt_layout(self.model)
         out = [0.0] * len(sequences)
         chunk: list[list[int]] = []
         for g, members in enumerate(groups):
@@ -365,7 +365,7 @@ class ModelScorer(Scorer):
             if g + 1 < len(groups) and sum(map(len, chunk)) + len(groups[g + 1]) <= self.batch_size:
                 continue
             batch = collate_shared_prompt([split_shared_prefix([sequences[i] for i in m]) for m in chunk],
-                                          self.tokenizer.pad_token_id, crossover)
+                                          self.tokenizer.pad_token_id, **layout)
             with autocast():
                 scores = shared_prompt_scores(self.model, batch.to(self.device)).tolist()
             for i, value in zip([i for m in chunk for i in m], scores):

@@ -72,10 +72,10 @@ from alignlab.models import (
     resolve_model,
 )
 from alignlab.train.forward import (
-    attention_crossover,
     collate_aligned,
     collate_shared_prompt,
     completion_logps,
+    shared_prompt_layout,
     shared_prompt_logps,
 )
 from alignlab.train.loop import Run, micro_batches, plan_steps, resolve_precision
@@ -411,9 +411,9 @@ def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run) 
     Rows with the same prompt (a pair's chosen and rejected rows) are laid out as the prompt followed by each
     response (:func:`~alignlab.train.forward.collate_shared_prompt`): every response attends to the prompt and
     to itself only, so its log-probs are those of its own ``prompt + response`` row, while the prompt's tokens
-    go through the model once instead of once per response, and short groups share a row instead of being
-    padded. Where long responses would make rows so wide that attention costs more than the prompt saves,
-    they get their own copy of the prompt (:func:`~alignlab.train.forward.plan_segments`). Engines that shard
+    go through the model once instead of once per response. The layout suits the model
+    (:func:`~alignlab.train.forward.shared_prompt_layout`): one unpadded row whose attention runs response by
+    response (segment attention, for SDPA models), else packed rows under a 4D mask. Engines that shard
     weights between calls (FSDP, DeepSpeed ZeRO-3) cannot run the LM head outside the model's forward; they get
     one aligned row per sequence (:func:`~alignlab.train.forward.completion_logps`)."""
     seqs, labels = [r[0] for r in rows], [r[1] for r in rows]
@@ -428,8 +428,7 @@ def score_rows(model: torch.nn.Module, rows: Sequence[Row], pad: int, run: Run) 
         start = next((j for j, t in enumerate(lab) if t != IGNORE_INDEX), len(lab))
         by_prompt.setdefault(tuple(ids[:start]), []).append(i)
     groups = [(list(prompt), [seqs[i][len(prompt):] for i in members]) for prompt, members in by_prompt.items()]
-    crossover = attention_crossover(run.accelerator.unwrap_model(model).config)
-    batch = collate_shared_prompt(groups, pad, crossover=crossover).to(run.device)
+    batch = collate_shared_prompt(groups, pad, **shared_prompt_layout(model)).to(run.device)
     with run.accelerator.autocast():
         token_logps = shared_prompt_logps(model, batch)
     order = torch.tensor([i for members in by_prompt.values() for i in members], device=run.device)

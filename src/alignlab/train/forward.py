@@ -1,9 +1,10 @@
 """Batches laid out so the LM head only runs where a loss is taken, and the log-probs of those tokens.
 
 Three layouts: right-padded rows with the head on the gathered loss rows (SFT, :func:`loss_rows_cross_entropy`);
-shared prompts (DPO, KTO and reward models, :func:`collate_shared_prompt`: each prompt encoded once, its
-responses after it, groups packed into rows); and the aligned layout below, the fallback for engines that shard
-weights between calls (FSDP, DeepSpeed ZeRO-3), where the head cannot run outside the model's forward.
+shared prompts (DPO, KTO, PPO and reward models, :func:`collate_shared_prompt`: each prompt encoded once, its
+responses after it, attention computed per response, :func:`segment_attention_forward`); and the aligned layout
+below, the fallback for engines that shard weights between calls (FSDP, DeepSpeed ZeRO-3), where the head cannot
+run outside the model's forward.
 
 Layout ("aligned" batches): each row is left-padded so that its first loss token sits at the same column
 for every row, and right-padded to a common length. The positions that predict loss tokens are then the
@@ -23,6 +24,9 @@ from typing import Any, Self
 import torch
 import torch.utils.checkpoint
 from accelerate.utils import extract_model_from_parallel
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignlab.data.tokenize import common_prefix_length
 from alignlab.losses.common import selective_log_softmax
@@ -226,6 +230,30 @@ def _head_weights(head: torch.nn.Module, device_type: str) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------- shared prompts: each prompt encoded once
 
 
+class SegmentPlan:
+    """Which keys each query attends to in a shared-prompt batch laid out as one row, as a list of *fragments*.
+
+    A fragment ``(q0, q1, p0, p1)`` is a run of query columns ``q0:q1`` (a prompt, or one response) that attends
+    to the key columns ``p0:p1`` (its prompt, every column) and causally to its own columns ``q0:q1``; a prompt
+    is its own fragment with ``p0 == p1``. Fragments cover the row's columns in order. ``masks[i]``: the bool
+    mask ``(q1 - q0, p1 - p0 + q1 - q0)`` of fragment ``i`` (None where it is plainly causal)."""
+
+    def __init__(self, fragments: list[tuple[int, int, int, int]], masks: list[torch.Tensor | None]) -> None:
+        self.fragments, self.masks = fragments, masks
+
+    def to(self, device: torch.device | str) -> SegmentPlan:
+        return SegmentPlan(self.fragments, [m if m is None else m.to(device) for m in self.masks])
+
+    def dense_mask(self, width: int, device: torch.device | str) -> torch.Tensor:
+        """The same attention pattern as a ``(1, 1, width, width)`` bool mask, for attention kernels that take
+        one (every other implementation than :func:`segment_attention_forward`)."""
+        mask = torch.zeros((width, width), dtype=torch.bool, device=device)
+        for q0, q1, p0, p1 in self.fragments:
+            mask[q0:q1, p0:p1] = True
+            mask[q0:q1, q0:q1] = torch.ones((q1 - q0, q1 - q0), dtype=torch.bool, device=device).tril()
+        return mask[None, None]
+
+
 @dataclass
 class SharedPromptBatch:
     """Groups of responses to one prompt, laid out so that each prompt is encoded once.
@@ -233,10 +261,15 @@ class SharedPromptBatch:
     A *segment* is a prompt followed by some or all of its responses; each response token attends (causally) to its own
     prompt and to the earlier tokens of its own response only, and its position ids continue from the end of the
     prompt, so every response gets exactly the hidden states it would get as its own ``prompt + response``
-    sequence. Segments are packed into rows (first fit, longest first), so short groups share a row instead of
-    being padded to the longest; a group whose responses are long may be split among several copies of its
-    prompt (:func:`plan_segments`), as attention grows with the row width. Pad columns attend to earlier pad
-    columns only.
+    sequence. Two ways to lay segments out:
+
+    - *segment attention* (``segments`` set): every group is one segment, all in one row with no padding, and
+      attention runs fragment by fragment (:class:`SegmentPlan`, :func:`segment_attention_forward`), so it costs
+      what the separate sequences' attention would, whatever the row's width; ``attention_mask`` is None;
+    - *packed rows* under a 4D mask (for attention kernels that take only a mask): segments are packed into rows
+      (first fit, longest first), and a group whose responses are long may be split among several copies of its
+      prompt (:func:`plan_segments`), as the kernel computes every cell of a row, masked or not. Pad columns attend
+      to earlier pad columns only.
 
     Shapes: ``input_ids``, ``position_ids``: ``(r, t)``; ``attention_mask``: ``(r, 1, t, t)`` bool (True:
     attend), passed to the model as a ready 4D mask; ``last``: ``(n,)`` the flat index (``row * t + column``)
@@ -248,20 +281,118 @@ class SharedPromptBatch:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     last: torch.Tensor
     predictors: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
     tokens: int
     encoded: int
+    segments: SegmentPlan | None = None
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
         return SharedPromptBatch(
-            self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device),
+            self.input_ids.to(device), self.position_ids.to(device),
+            None if self.attention_mask is None else self.attention_mask.to(device),
             self.last.to(device), self.predictors.to(device), self.targets.to(device), self.mask.to(device),
-            self.tokens, self.encoded,
+            self.tokens, self.encoded, None if self.segments is None else self.segments.to(device),
         )
+
+    def model_inputs(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The keyword arguments of ``model``'s forward for this batch (:func:`model_inputs`)."""
+        return model_inputs(model, self.input_ids, self.position_ids, self.attention_mask, self.segments)
+
+
+def model_inputs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, segments: SegmentPlan | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``model``'s forward: with a segment plan, the plan for segment attention (or, for
+    a model that cannot run it, the plan as a 4D mask); a 4D bool mask in the form ``model``'s attention takes
+    it (:func:`mask_for_attention`); anything else as it is."""
+    inputs: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids}
+    if segments is not None and use_segment_attention(model):
+        # a 4D mask makes transformers skip building its own (t, t) mask; the plan says what attends where
+        inputs["attention_mask"] = torch.zeros((), dtype=torch.bool, device=input_ids.device).expand(
+            1, 1, input_ids.shape[1], input_ids.shape[1])
+        inputs["segments"] = segments
+        return inputs
+    if segments is not None:
+        attention_mask = segments.dense_mask(input_ids.shape[1], input_ids.device)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = mask_for_attention(model, attention_mask)
+    inputs["attention_mask"] = attention_mask
+    return inputs
+
+
+# --------------------------------------------------------------------------- segment attention
+
+SEGMENT_ATTENTION = "alignlab_segments"
+
+
+def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                              segments: SegmentPlan | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention over a shared-prompt row, one fragment at a time (a transformers attention function).
+
+    Why not a mask: the CPU kernels of ``scaled_dot_product_attention`` compute every cell of a masked row, so a
+    row holding a prompt and its K responses would cost ``(p + sum m)^2`` cells where the responses need only
+    ``sum m (p + m)``; flex attention and variable-length flash attention, which skip masked blocks, are not
+    usable on CPUs without compilation. Here each fragment runs the plain kernel on its own keys: a prompt
+    causally over itself (the kernel's fast causal path), a response over its prompt's keys and its own,
+    causally. Without ``segments`` (generation, ordinary batches) this is transformers' own SDPA attention.
+
+    Shapes: ``query`` ``(1, h, t, d)``, ``key``/``value`` ``(1, h_kv, t, d)``; returns ``(1, t, h, d)``."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    pieces = []
+    for (q0, q1, p0, p1), mask in zip(segments.fragments, segments.masks):
+        if mask is None:
+            pieces.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, q0:q1], key[:, :, q0:q1], value[:, :, q0:q1], dropout_p=dropout, scale=scaling,
+                is_causal=True))
+        else:
+            keys = torch.cat([key[:, :, p0:p1], key[:, :, q0:q1]], dim=2)
+            values = torch.cat([value[:, :, p0:p1], value[:, :, q0:q1]], dim=2)
+            pieces.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, q0:q1], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # ordinary batches get SDPA's masks
+
+
+def use_segment_attention(model: torch.nn.Module) -> bool:
+    """Route ``model``'s attention through :func:`segment_attention_forward` if it uses transformers' SDPA
+    attention (the same results for every input without a segment plan); True when it does. Models set to
+    another implementation (eager, flash attention) are left as they are."""
+    configs = {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}
+    if not configs:
+        return False
+    for config in configs.values():
+        if config._attn_implementation == "sdpa":
+            config._attn_implementation = SEGMENT_ATTENTION
+    return all(c._attn_implementation == SEGMENT_ATTENTION for c in configs.values())
+
+
+def mask_for_attention(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A ready 4D bool mask (True: attend) in the form ``model``'s attention takes it: as it is for SDPA, additive
+    (0 or the float32 minimum) for eager attention, which adds the mask to its scores."""
+    configs = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if configs and configs[0]._attn_implementation == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def shared_prompt_layout(model: torch.nn.Module) -> dict[str, Any]:
+    """The keyword arguments of :func:`collate_shared_prompt` that suit ``model``: segment attention where the
+    model can run it, else packed rows sized for its attention costs."""
+    if use_segment_attention(model):
+        return {"segments": True}
+    configs = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return {"crossover": attention_crossover(configs[0])} if configs else {}
 
 
 def split_shared_prefix(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
@@ -342,18 +473,26 @@ def plan_segments(groups: Sequence[tuple[int, Sequence[int]]], crossover: int | 
 
 
 def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-                          pad_token_id: int, crossover: int | None = None) -> SharedPromptBatch:
-    """Lay out ``groups`` of ``(prompt_ids, [response_ids, ...])`` as a :class:`SharedPromptBatch`.
+                          pad_token_id: int, crossover: int | None = None, segments: bool = False
+                          ) -> SharedPromptBatch:
+    """Lay out ``groups`` of ``(prompt_ids, [response_ids, ...])`` as a :class:`SharedPromptBatch`
+    (:func:`shared_prompt_layout` gives the options that suit a model).
 
-    With ``crossover`` (:func:`attention_crossover` of the model), a group's responses may be split among
-    several copies of its prompt when that is cheaper (:func:`plan_segments`); without it each group is one
-    segment. Responses must be non-empty; the prompt may be empty (then each response's first token is not
-    scored)."""
+    ``segments``: every group is one segment, all in one row, with a :class:`SegmentPlan` for segment attention.
+    Otherwise packed rows under a 4D mask: with ``crossover`` (:func:`attention_crossover` of the model), a
+    group's responses may be split among several copies of its prompt when that is cheaper
+    (:func:`plan_segments`); without it each group is one segment. Responses must be non-empty; the prompt may be
+    empty (then each response's first token is not scored)."""
     if any(len(r) == 0 for _, rs in groups for r in rs):
         raise ValueError("a response is empty")
-    segments, t = plan_segments([(len(p), [len(r) for r in rs]) for p, rs in groups], crossover)
-    widths = [len(groups[g][0]) + sum(len(groups[g][1][j]) for j in js) for g, js in segments]
-    rows = pack_rows(widths, t)
+    if segments:
+        parts = [(g, list(range(len(rs)))) for g, (_, rs) in enumerate(groups)]
+        widths = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
+        t, rows = sum(widths), [list(range(len(parts)))]
+    else:
+        parts, t = plan_segments([(len(p), [len(r) for r in rs]) for p, rs in groups], crossover)
+        widths = [len(groups[g][0]) + sum(len(groups[g][1][j]) for j in js) for g, js in parts]
+        rows = pack_rows(widths, t)
     n = sum(len(rs) for _, rs in groups)
     k = max(len(r) for _, rs in groups for r in rs)
     input_ids = torch.full((len(rows), t), pad_token_id, dtype=torch.long)
@@ -367,12 +506,18 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
     first_response = [0]
     for _, rs in groups:
         first_response.append(first_response[-1] + len(rs))
+    fragments: list[tuple[int, int, int, int]] = []
+    masks: list[torch.Tensor | None] = []
+    shapes: dict[tuple[int, int], torch.Tensor] = {}  # (prompt, response) lengths -> the fragment's mask
     for r, members in enumerate(rows):
         col = 0
         for s in members:
-            g, js = segments[s]
+            g, js = parts[s]
             prompt, responses = groups[g]
             p = len(prompt)
+            if p > 0:
+                fragments.append((col, col + p, col, col))
+                masks.append(None)
             input_ids[r, col : col + p] = torch.as_tensor(list(prompt), dtype=torch.long)
             position_ids[r, col : col + p] = torch.arange(p)
             segment[r, col : col + p] = s
@@ -392,13 +537,21 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
                 if p > 0:
                     predictors[i, 0] = r * t + col + p - 1
                     mask[i, 0] = True
+                fragments.append((start, start + m, col, col + p))
+                if p > 0 and (p, m) not in shapes:
+                    shapes[p, m] = torch.cat([torch.ones((m, p), dtype=torch.bool),
+                                              torch.ones((m, m), dtype=torch.bool).tril()], dim=1)
+                masks.append(shapes[p, m] if p > 0 else None)
                 start += m
             col = start
+    tokens = sum(len(p) * len(rs) + sum(len(x) for x in rs) for p, rs in groups)
+    if segments:
+        return SharedPromptBatch(input_ids, position_ids, None, last, predictors, targets, mask, tokens, sum(widths),
+                                 SegmentPlan(fragments, masks))
     q_segment, kv_segment = segment.unsqueeze(-1), segment.unsqueeze(-2)
     q_part, kv_part = part.unsqueeze(-1), part.unsqueeze(-2)
     causal = torch.ones((t, t), dtype=torch.bool).tril()
     attention_mask = causal & (q_segment == kv_segment) & ((kv_part == 0) | (q_part == kv_part))
-    tokens = sum(len(p) * len(rs) + sum(len(x) for x in rs) for p, rs in groups)
     return SharedPromptBatch(input_ids, position_ids, attention_mask.unsqueeze(1), last, predictors, targets, mask,
                              tokens, sum(widths))
 
@@ -407,8 +560,7 @@ def shared_prompt_hidden(model: torch.nn.Module, batch: SharedPromptBatch) -> to
     """The final (normed) hidden states ``(r * t, d)`` of a :class:`SharedPromptBatch`, flattened so that
     ``batch.last`` and ``batch.predictors`` index them."""
     extra = {"logits_to_keep": 1} if _is_causal_lm(model) else {}
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                output_hidden_states=True, use_cache=False, **extra)
+    out = model(**batch.model_inputs(model), output_hidden_states=True, use_cache=False, **extra)
     hidden = out.hidden_states[-1]
     return hidden.reshape(-1, hidden.shape[-1])
 

@@ -40,7 +40,7 @@ Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF wi
 Response layout: a rollout's rows are "aligned" batches (:mod:`alignlab.train.forward`): prompts left-padded
 so every response starts at column 0 of the kept columns; per-token tensors are ``(b, t)`` with
 ``mask[i] = [1] * len(response_i) + [0] * ...``. The LM head only ever runs on response positions. With
-``responses_per_prompt > 1`` a prompt's responses follow one copy of it under a 4D mask instead
+``responses_per_prompt > 1`` a prompt's responses follow one copy of it, each attending to the prompt and itself
 (:func:`~alignlab.train.forward.collate_shared_prompt`, exactly the same numbers): with SmolLM2 on the lab's
 prompts (56 tokens, responses of ~25) four responses per prompt halve the tokens of every forward and backward.
 
@@ -55,7 +55,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -88,7 +88,14 @@ from alignlab.models import (
     resolve_model,
 )
 from alignlab.reward import FunctionScorer, Scorer, load_scorer
-from alignlab.train.forward import AlignedBatch, attention_crossover, collate_aligned, collate_shared_prompt
+from alignlab.train.forward import (
+    AlignedBatch,
+    SegmentPlan,
+    collate_aligned,
+    collate_shared_prompt,
+    model_inputs,
+    shared_prompt_layout,
+)
 from alignlab.train.loop import Run, resolve_precision
 from alignlab.train.sft import prepare_policy, split_eval
 
@@ -134,11 +141,12 @@ class PolicyAndValue(torch.nn.Module):
             raise ValueError("give exactly one of critic and value_head")
         self.policy, self.critic, self.value_head = policy, critic, value_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                keep: int, predictors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                keep: int, predictors: torch.Tensor | None = None, segments: SegmentPlan | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(b, k, v)`` and values ``(b, k)`` (float32) at the ``k = keep`` response positions of a
         :class:`RolloutBatch`: column ``j`` predicts response token ``j`` and values the state before it."""
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, segments=segments)
         hidden = response_hidden(self.policy, inputs, keep, predictors)
         logits = _unpeft(self.policy).get_output_embeddings()(hidden)
         if self.value_head is not None:  # one backbone forward for both heads
@@ -148,12 +156,12 @@ class PolicyAndValue(torch.nn.Module):
         return logits, values.squeeze(-1).float()
 
 
-def response_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor], keep: int,
+def response_hidden(model: torch.nn.Module, inputs: dict[str, Any], keep: int,
                     predictors: torch.Tensor | None) -> torch.Tensor:
     """Last hidden states ``(b, k, d)`` of ``model``'s backbone at the positions that predict the response
     tokens: the last ``keep + 1`` columns but one of an aligned batch, or the ``predictors`` (flat indices) of a
     shared-prompt batch."""
-    hidden = _decoder(model)(**inputs, use_cache=False).last_hidden_state
+    hidden = _decoder(model)(**model_inputs(model, **inputs), use_cache=False).last_hidden_state
     if predictors is None:
         return hidden[:, -(keep + 1) : -1]
     return hidden.reshape(-1, hidden.shape[-1])[predictors]
@@ -233,14 +241,20 @@ class RolloutBatch(AlignedBatch):
     """Rollout rows for a forward pass. ``targets``, ``loss_mask``: ``(b, k)``, ``k = keep`` the longest
     response, every response from column 0. Two layouts: *aligned* (``predictors`` None; ``(b, t)`` rows of
     left-padded prompt + response, the response columns last), or *shared prompt* (consecutive rows with the
-    same prompt follow one copy of it under a 4D mask, :func:`~alignlab.train.forward.collate_shared_prompt`;
+    same prompt follow one copy of it, :func:`~alignlab.train.forward.collate_shared_prompt`;
     ``predictors`` ``(b, k)`` index the flattened hidden states)."""
 
     predictors: torch.Tensor | None = None
+    segments: SegmentPlan | None = None
 
     @property
-    def inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+    def inputs(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids,
+                "segments": self.segments}
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        moved = super().to(device)
+        return replace(moved, segments=None if self.segments is None else self.segments.to(device))
 
 
 def prompt_groups(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -256,18 +270,18 @@ def prompt_groups(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
 
 
 def collate_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                    pad_token_id: int, crossover: int | None = None) -> RolloutBatch:
-    """Rows ``prompt + response`` as a :class:`RolloutBatch`: aligned, or with ``crossover`` (the model's
-    :func:`~alignlab.train.forward.attention_crossover`) each run of rows sharing a prompt encoded once."""
-    if crossover is None:
+                    pad_token_id: int, layout: dict[str, Any] | None = None) -> RolloutBatch:
+    """Rows ``prompt + response`` as a :class:`RolloutBatch`: aligned, or with ``layout`` (the model's
+    :func:`~alignlab.train.forward.shared_prompt_layout`) each run of rows sharing a prompt encoded once."""
+    if layout is None:
         rows = [[*p, *r] for p, r in zip(prompt_ids, response_ids)]
         labels = [[IGNORE] * len(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         b = collate_aligned(rows, labels, pad_token_id)
         return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.loss_mask, b.keep)
     groups = [(prompt_ids[g[0]], [response_ids[i] for i in g]) for g in prompt_groups(prompt_ids)]
-    b = collate_shared_prompt(groups, pad_token_id, crossover)
+    b = collate_shared_prompt(groups, pad_token_id, **layout)
     return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.mask.float(), b.mask.shape[1],
-                        b.predictors)
+                        b.predictors, b.segments)
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -284,17 +298,18 @@ def token_logps(logits: torch.Tensor, batch: RolloutBatch, temperature: float) -
 
 @torch.no_grad()
 def rollout_forward(model: torch.nn.Module, reference: torch.nn.Module | None, prompt_ids: list[list[int]],
-                    response_ids: list[list[int]], pad: int, cfg: PPOConfig, run: Run, crossover: int | None = None
+                    response_ids: list[list[int]], pad: int, cfg: PPOConfig, run: Run,
+                    layout: dict[str, Any] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Old log-probs, entropies, values and reference log-probs ``(b, t)`` of a rollout, ``batch_size`` rows
-    per forward, no gradient. ``reference=None``: the policy with its LoRA adapter disabled. ``crossover``:
+    per forward, no gradient. ``reference=None``: the policy with its LoRA adapter disabled. ``layout``:
     rows that share a prompt are encoded with one copy of it (:func:`collate_rollout`)."""
     unwrapped = run.accelerator.unwrap_model(model)
     width = max(len(r) for r in response_ids)
     pieces: dict[str, list[torch.Tensor]] = {"logps": [], "entropy": [], "values": [], "ref": []}
     for start in range(0, len(prompt_ids), cfg.batch_size):
         sl = slice(start, start + cfg.batch_size)
-        batch = collate_rollout(prompt_ids[sl], response_ids[sl], pad, crossover).to(run.device)
+        batch = collate_rollout(prompt_ids[sl], response_ids[sl], pad, layout).to(run.device)
         with run.accelerator.autocast():
             logits, values = unwrapped(**batch.inputs, keep=batch.keep, predictors=batch.predictors)
             if reference is None:
@@ -632,7 +647,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     # prompts per rollout; each is sampled k times, its responses listed together (and encoded after one copy of
     # the prompt: the forward passes cost about (prompt + k responses) instead of k x (prompt + response))
     batches = prompt_batches(len(train_prompts), rollout_size * run.world_size // k, cfg.iterations, cfg.seed)
-    crossover = attention_crossover(_unpeft(policy).config) if k > 1 and not run.shards_weights else None
+    layout = shared_prompt_layout(policy) if k > 1 and not run.shards_weights else None
     steps_per_iteration = cfg.ppo_epochs * cfg.num_mini_batches
 
     # -- optimizer, KL controller, resume ------------------------------------------------------------
@@ -703,7 +718,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
         # -- 3. old log-probs, values, reference log-probs: once per rollout, no gradient ---------------
         t = time.perf_counter()
         logps, entropy, values, ref_logps = rollout_forward(model, reference, prompt_ids, response_ids, pad, cfg, run,
-                                                            crossover)
+                                                            layout)
         mask = response_mask(response_ids, run.device)
         t_forward = time.perf_counter() - t
         ro = Rollout(prompts, prompt_ids, response_ids, texts, finished, mask, logps, ref_logps, values, entropy,
@@ -747,7 +762,7 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
                 for j, rows in enumerate(micro):
                     rows = rows.tolist()
                     ok = update_micro_batch(model, ro, rows, minibatch_tokens, pad, cfg, run, sums, iteration,
-                                            last=j == len(micro) - 1, crossover=crossover) and ok
+                                            last=j == len(micro) - 1, layout=layout) and ok
                 norm = run.optimizer_step(model, optimizer, scheduler, iteration) if ok else None
                 if not ok:
                     optimizer.zero_grad(set_to_none=True)
@@ -810,11 +825,11 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
 
 def update_micro_batch(model: torch.nn.Module, ro: Rollout, rows: list[int], minibatch_tokens: float, pad: int,
                        cfg: PPOConfig, run: Run, sums: Counter, iteration: int, *, last: bool,
-                       crossover: int | None = None) -> bool:
+                       layout: dict[str, Any] | None = None) -> bool:
     """Forward and backward one micro-batch of rollout ``rows``; adds its statistics (token-weighted) to
     ``sums``. Returns False when its loss was not finite (and ``on_nan=skip``)."""
     batch = collate_rollout([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad,
-                            crossover).to(run.device)
+                            layout).to(run.device)
     k = batch.keep
     mask = batch.loss_mask
 

@@ -5,7 +5,7 @@ expand every ranking into its K(K-1)/2 pairs) -> encode every response as ``prom
 load the model with a scalar score head (+LoRA, head trained too) -> plan every optimizer step (one example =
 one prompt with its K responses) -> for each step: per micro-batch, all its responses go through one
 forward with each prompt encoded once (``train/forward.py: collate_shared_prompt``: a prompt's responses
-follow it in one row and attend to it and to themselves only; short prompts' groups share rows), the rewards
+follow it and attend to it and to themselves only, attention computed response by response), the rewards
 are reshaped to ``(b, k)`` with a mask (prompts with different K share a
 batch), the K-wise ranking loss (InstructGPT; equal to Bradley-Terry for pairs) is summed over prompts and
 divided by the global batch's prompt count (plus the centring term over its response count), so
@@ -49,8 +49,8 @@ from alignlab.reward import (
 )
 from alignlab.train.forward import (
     SharedPromptBatch,
-    attention_crossover,
     collate_shared_prompt,
+    shared_prompt_layout,
     shared_prompt_scores,
     split_shared_prefix,
 )
@@ -286,17 +286,16 @@ class RankingBatch:
 
 
 def collate_rankings(examples: list[RewardExample], pad_token_id: int, *, shared: bool = True,
-                     crossover: int | None = None) -> RankingBatch:
-    """All responses of ``examples`` in one batch (with ``shared``, prompts encoded once and responses packed
-    into rows, split among copies of their prompt where ``crossover`` says it is cheaper, see
-    :func:`~alignlab.train.forward.plan_segments`; else one padded row per response), with the ``(b, k)``
-    mask of real slots."""
+                     layout: dict[str, Any] | None = None) -> RankingBatch:
+    """All responses of ``examples`` in one batch (with ``shared``, each prompt encoded once for its responses,
+    laid out as ``layout`` says, :func:`~alignlab.train.forward.shared_prompt_layout`; else one padded row per
+    response), with the ``(b, k)`` mask of real slots."""
     sequences = [s for e in examples for s in e.sequences]
     tokens = sum(len(s) for s in sequences)
     input_ids = attention_mask = packed = None
     if shared:
         packed = collate_shared_prompt([split_shared_prefix(e.sequences) for e in examples], pad_token_id,
-                                       crossover=crossover)
+                                       **(layout or {}))
         encoded = packed.encoded
     else:
         input_ids, attention_mask = pad_right(sequences, pad_token_id)
@@ -388,14 +387,14 @@ def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_t
 
     mine = sorted(range(run.rank, len(examples), run.world_size), key=lambda i: len(examples[i]))
     scored = []
-    crossover = attention_crossover(run.accelerator.unwrap_model(model).config)
+    layout = shared_prompt_layout(model)
     was_training = model.training
     model.eval()
     with full_precision(run, model), torch.no_grad():
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             batch = collate_rankings([examples[i] for i in chunk], pad_token_id, shared=not run.shards_weights,
-                                     crossover=crossover)
+                                     layout=layout)
             flat, position = ranking_rewards(model, batch.to(run.device)).tolist(), 0
             for i in chunk:
                 k = len(examples[i].sequences)
@@ -499,7 +498,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     plan = plan_steps(lengths, cfg, run.world_size)
     model, optimizer, scheduler, start, _ = run.prepare_training(model, len(plan))
     pad = tokenizer.pad_token_id
-    crossover = attention_crossover(run.accelerator.unwrap_model(model).config)
+    layout = shared_prompt_layout(model)
 
     # -- the loop -------------------------------------------------------------------------------------------
     eval_scores: list[list[float]] | None = None
@@ -513,7 +512,7 @@ def train_reward(cfg: RewardConfig) -> Path:
         ok = True
         for n, idx in enumerate(mine):
             batch = collate_rankings([train_set[i] for i in idx], pad, shared=not run.shards_weights,
-                                     crossover=crossover).to(run.device)
+                                     layout=layout).to(run.device)
             with run.accumulate(model, last=n == len(mine) - 1):
                 with run.accelerator.autocast():
                     flat = ranking_rewards(model, batch)  # (n,)
