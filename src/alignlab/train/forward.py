@@ -367,10 +367,12 @@ AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # ordinary batche
 def use_segment_attention(model: torch.nn.Module) -> bool:
     """Route ``model``'s attention through :func:`segment_attention_forward` if it uses transformers' SDPA
     attention (the same results for every input without a segment plan); True when it does. Models set to
-    another implementation (eager, flash attention) are left as they are."""
-    configs = {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}
-    if not configs:
+    another implementation (eager, flash attention), and architectures that do not pass their forward's keyword
+    arguments down to the attention function (``_supports_attention_backend``), are left as they are."""
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if not models or not all(getattr(m, "_supports_attention_backend", False) for m in models):
         return False
+    configs = {id(m.config): m.config for m in models}
     for config in configs.values():
         if config._attn_implementation == "sdpa":
             config._attn_implementation = SEGMENT_ATTENTION
