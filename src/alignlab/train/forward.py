@@ -369,7 +369,7 @@ def use_segment_attention(model: torch.nn.Module) -> bool:
     attention (the same results for every input without a segment plan); True when it does. Models set to
     another implementation (eager, flash attention), and architectures that do not pass their forward's keyword
     arguments down to the attention function (``_supports_attention_backend``), are left as they are."""
-    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    models = _transformers_models(model)
     if not models or not all(getattr(m, "_supports_attention_backend", False) for m in models):
         return False
     configs = {id(m.config): m.config for m in models}
@@ -382,8 +382,8 @@ def use_segment_attention(model: torch.nn.Module) -> bool:
 def mask_for_attention(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """A ready 4D bool mask (True: attend) in the form ``model``'s attention takes it: as it is for SDPA, additive
     (0 or the float32 minimum) for eager attention, which adds the mask to its scores."""
-    configs = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
-    if configs and configs[0]._attn_implementation == "eager":
+    models = _transformers_models(model)
+    if models and models[0].config._attn_implementation == "eager":
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return mask
 
@@ -393,8 +393,13 @@ def shared_prompt_layout(model: torch.nn.Module) -> dict[str, Any]:
     model can run it, else packed rows sized for its attention costs."""
     if use_segment_attention(model):
         return {"segments": True}
-    configs = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
-    return {"crossover": attention_crossover(configs[0])} if configs else {}
+    models = _transformers_models(model)
+    return {"crossover": attention_crossover(models[0].config)} if models else {}
+
+
+def _transformers_models(model: torch.nn.Module) -> list[PreTrainedModel]:
+    """The transformers models inside ``model`` (through DDP, PEFT and PPO's policy-and-value wrappers)."""
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
 
 def split_shared_prefix(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
