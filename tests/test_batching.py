@@ -49,3 +49,31 @@ def test_pad_batch_right_and_left() -> None:
     assert plain["labels"].tolist() == [[1, 2], [3, -100]]
     with pytest.raises(AlignlabError):
         pad_batch([], pad_token_id=0)
+
+
+def test_max_tokens_cuts_slices_into_as_many_pieces_on_every_process() -> None:
+    from alignlab.config import TrainConfig
+    from alignlab.train.loop import micro_batches
+
+    lengths = [random.Random(3).randint(10, 300) for _ in range(16)]
+    sizes = [2 * n for n in lengths]
+    step = list(range(16))
+    whole = TrainConfig(grad_accum=2, max_tokens=0)
+    assert [len(m) for r in range(2) for m in micro_batches(step, lengths, whole, r, 2, sizes)] == [4] * 4
+    cut = TrainConfig(grad_accum=2, max_tokens=600)
+    per_rank = [micro_batches(step, lengths, cut, r, 2, sizes) for r in range(2)]
+    # the same number of forward passes on both processes, the same examples in all
+    assert len(per_rank[0]) == len(per_rank[1]) > 2  # two slices each when whole
+    assert sorted(i for pieces in per_rank for piece in pieces for i in piece) == step
+    assert all(piece for pieces in per_rank for piece in pieces)
+    # each process still takes its own slices, only cut: rank 0 has slices 0 and 2 of the whole plan
+    wholes = [micro_batches(step, lengths, whole, r, 2, sizes) for r in range(2)]
+    for r in range(2):
+        assert sorted(i for piece in per_rank[r] for i in piece) == sorted(i for m in wholes[r] for i in m)
+    # pieces are about even in tokens: none holds more than the budget plus its largest example
+    biggest = max(sizes)
+    assert all(sum(sizes[i] for i in piece) <= 600 + biggest for pieces in per_rank for piece in pieces)
+    # never more pieces than examples: one example longer than the budget is a piece of its own
+    tight = TrainConfig(grad_accum=1, max_tokens=1)
+    assert micro_batches(step[:3], lengths, tight, 0, 1, sizes) == [[i] for i in sorted(step[:3],
+                                                                                          key=lambda i: lengths[i])]

@@ -138,6 +138,30 @@ def test_pairs_of_a_ranking_score_each_answer_once_with_the_same_losses_and_grad
     assert shared["tokens"] < sum(t["tokens"] for t in separate) / 1.9  # 6 answers instead of 12 rows
 
 
+def test_max_tokens_pieces_give_the_same_steps(tmp_path, monkeypatch):
+    """A micro-batch cut into forward passes of at most ``max_tokens`` tokens trains exactly like the whole one."""
+    forwards: list[int] = []
+    real = dpo.pair_terms
+    monkeypatch.setattr(dpo, "pair_terms", lambda cfg, model, chunk, *a: forwards.append(len(chunk))
+                        or real(cfg, model, chunk, *a))
+    whole = _metrics(dpo.train_dpo(_cfg(tmp_path, "whole", max_tokens=0)))
+    assert forwards == [4, 4]
+    forwards.clear()
+    cut = _metrics(dpo.train_dpo(_cfg(tmp_path, "cut", max_tokens=40)))
+    assert len(forwards) > 2 and sum(forwards) == 8
+    for a, b in zip(whole, cut, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_unit_tokens_count_a_rankings_prompt_and_answers_once():
+    a, b, c = [5, 6, 7], [8, 9], [10]
+    pairs = [dpo.PairExample([1, 2], x, y, record=1) for x, y in ((a, b), (a, c), (b, c))]
+    assert dpo.unit_tokens(pairs) == 2 + 3 + 2 + 1  # not 3 x (2 + ...) as separate pairs
+    assert dpo.unit_tokens(pairs[:1]) == 2 + 3 + 2
+    assert dpo.unit_tokens([dpo.FeedbackExample([1, 2], [3, 4, 5], True, record=1)]) == 2 * 5
+
+
 def test_held_out_rankings_are_batched_whole_with_the_same_metrics(tmp_path):
     ranking = [{"prompt": f"Rate movie {i}.", "responses": [f" {GOOD[i % 7]}.", " Fine, I suppose.", f" {BAD[i % 7]}."]}
                for i in range(8)]

@@ -311,13 +311,22 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert straight[-1]["eval_loss"] == pytest.approx(resumed[-1]["eval_loss"], rel=1e-6)
 
 
-def test_accumulation_matches_one_big_batch(tmp_path):
+def test_accumulation_and_max_tokens_pieces_match_one_big_batch(tmp_path, monkeypatch):
+    import alignlab.train.reward as reward
+
+    forwards: list[int] = []
+    real = reward.ranking_rewards
+    monkeypatch.setattr(reward, "ranking_rewards", lambda model, batch: forwards.append(batch.mask.shape[0])
+                        or real(model, batch))
     rng = random.Random(5)
     rows = [_ranking(rng, rng.choice([2, 3])) for _ in range(16)]
     data = _write_jsonl(tmp_path / "mixed.jsonl", rows)
-    one = _metrics(train_reward(_cfg(tmp_path, "b8", data=str(data), max_steps=2, batch_size=8)))
+    one = _metrics(train_reward(_cfg(tmp_path, "b8", data=str(data), max_steps=2, batch_size=8, max_tokens=0)))
     acc = _metrics(train_reward(_cfg(tmp_path, "b2x4", data=str(data), max_steps=2, batch_size=2, grad_accum=4)))
-    for a, b in zip(one, acc):
+    forwards.clear()
+    cut = _metrics(train_reward(_cfg(tmp_path, "b8cut", data=str(data), max_steps=2, batch_size=8, max_tokens=30)))
+    assert len(forwards) > 2 and sum(forwards) == 16  # each step's 8 prompts in several forward passes
+    for a, b in [*zip(one, acc), *zip(one, cut)]:
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 

@@ -52,7 +52,8 @@ What is measured, per library
 Settings
 --------
 - ``matched``: both libraries in the same dtype (``fp32``, or ``bf16`` autocast with fp32 weights), no
-  gradient checkpointing, the same truncation, batch size and no accumulation, the same optimizer
+  gradient checkpointing, the same truncation, batch size and no accumulation (ours still cuts a batch into
+  forward passes of at most ``max_tokens`` tokens, its default: the same update), the same optimizer
   (``torch.optim.AdamW(fused=True)``, same lr and betas, no weight decay, clip 1.0, constant schedule), no
   logging/evaluation/saving inside the timed loop, and the *same batches in the same order*: TRL gets our step
   plan's records, in order, with a sequential sampler. For ``rm`` and ``dpo`` TRL gets our token ids (so both
@@ -860,7 +861,9 @@ def stamped_run(train: Callable[[], Any], key: str, steps: int) -> tuple[list[fl
 
 def _ours_config(cls: type, spec: BenchSpec, **values: Any) -> Any:
     """Our config ``cls`` for ``spec``: no final model, a fresh run folder, no accumulation, the stage's
-    ``values``; with ``matched`` settings the shared optimizer, schedule, dtype and logging settings."""
+    ``values``; with ``matched`` settings the shared optimizer, schedule, dtype and logging settings. Our
+    ``max_tokens`` stays at its default (a batch in forward passes of at most that many tokens: the same update,
+    so it is an implementation choice like the shared-prompt layout, not a setting to match)."""
     base: dict[str, Any] = dict(model=spec.model, batch_size=spec.batch_size, grad_accum=1, seed=spec.seed,
                                 output_dir=str(Path(spec.workdir) / "run"), resume="never", save_final=False)
     base.update(values)
@@ -874,7 +877,8 @@ def _ours_config(cls: type, spec: BenchSpec, **values: Any) -> Any:
 def _ours_settings(cfg: Any, **more: Any) -> dict[str, Any]:
     return {"gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "torch.optim.AdamW(fused=True)",
             "schedule": cfg.schedule, "warmup_ratio": cfg.warmup_ratio, "lr": cfg.lr,
-            "group_by_length": cfg.group_by_length, "batch_size": cfg.batch_size, **more}
+            "group_by_length": cfg.group_by_length, "batch_size": cfg.batch_size,
+            "max_tokens_per_forward": cfg.max_tokens, **more}
 
 
 def _result(seconds: list[float], cpu_seconds: list[float], tokens: list[int], losses: list[float], *,

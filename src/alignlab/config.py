@@ -52,6 +52,8 @@ class TrainConfig(ModelConfig):
     max_steps: int = opt(0, "optimizer steps to run; 0 = derived from epochs")
     batch_size: int = opt(8, "examples per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x accum x processes)")
+    max_tokens: int = opt(2048, "most tokens one forward pass may hold: a longer micro-batch is cut into pieces "
+                          "whose gradients accumulate (the same update, less activation memory); 0 = no limit")
     lr: float = opt(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
     adam_beta1: float = opt(0.9, "AdamW beta1")
@@ -300,6 +302,7 @@ class PPOConfig(TrainConfig):
                         choices=["cosine", "linear", "constant"])
     warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent in linear warmup")
     batch_size: int = opt(8, "responses per forward/backward micro-batch on each process")
+    max_tokens: int = opt(0, "not used by PPO: its micro-batches hold batch_size responses")
     # -- prompts
     prompts: str = opt("", "training prompts: .txt (one per line), a JSON/JSONL list, or any instruction or "
                        "preference file (its prompts)")

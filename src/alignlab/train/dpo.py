@@ -181,6 +181,20 @@ def ranking_units(examples: Sequence[PairExample], group: bool) -> list[list[int
     return list(units.values())
 
 
+def unit_tokens(examples: Sequence[PairExample | FeedbackExample]) -> int:
+    """The tokens the policy's forward runs for ``examples`` batched together (a plan unit, for ``max_tokens``):
+    each prompt once and each of its distinct responses once, as the shared-prompt layout encodes a ranking's
+    pairs; a KTO example twice (its own row and its row of the KL reference point)."""
+    responses: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+    total = 0
+    for e in examples:
+        if isinstance(e, FeedbackExample):
+            total += 2 * len(e)
+            continue
+        responses.setdefault(tuple(e.prompt_ids), set()).update((tuple(e.chosen_ids), tuple(e.rejected_ids)))
+    return total + sum(len(p) + sum(map(len, rs)) for p, rs in responses.items())
+
+
 def kl_rows(examples: Sequence[FeedbackExample], max_length: int) -> list[Row]:
     """KTO's mismatched rows: row ``j`` is prompt ``j`` with the completion of example ``j - 1`` (cyclic), as
     TRL builds them, cut to ``max_length``."""
@@ -689,9 +703,10 @@ def rows_to_score(cfg: DPOConfig, train_set: Sequence[Any], eval_set: Sequence[A
     if cfg.loss != "kto":
         return pair_rows(list(train_set) + list(eval_set))
     rows = [_row(e.prompt_ids, e.completion_ids) for e in [*train_set, *eval_set]]
+    sizes = [unit_tokens([e]) for e in train_set]  # as train_dpo cuts micro-batches (KTO: one example a unit)
     for step in plan:
         for rank in range(world_size):
-            for idx in micro_batches(step, lengths, cfg, rank, world_size):
+            for idx in micro_batches(step, lengths, cfg, rank, world_size, sizes):
                 rows += kl_rows([train_set[i] for i in idx], cfg.max_length)
     for rank in range(world_size):
         for chunk in eval_chunks(list(eval_set)[rank::world_size], cfg.batch_size):
@@ -831,6 +846,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     # the plan is made of units: single examples, or with group_rankings each ranking's pairs together
     units = ranking_units(train_set, cfg.group_rankings and not kto)
     lengths = [max(len(train_set[i]) for i in unit) for unit in units]
+    sizes = [unit_tokens([train_set[i] for i in unit]) for unit in units]
     plan = plan_steps(lengths, cfg, run.world_size)
 
     def examples_of(unit_indices: Sequence[int]) -> list[int]:
@@ -860,7 +876,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         # the NLL term is a mean over the chosen (desirable) tokens of the whole global batch
         global_chosen_tokens = sum(len(train_set[i].completion_ids if kto else train_set[i].chosen_ids)
                                    for i in global_indices if not kto or train_set[i].label)
-        mine = [examples_of(u) for u in micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)]
+        mine = [examples_of(u) for u in micro_batches(plan[step], lengths, cfg, run.rank, run.world_size, sizes)]
         sums: Counter = Counter()
         ok = True
         for k, idx in enumerate(mine):

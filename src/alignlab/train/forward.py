@@ -25,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 from accelerate.utils import extract_model_from_parallel
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignlab.data.tokenize import common_prefix_length
@@ -344,19 +344,31 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # The kernel takes grouped keys as they are (no copies of them per query head).
+    gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
+    # Cut each tensor once at every fragment boundary (``torch.split``: its backward is one concatenation), not
+    # by slicing per fragment: the backward of each slice writes a zero tensor of the whole row, ~25 of them
+    # per tensor and layer in a reward-model batch of 8 pairs.
+    points = sorted({0, query.shape[2], *(point for fragment in segments.fragments for point in fragment)})
+    index = {point: i for i, point in enumerate(points)}
+    sizes = [b - a for a, b in zip(points, points[1:])]
+    queries, keys, values = (torch.split(x, sizes, dim=2) for x in (query, key, value))
+
+    def span(pieces: tuple[torch.Tensor, ...], *bounds: int) -> torch.Tensor:
+        """Columns ``bounds[0]:bounds[1]``, then ``bounds[2]:bounds[3]`` …, from the pieces."""
+        parts = [p for a, b in zip(bounds[::2], bounds[1::2]) for p in pieces[index[a]:index[b]]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
     pieces = []
     for (q0, q1, p0, p1), mask in zip(segments.fragments, segments.masks):
         if mask is None:
             pieces.append(torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, q0:q1], key[:, :, q0:q1], value[:, :, q0:q1], dropout_p=dropout, scale=scaling,
-                is_causal=True))
+                span(queries, q0, q1), span(keys, q0, q1), span(values, q0, q1), dropout_p=dropout, scale=scaling,
+                is_causal=True, **gqa))
         else:
-            keys = torch.cat([key[:, :, p0:p1], key[:, :, q0:q1]], dim=2)
-            values = torch.cat([value[:, :, p0:p1], value[:, :, q0:q1]], dim=2)
             pieces.append(torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, q0:q1], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
+                span(queries, q0, q1), span(keys, p0, p1, q0, q1), span(values, p0, p1, q0, q1), attn_mask=mask,
+                dropout_p=dropout, scale=scaling, **gqa))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -166,14 +166,41 @@ def plan_steps(
 
 
 def micro_batches(step_indices: Sequence[int], lengths: Sequence[int], cfg: TrainConfig, rank: int,
-                  world_size: int) -> list[list[int]]:
+                  world_size: int, sizes: Sequence[int] | None = None) -> list[list[int]]:
     """This process's micro-batches of one optimizer step: the global batch sorted by length (less padding),
-    cut into ``grad_accum x world_size`` slices, every ``world_size``-th slice taken by this rank."""
+    cut into ``grad_accum x world_size`` slices, every ``world_size``-th slice taken by this rank.
+
+    With ``cfg.max_tokens``, a slice holding more tokens than that (``sizes[i]``: the tokens example ``i``
+    puts through the model, default ``lengths``) is cut into contiguous pieces of about equal tokens, every
+    slice into the same number of pieces, so that all processes run the same number of forward passes (a
+    sharded engine gathers weights in each). The trainers divide each piece's loss by the global batch's
+    count, so the accumulated gradient is the one of the whole slice."""
     ordered = sorted(step_indices, key=lambda i: (lengths[i], i))
     n_slices = cfg.grad_accum * world_size
     size = math.ceil(len(ordered) / n_slices)
-    slices = [ordered[i * size : (i + 1) * size] for i in range(n_slices)]
-    return [s for s in slices[rank::world_size] if s]
+    slices = [s for s in (ordered[i * size : (i + 1) * size] for i in range(n_slices)) if s]
+    limit = getattr(cfg, "max_tokens", 0)
+    if limit > 0 and slices:
+        tokens = sizes if sizes is not None else lengths
+        pieces = max(math.ceil(sum(tokens[i] for i in s) / limit) for s in slices)
+        pieces = min(pieces, min(len(s) for s in slices))
+        if pieces > 1:
+            slices = [part for s in slices for part in _cut_even(s, [tokens[i] for i in s], pieces)]
+            return [part for i, part in enumerate(slices) if (i // pieces) % world_size == rank]
+    return slices[rank::world_size]
+
+
+def _cut_even(items: list[int], weights: list[int], pieces: int) -> list[list[int]]:
+    """``items`` cut into ``pieces`` non-empty contiguous runs of about equal total weight."""
+    total, cuts, running = sum(weights), [0], 0
+    for k, w in enumerate(weights):
+        running += w
+        left_after = len(items) - (k + 1)  # items still to place
+        need = pieces - len(cuts)  # cuts still to make
+        if need > 0 and (running >= total * len(cuts) / pieces or left_after == need):
+            cuts.append(k + 1)
+    cuts.append(len(items))
+    return [items[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -204,6 +231,10 @@ class Run:
         self.started = time.time()
         self._bar: Any = None
         self._tb: Any = None
+        if self.engine == "DEEPSPEED" and getattr(cfg, "max_tokens", 0):
+            # DeepSpeed steps its optimizer inside every backward: a micro-batch must be one forward
+            self.print(f"note: max_tokens={cfg.max_tokens} is off under DeepSpeed (one forward per micro-batch)")
+            cfg.max_tokens = 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "checkpoints").mkdir(exist_ok=True)

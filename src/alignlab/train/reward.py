@@ -488,6 +488,8 @@ def train_reward(cfg: RewardConfig) -> Path:
     if not train_set:
         raise AlignlabError("no training examples left after encoding", file=cfg.data)
     lengths = [len(e) for e in train_set]
+    sizes = [len(prefix) + sum(map(len, suffixes))  # each prompt encoded once
+             for prefix, suffixes in (split_shared_prefix(e.sequences) for e in train_set)]
 
     # -- model, optimizer, plan -----------------------------------------------------------------------------
     model = prepare_policy(cfg, tokenizer, head="score")
@@ -507,7 +509,7 @@ def train_reward(cfg: RewardConfig) -> Path:
         t0 = time.perf_counter()
         global_prompts = len(plan[step])
         global_responses = sum(len(train_set[i].sequences) for i in plan[step])
-        mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)
+        mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size, sizes)
         sums: Counter[str] = Counter()  # summed over micro-batches, then over processes
         ok = True
         for n, idx in enumerate(mine):
