@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,20 @@ def test_kto_on_feedback_with_lora_and_cached_reference(tmp_path):
     assert metrics[0]["kl_reference_point"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
     with pytest.raises(AlignlabError, match="use --loss kto"):
         dpo.train_dpo(_cfg(tmp_path, "kto-as-dpo", data=data, loss="dpo"))
+
+
+def test_kto_micro_batches_stay_whole_under_max_tokens(tmp_path):
+    """KTO's reference point is a mean over each micro-batch's mismatched rows, so ``max_tokens`` must not cut one
+    (cut to single examples, each would be paired with its own completion: a different loss by step 3)."""
+    records = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": bool(i % 3)}
+               for i, r in enumerate(_pairs(8))]
+    cfg = _cfg(tmp_path, "kto", data=_write(tmp_path / "feedback.json", records), loss="kto", max_steps=3, lr=0.05)
+    whole = _metrics(dpo.train_dpo(cfg))
+    tight = _metrics(dpo.train_dpo(replace(cfg, output_dir=str(tmp_path / "kto-tight"), max_tokens=8)))
+    assert whole[-1]["kl_reference_point"] > 1.0  # the policy has moved: the reference point matters
+    for a, b in zip(whole, tight, strict=True):
+        for key in ("loss", "kl_reference_point"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a["step"])
 
 
 def test_kto_mismatched_rows_pair_each_prompt_with_the_previous_completion():

@@ -53,7 +53,8 @@ class TrainConfig(ModelConfig):
     batch_size: int = opt(8, "examples per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x accum x processes)")
     max_tokens: int = opt(2048, "most tokens one forward pass may hold: a longer micro-batch is cut into pieces "
-                          "whose gradients accumulate (the same update, less activation memory); 0 = no limit")
+                          "whose gradients accumulate (the same update, less activation memory; not for KTO, "
+                          "DeepSpeed); 0 = no limit")
     lr: float = opt(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
     adam_beta1: float = opt(0.9, "AdamW beta1")

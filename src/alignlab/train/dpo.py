@@ -703,10 +703,9 @@ def rows_to_score(cfg: DPOConfig, train_set: Sequence[Any], eval_set: Sequence[A
     if cfg.loss != "kto":
         return pair_rows(list(train_set) + list(eval_set))
     rows = [_row(e.prompt_ids, e.completion_ids) for e in [*train_set, *eval_set]]
-    sizes = [unit_tokens([e]) for e in train_set]  # as train_dpo cuts micro-batches (KTO: one example a unit)
     for step in plan:
         for rank in range(world_size):
-            for idx in micro_batches(step, lengths, cfg, rank, world_size, sizes):
+            for idx in micro_batches(step, lengths, cfg, rank, world_size, max_tokens=0):  # as train_dpo (KTO)
                 rows += kl_rows([train_set[i] for i in idx], cfg.max_length)
     for rank in range(world_size):
         for chunk in eval_chunks(list(eval_set)[rank::world_size], cfg.batch_size):
@@ -847,6 +846,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     units = ranking_units(train_set, cfg.group_rankings and not kto)
     lengths = [max(len(train_set[i]) for i in unit) for unit in units]
     sizes = [unit_tokens([train_set[i] for i in unit]) for unit in units]
+    # KTO's KL reference point is a mean over each micro-batch's mismatched rows: its micro-batches stay whole
+    max_tokens = 0 if kto else cfg.max_tokens
     plan = plan_steps(lengths, cfg, run.world_size)
 
     def examples_of(unit_indices: Sequence[int]) -> list[int]:
@@ -876,7 +877,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
         # the NLL term is a mean over the chosen (desirable) tokens of the whole global batch
         global_chosen_tokens = sum(len(train_set[i].completion_ids if kto else train_set[i].chosen_ids)
                                    for i in global_indices if not kto or train_set[i].label)
-        mine = [examples_of(u) for u in micro_batches(plan[step], lengths, cfg, run.rank, run.world_size, sizes)]
+        mine = [examples_of(u) for u in micro_batches(plan[step], lengths, cfg, run.rank, run.world_size, sizes,
+                                                      max_tokens)]
         sums: Counter = Counter()
         ok = True
         for k, idx in enumerate(mine):

@@ -25,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 from accelerate.utils import extract_model_from_parallel
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignlab.data.tokenize import common_prefix_length
@@ -344,8 +344,12 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # The kernel takes grouped keys as they are (no copies of them per query head).
-    gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
+    # The CPU kernel takes grouped keys as they are (no copies per query head); CUDA's fused kernels do not with
+    # a mask (SDPA would fall back to its math kernel), so there the keys are repeated as transformers does.
+    groups = getattr(module, "num_key_value_groups", 1)
+    gqa = {"enable_gqa": True} if groups > 1 and query.device.type == "cpu" else {}
+    if groups > 1 and not gqa:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # Cut each tensor once at every fragment boundary (``torch.split``: its backward is one concatenation), not
     # by slicing per fragment: the backward of each slice writes a zero tensor of the whole row, ~25 of them
     # per tensor and layer in a reward-model batch of 8 pairs.

@@ -166,20 +166,22 @@ def plan_steps(
 
 
 def micro_batches(step_indices: Sequence[int], lengths: Sequence[int], cfg: TrainConfig, rank: int,
-                  world_size: int, sizes: Sequence[int] | None = None) -> list[list[int]]:
+                  world_size: int, sizes: Sequence[int] | None = None, max_tokens: int | None = None
+                  ) -> list[list[int]]:
     """This process's micro-batches of one optimizer step: the global batch sorted by length (less padding),
     cut into ``grad_accum x world_size`` slices, every ``world_size``-th slice taken by this rank.
 
-    With ``cfg.max_tokens``, a slice holding more tokens than that (``sizes[i]``: the tokens example ``i``
-    puts through the model, default ``lengths``) is cut into contiguous pieces of about equal tokens, every
-    slice into the same number of pieces, so that all processes run the same number of forward passes (a
-    sharded engine gathers weights in each). The trainers divide each piece's loss by the global batch's
-    count, so the accumulated gradient is the one of the whole slice."""
+    With ``max_tokens`` (default ``cfg.max_tokens``; 0 = off), a slice holding more tokens than that
+    (``sizes[i]``: the tokens example ``i`` puts through the model, default ``lengths``) is cut into contiguous
+    pieces of about equal tokens, every slice into the same number of pieces (at most the shortest slice's
+    examples), so that processes with as many slices run as many forward passes (a sharded engine gathers
+    weights in each). The trainers divide each piece's loss by the global batch's count, so the accumulated
+    gradient is the one of the whole slice."""
     ordered = sorted(step_indices, key=lambda i: (lengths[i], i))
     n_slices = cfg.grad_accum * world_size
     size = math.ceil(len(ordered) / n_slices)
     slices = [s for s in (ordered[i * size : (i + 1) * size] for i in range(n_slices)) if s]
-    limit = getattr(cfg, "max_tokens", 0)
+    limit = getattr(cfg, "max_tokens", 0) if max_tokens is None else max_tokens
     if limit > 0 and slices:
         tokens = sizes if sizes is not None else lengths
         pieces = max(math.ceil(sum(tokens[i] for i in s) / limit) for s in slices)
