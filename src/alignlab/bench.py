@@ -1180,16 +1180,6 @@ def reward_examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], lis
                         lambda item: encode_preferences([item], tokenizer, **encode)[0])
 
 
-def _encoded(example: Any) -> int:
-    """Tokens of one example with its prompt encoded once, then each response: what our trainer runs when
-    it keeps the example in one segment (it may split a group with long responses among prompt copies, see
-    ``plan_segments``, so this is the most the layout can save)."""
-    from alignlab.train.forward import split_shared_prefix
-
-    prefix, suffixes = split_shared_prefix(example.sequences)
-    return len(prefix) + sum(map(len, suffixes))
-
-
 def _comparisons(k: int) -> int:
     return k * (k - 1) // 2
 
@@ -1219,7 +1209,7 @@ def _ours_rm(spec: BenchSpec, *, expand_pairs: bool, batch_size: int = 0,
         step_counts={"pairs": [sum(_comparisons(sequences[i]) for i in step) for step in plan],
                      "sequences": [sum(sequences[i] for i in step) for step in plan]},
         dataset={"examples": len(examples), "pairs": sum(map(_comparisons, sequences)), "sequences": sum(sequences),
-                 "tokens": sum(len(e) for e in examples), "encoded_tokens": sum(map(_encoded, examples))},
+                 "tokens": sum(len(e) for e in examples), "encoded_tokens": sum(e.encoded for e in examples)},
     )
 
 

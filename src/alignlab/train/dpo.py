@@ -181,18 +181,14 @@ def ranking_units(examples: Sequence[PairExample], group: bool) -> list[list[int
     return list(units.values())
 
 
-def unit_tokens(examples: Sequence[PairExample | FeedbackExample]) -> int:
+def unit_tokens(examples: Sequence[PairExample]) -> int:
     """The tokens the policy's forward runs for ``examples`` batched together (a plan unit, for ``max_tokens``):
     each prompt once and each of its distinct responses once, as the shared-prompt layout encodes a ranking's
-    pairs; a KTO example twice (its own row and its row of the KL reference point)."""
+    pairs."""
     responses: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
-    total = 0
     for e in examples:
-        if isinstance(e, FeedbackExample):
-            total += 2 * len(e)
-            continue
         responses.setdefault(tuple(e.prompt_ids), set()).update((tuple(e.chosen_ids), tuple(e.rejected_ids)))
-    return total + sum(len(p) + sum(map(len, rs)) for p, rs in responses.items())
+    return sum(len(p) + sum(map(len, rs)) for p, rs in responses.items())
 
 
 def kl_rows(examples: Sequence[FeedbackExample], max_length: int) -> list[Row]:
@@ -845,8 +841,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     # the plan is made of units: single examples, or with group_rankings each ranking's pairs together
     units = ranking_units(train_set, cfg.group_rankings and not kto)
     lengths = [max(len(train_set[i]) for i in unit) for unit in units]
-    sizes = [unit_tokens([train_set[i] for i in unit]) for unit in units]
     # KTO's KL reference point is a mean over each micro-batch's mismatched rows: its micro-batches stay whole
+    sizes = None if kto else [unit_tokens([train_set[i] for i in unit]) for unit in units]
     max_tokens = 0 if kto else cfg.max_tokens
     plan = plan_steps(lengths, cfg, run.world_size)
 

@@ -181,7 +181,7 @@ def micro_batches(step_indices: Sequence[int], lengths: Sequence[int], cfg: Trai
     n_slices = cfg.grad_accum * world_size
     size = math.ceil(len(ordered) / n_slices)
     slices = [s for s in (ordered[i * size : (i + 1) * size] for i in range(n_slices)) if s]
-    limit = getattr(cfg, "max_tokens", 0) if max_tokens is None else max_tokens
+    limit = cfg.max_tokens if max_tokens is None else max_tokens
     if limit > 0 and slices:
         tokens = sizes if sizes is not None else lengths
         pieces = max(math.ceil(sum(tokens[i] for i in s) / limit) for s in slices)

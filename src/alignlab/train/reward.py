@@ -98,6 +98,13 @@ class RewardExample:
     def __len__(self) -> int:
         return sum(len(s) for s in self.sequences)
 
+    @property
+    def encoded(self) -> int:
+        """Its tokens with the prompt encoded once, then each response: what the shared-prompt layout runs when
+        it keeps the example in one segment (packed rows may give long responses prompt copies of their own)."""
+        prefix, suffixes = split_shared_prefix(self.sequences)
+        return len(prefix) + sum(map(len, suffixes))
+
 
 @dataclass
 class RewardDataReport:
@@ -488,8 +495,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     if not train_set:
         raise AlignlabError("no training examples left after encoding", file=cfg.data)
     lengths = [len(e) for e in train_set]
-    sizes = [len(prefix) + sum(map(len, suffixes))  # each prompt encoded once
-             for prefix, suffixes in (split_shared_prefix(e.sequences) for e in train_set)]
+    sizes = [e.encoded for e in train_set]
 
     # -- model, optimizer, plan -----------------------------------------------------------------------------
     model = prepare_policy(cfg, tokenizer, head="score")
