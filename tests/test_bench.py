@@ -214,3 +214,16 @@ def test_bench_stage_options_are_checked():
         run_benchmark("ppo", model="tiny-random", data=__file__, extra={"max_new_tokens": "many"}, measure_peak=False)
     with pytest.raises(AlignlabError, match="--which"):
         run_benchmark("rm-kwise", model="tiny-random", data=__file__, which="trl", measure_peak=False)
+
+
+def test_bench_gen_shared_prefill_against_plain_generate():
+    """``bench gen`` on the built-in task: both runners draw the same answers (same seeds, same tokens generated),
+    the shared runner reports the Alpaca preamble it encodes once, the plain one none."""
+    report = _run("gen", "", batch_size=8, steps=2, warmup_steps=1, extra={"max_new_tokens": "5"})
+    assert report["config"]["data"] == "task:sentiment"
+    shared, plain = _check_both(report, "shared", "plain")
+    assert report["raw"]["shared"][0]["step_tokens"] == report["raw"]["plain"][0]["step_tokens"]
+    assert 0 < shared["tokens_per_step"] <= 8 * 5
+    assert shared["prompt_tokens"] == plain["prompt_tokens"] > shared["common_prefix_tokens"] > 20
+    assert plain["common_prefix_tokens"] == 0 and "mfu" not in shared
+    assert shared["settings"]["samples_per_prompt"] == 4 and shared["settings"]["share_prefix"] is True

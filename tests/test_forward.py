@@ -155,7 +155,10 @@ def test_plan_segments_trades_prompt_copies_against_row_width():
 LAYOUTS = [  # one segment per group in packed rows; the narrowest rows; rows under eager attention (an additive
     # mask); segment attention, also with the layers recomputed in the backward; the plan as a 4D mask (eager)
     ("rows", {}), ("narrow", {"crossover": 1}), ("rows-eager", {}), ("segments", {"segments": True}),
-    ("checkpointed", {"segments": True}), ("dense", {"segments": True})]
+    ("checkpointed", {"segments": True}), ("dense", {"segments": True}),
+    # prompts sharing a preamble: the root encoded once (segment attention; and its plan as a 4D mask)
+    ("root", {"segments": True}), ("root-dense", {"segments": True})]
+PREAMBLE = [40, 41, 42, 43, 44]
 
 
 @pytest.mark.parametrize(("name", "layout"), LAYOUTS, ids=[n for n, _ in LAYOUTS])
@@ -169,19 +172,24 @@ def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer,
     )
 
     torch.manual_seed(0)
-    attn = "eager" if name in ("dense", "rows-eager") else "sdpa"  # eager cannot run the plan: it gets a mask
+    attn = "eager" if name in ("dense", "rows-eager", "root-dense") else "sdpa"  # eager gets the plan as a mask
     lm = load_model("tiny-random").train()  # train mode: gradients flow as in training
     lm.set_attn_implementation(attn)
     if name == "checkpointed":  # the recomputed layers must get the plan again
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = [*GROUPS, ([37, 38], [list(range(39, 47)), list(range(47, 55))])]
+    if name.startswith("root"):  # every prompt starts with the preamble; one is the preamble and a single token
+        groups = [(PREAMBLE + p, rs) for p, rs in groups if p] + [(PREAMBLE + [45], [[46, 47]])]
     batch = collate_shared_prompt(groups, tiny_tokenizer.pad_token_id, **layout)
-    if name in ("segments", "checkpointed", "dense"):  # one row, no padding
+    if name in ("segments", "checkpointed", "dense", "root", "root-dense"):  # one row, no padding
         assert batch.input_ids.shape == (1, batch.encoded) and batch.attention_mask is None
+    if name.startswith("root"):  # the preamble once instead of once per group
+        once = sum(len(p) + sum(len(r) for r in rs) for p, rs in groups) - (len(groups) - 1) * len(PREAMBLE)
+        assert batch.encoded == once and batch.input_ids[0, : len(PREAMBLE)].tolist() == PREAMBLE
     if name == "narrow":  # the last group's long responses get a copy of their prompt each: rows of 10, not 18
         assert batch.input_ids.shape[1] == 10 and batch.encoded == batch.tokens - 2 * 3 - 2 - 2 * 1
     got = shared_prompt_logps(lm, batch)
-    assert (lm.config._attn_implementation == SEGMENT_ATTENTION) == (name in ("segments", "checkpointed"))
+    assert (lm.config._attn_implementation == SEGMENT_ATTENTION) == (name in ("segments", "checkpointed", "root"))
     got.sum().backward()
     shared_grads = [p.grad.clone() for p in lm.parameters()]
     lm.zero_grad()

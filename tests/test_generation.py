@@ -237,3 +237,90 @@ def test_vllm_sampler_glue_with_a_stand_in_engine(tiny_tokenizer, monkeypatch):
     assert [s.finished for s in samples] == [True, True, False]
     assert samples[0].text == tiny_tokenizer.decode(hello)
     sampler.close()
+
+
+def _count_embedded_tokens(model):
+    """A counter of the tokens every forward pass embeds (prefill and decoding alike)."""
+    seen = {"tokens": 0}
+
+    def hook(_module, args):
+        seen["tokens"] += args[0].numel()
+
+    model.get_input_embeddings().register_forward_pre_hook(hook)
+    return seen
+
+
+def test_shared_prefix_and_repeated_prompts_are_encoded_once_with_the_same_tokens(tiny_tokenizer):
+    """Prompts that share a preamble, some repeated: the shared prefill gives the tokens the plain path gives
+    (greedy, and sampled with a seed) while the model embeds fewer prompt tokens: the preamble once, each
+    distinct prompt's rest once."""
+    from alignlab.generation import generate_from_ids
+
+    model = load_model("tiny-random")
+    preamble = tiny_tokenizer("Below is an instruction that describes a task. Write a response that "
+                              "completes the request.\n\n", add_special_tokens=False).input_ids
+    rests = [tiny_tokenizer(t, add_special_tokens=False).input_ids
+             for t in ("The movie was", "I watched it twice and the acting", "Why")]
+    prompts = [preamble + rests[i] for i in (0, 0, 1, 2, 1, 0)]
+    counter = _count_embedded_tokens(model)
+    results = {}
+    for share in (False, True):
+        for temperature in (0.0, 1.0):
+            counter["tokens"] = 0
+            sampling = SamplingConfig(max_new_tokens=6, temperature=temperature, seed=5, batch_size=6,
+                                      share_prefix=share)
+            results[share, temperature] = generate_from_ids(model, tiny_tokenizer, prompts, sampling)
+            if temperature == 0.0:
+                results[share, "tokens"] = counter["tokens"]
+    for temperature in (0.0, 1.0):
+        assert results[True, temperature] == results[False, temperature]
+    width = max(len(p) for p in prompts)
+    decoding = 6 * 5  # rows x later steps, at most (a batch stops early only when every row has finished)
+    assert results[False, "tokens"] >= 6 * width
+    distinct_rests = sum(width - len(preamble) - 1 for _ in rests)  # each distinct row's rest, padded, minus one
+    assert results[True, "tokens"] <= len(preamble) + distinct_rests + 6 + decoding
+    assert results[True, "tokens"] < results[False, "tokens"] - 3 * len(preamble)
+
+
+def test_shared_prefix_with_a_lora_model_and_a_single_prompt(tiny_tokenizer):
+    """Through peft's wrapper, and with nothing to share (one prompt), sampling still matches the plain path."""
+    import torch
+
+    from alignlab.generation import generate_from_ids
+    from alignlab.models import add_lora
+
+    model = add_lora(load_model("tiny-random"), r=4, alpha=8)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # an adapter that changes the outputs
+            param.data.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    ids = tiny_tokenizer("Tell me about the movie, please.").input_ids
+    for prompts in ([ids], [ids, ids, ids[:-2]]):
+        outs = [generate_from_ids(model, tiny_tokenizer, prompts,
+                                  SamplingConfig(max_new_tokens=5, temperature=0.0, share_prefix=share))
+                for share in (False, True)]
+        assert outs[0] == outs[1]
+
+
+def test_shared_prefill_cache_gives_the_plain_next_token_logits(tiny_tokenizer):
+    """The cache built from the shared preamble and the distinct prompts' rests, with padding in the middle,
+    gives each row's next-token logits as a plain forward over that row's prompt alone (1e-5 in fp32)."""
+    import torch
+
+    from alignlab.generation import _layout_prompts, _shared_prefill
+
+    model = load_model("tiny-random").eval()
+    preamble = tiny_tokenizer("Below is an instruction that describes a task.\n\n", add_special_tokens=False).input_ids
+    prompts = [preamble + tiny_tokenizer(t, add_special_tokens=False).input_ids
+               for t in ("The movie was", "I watched it twice and the acting", "The movie was", "Why")]
+    width = max(len(p) for p in prompts)
+    ids, mask = _layout_prompts(prompts, len(preamble), width, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        extra = _shared_prefill(model, prompts, len(preamble), ids, mask)
+        assert extra is not None
+        (key, cache), = extra.items()
+        assert cache.get_seq_length() == width - 1
+        positions = (mask.cumsum(-1) - 1)[:, -1:]
+        logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions, **extra).logits[:, -1]
+        for row, p in enumerate(prompts):
+            alone = model(input_ids=torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[row], alone, rtol=1e-5, atol=1e-5)

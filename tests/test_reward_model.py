@@ -128,6 +128,31 @@ def test_scorer_encodes_a_shared_prompt_once_with_the_same_scores(tiny_rm):
     assert shared[0] == pytest.approx(shared[3], abs=1e-6)  # the same pair, two places in the batch
 
 
+def test_score_sequences_encodes_a_common_preamble_once_with_the_same_scores(tiny_rm):
+    """Sequences that start with the same preamble (a template's text): scored with the preamble encoded once
+    (fewer tokens embedded), each score equal to the sequence's own plain forward (1e-5)."""
+    from alignlab.reward import SHARED_PREFIX_MIN, score_sequences
+
+    model, tok = tiny_rm
+    preamble = tok("Below is an instruction that describes a task, paired with an input.",
+                   add_special_tokens=False)["input_ids"]
+    assert len(preamble) >= SHARED_PREFIX_MIN
+    texts = ["The movie was great.", "Terrible, boring and far too long. I hated it.", "Hi", "Fine"]
+    seqs = [preamble + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    embedded = {"tokens": 0}
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: embedded.__setitem__("tokens", embedded["tokens"] + args[0].numel()))
+    try:
+        scores = score_sequences(model, seqs, tok.pad_token_id, batch_size=4)
+        tokens = embedded["tokens"]
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        alone = [score_last_token(model, *pad_right([s], tok.pad_token_id)).item() for s in seqs]
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert tokens == len(preamble) + 4 * (max(len(s) for s in seqs) - len(preamble))
+
+
 def test_pad_equal_to_eos_is_fixed_or_refused(tiny_rm):
     _, tok = tiny_rm
     other = load_tokenizer("tiny-random")

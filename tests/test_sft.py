@@ -96,15 +96,15 @@ def test_corrupted_checkpoint_falls_back_to_previous(tmp_path):
 def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
     import alignlab.train.sft as sft
 
-    real = sft.loss_rows_cross_entropy
+    real = sft.token_nll
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, chunk, pad_token_id, run):
         calls["n"] += 1
-        out = real(model, batch)
-        return out * float("nan") if calls["n"] >= 3 else out
+        nll, tokens = real(model, chunk, pad_token_id, run)
+        return (nll * float("nan") if calls["n"] >= 3 else nll), tokens
 
-    monkeypatch.setattr(sft, "loss_rows_cross_entropy", poisoned)
+    monkeypatch.setattr(sft, "token_nll", poisoned)
     with pytest.raises(AlignlabError, match="loss is nan at step 2.*last good checkpoint"):
         train_sft(_cfg(tmp_path, "nan", max_steps=4, save_every=1, eval_fraction=0))
     assert find_valid_checkpoint(tmp_path / "nan" / "checkpoints") is not None
@@ -113,15 +113,15 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
 def test_nan_skip_counts_steps(tmp_path, monkeypatch):
     import alignlab.train.sft as sft
 
-    real = sft.loss_rows_cross_entropy
+    real = sft.token_nll
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, chunk, pad_token_id, run):
         calls["n"] += 1
-        out = real(model, batch)
-        return out * float("nan") if calls["n"] == 2 else out
+        nll, tokens = real(model, chunk, pad_token_id, run)
+        return (nll * float("nan") if calls["n"] == 2 else nll), tokens
 
-    monkeypatch.setattr(sft, "loss_rows_cross_entropy", poisoned)
+    monkeypatch.setattr(sft, "token_nll", poisoned)
     run = train_sft(_cfg(tmp_path, "skip", max_steps=3, eval_fraction=0, on_nan="skip"))
     assert len(_metrics(run)) == 3
 
@@ -168,3 +168,39 @@ def test_two_step_sft_of_the_real_model_saves_reloads_and_generates(tmp_path, sm
     out = generate(model, tokenizer, ["What is the capital of France?"],
                    SamplingConfig(max_new_tokens=12, temperature=0.0), template="alpaca")
     assert "Paris" in out[0].text
+
+
+def test_a_shared_preamble_is_encoded_once_with_the_same_loss_and_gradients(monkeypatch):
+    """Examples that start with the same template preamble: the loss sums the same NLL with the same gradients
+    as right-padded rows (1e-5), while the model embeds the preamble once (each example keeps one of its tokens)."""
+    from types import SimpleNamespace
+
+    import alignlab.train.sft as sft
+    from alignlab.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("tiny-random").train()
+    preamble = list(range(100, 100 + 2 * sft.MIN_SHARED_PREFIX))
+    rows = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18, 19], [20, 21, 22]),
+            ([23, 24], [25, 26, 27, 28, 29])]
+    chunk = [SimpleNamespace(input_ids=preamble + p + r, labels=[-100] * (len(preamble) + len(p)) + r)
+             for p, r in rows]
+    chunk[2].labels[-2] = -100  # a masked token inside a response (multi-turn chat data) stays masked
+    run = SimpleNamespace(shards_weights=False, device="cpu")
+    embedded = {"tokens": 0}
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: embedded.__setitem__("tokens", embedded["tokens"] + args[0].numel()))
+    results = {}
+    for name, minimum in (("shared", sft.MIN_SHARED_PREFIX), ("padded", 10**6)):
+        monkeypatch.setattr(sft, "MIN_SHARED_PREFIX", minimum)
+        model.zero_grad()
+        embedded["tokens"] = 0
+        nll, tokens = sft.token_nll(model, chunk, 0, run)
+        nll.backward()
+        results[name] = (float(nll), tokens, embedded["tokens"], [p.grad.clone() for p in model.parameters()])
+    shared, padded = results["shared"], results["padded"]
+    assert shared[0] == pytest.approx(padded[0], rel=1e-5) and shared[1] == padded[1]
+    for a, b in zip(shared[3], padded[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert shared[2] == sum(len(e.input_ids) for e in chunk) - 3 * (len(preamble) - 1)  # the preamble once
+    assert padded[2] == len(chunk) * max(len(e.input_ids) for e in chunk)

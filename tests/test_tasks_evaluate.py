@@ -100,3 +100,29 @@ def test_task_prompt_sources_give_the_task_splits():
     assert not {p["input"] for p in train} & {p["input"] for p in held}
     with pytest.raises(AlignlabError, match="task:NAME:train or task:NAME:eval"):
         load_prompts("task:sentiment:test")
+
+
+def test_response_logps_with_a_shared_preamble_equal_each_sequence_alone(tiny_tokenizer):
+    """Prompts sharing a preamble: the preamble is encoded once and its cache copied to every row (fewer tokens
+    embedded); each response's token log-probs equal those of a plain forward over its own prompt + response."""
+    from alignlab.generation import Sample
+
+    model = load_model("tiny-random").eval()
+    preamble = tiny_tokenizer("Below is an instruction that describes a task.\n\n", add_special_tokens=False).input_ids
+    samples = []
+    for rest, answer in [("The movie was", " great fun"), ("I watched it twice and", " it was bad"),
+                         ("Why", " not?")]:
+        prompt = preamble + tiny_tokenizer(rest, add_special_tokens=False).input_ids
+        samples.append(Sample(prompt, tiny_tokenizer(answer, add_special_tokens=False).input_ids, answer, True))
+    embedded = {"tokens": 0}
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: embedded.__setitem__("tokens", embedded["tokens"] + args[0].numel()))
+    got = response_logps(model, samples, tiny_tokenizer.pad_token_id)
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    assert embedded["tokens"] <= len(preamble) + len(samples) * (width - len(preamble))
+    with torch.no_grad():
+        for s, logps in zip(samples, got):
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            full = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            want = full[len(s.prompt_ids) - 1 :].gather(-1, ids[0, len(s.prompt_ids) :, None])[:, 0]
+            torch.testing.assert_close(logps, want, rtol=1e-5, atol=1e-5)

@@ -190,6 +190,19 @@ PAIRS: dict[str, Pair] = {
                       ("final mean score", "final_score", "4"),
                       ("final KL", "final_kl", "4")),
                 unit="iteration", tokens="generated tokens"),
+    "gen": Pair("alignlab.bench:ours_gen_shared", "alignlab.bench:ours_gen_plain", default_data="task:sentiment",
+                help="sampling as the lab samples (a task's training prompts in the Alpaca template, several "
+                "answers each; --batch-size sequences per generate call, --steps calls): alignlab's shared prefill "
+                "(common preamble and repeated prompts encoded once) vs plain Hugging Face generate on the same "
+                "prompts and seeds. --data: task:NAME or a prompts file for the sentiment task",
+                names=("shared", "plain"), labels=("shared prefill", "plain generate"),
+                options=(("samples_per_prompt", 4, "gen: answers per prompt, consecutive in a batch (PPO in the "
+                          "lab: 4; preference data 6; rejection sampling 12)"),
+                         ("max_new_tokens", 32, "gen: longest response in tokens")),
+                rows=(("ms per generated token", "ms_per_token", "1"),
+                      ("prompt tokens per sequence", "prompt_tokens", "1"),
+                      ("encoded once per batch (common prefix)", "common_prefix_tokens", "1")),
+                unit="call", tokens="generated tokens"),
 }
 
 
@@ -367,6 +380,7 @@ def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
     for name in first.get("step_times") or {}:  # e.g. PPO's generation seconds per iteration
         times = [x for raw in rounds for x in _timed(raw["step_times"], name, warmup_steps)]
         out[f"time_{name}"] = sum(times) / len(times)
+    out.update(first.get("reported") or {})  # numbers a runner reports as they are (bench gen's prompt lengths)
     for name, values in (first.get("step_values") or {}).items():  # e.g. DPO's reward margin at the last step
         out[f"final_{name}"] = float(values[-1]) if values else None
     peak = (peak_flops or {}).get(first.get("precision") or "")
@@ -531,13 +545,15 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                             f"{', '.join(sorted(known)) or 'none'})", field="set")
     for key in extra or {}:  # a wrong type fails here, before any worker starts
         BenchSpec(stage=stage, library=pair.names[0], model=model, data=data, extra=dict(extra or {})).option(key)
+    if not data and pair.default_data.startswith("task:"):
+        data = pair.default_data
     if not data:
         found = shared_data_file(pair.default_data) if pair.default_data else None
         if found is None:
             raise AlignlabError(f"no data: pass --data FILE (default {pair.default_data} not found in ../shared/data)",
                                 field="data")
         data = str(found)
-    if not Path(data).exists():
+    if not data.startswith("task:") and not Path(data).exists():
         raise AlignlabError("data file does not exist", file=data)
     from alignlab.train.loop import resolve_precision
 
@@ -1448,6 +1464,65 @@ def ours_ppo(spec: BenchSpec) -> dict[str, Any]:
                                                                              "update")},
         step_values={"score": [r["score"] for r in records], "kl": [r["kl"] for r in records]},
     )
+
+
+def _ours_gen(spec: BenchSpec, share_prefix: bool) -> dict[str, Any]:
+    """``bench gen``: ``generate_from_ids`` as the lab's sampling stages call it. Prompts: the task's training
+    prompts rendered with the Alpaca template (``--data task:NAME``, or a prompts file replacing the sentiment
+    task's), each repeated ``samples_per_prompt`` times in a row, cycled to fill ``--batch-size`` x steps
+    sequences; one timed step per ``generate`` call, each with its own seed, the same for both runners (so they
+    draw the same answers up to float rounding). fp32 weights, or bf16 weights when the precision is bf16 (as
+    the lab loads a model it only samples from)."""
+    import dataclasses as dc
+
+    import torch
+
+    from alignlab.data.templates import render_alpaca_prompt
+    from alignlab.data.tokenize import encode_prompt, shared_prefix_length
+    from alignlab.generation import SamplingConfig, generate_from_ids
+    from alignlab.models import load_model, load_tokenizer
+    from alignlab.tasks import load_task
+
+    if spec.data.startswith("task:"):
+        task = load_task(spec.data[len("task:"):], seed=spec.seed)
+    else:
+        task = load_task("sentiment", prompts_file=spec.data, seed=spec.seed)
+    tokenizer = load_tokenizer(spec.model)
+    model = load_model(spec.model, dtype=torch.bfloat16 if spec.precision == "bf16" else torch.float32)
+    ids = [encode_prompt(tokenizer, render_alpaca_prompt(task.instruction, p), template="none")
+           for p in task.train_prompts]
+    k, b = spec.option("samples_per_prompt"), spec.batch_size
+    flat = [ids[(j // k) % len(ids)] for j in range(spec.total_steps * b)]
+    sampling = SamplingConfig(max_new_tokens=spec.option("max_new_tokens"), temperature=1.0, batch_size=b,
+                              share_prefix=share_prefix)
+    seconds, cpu_seconds, tokens, shared = [], [], [], []
+    for step in range(spec.total_steps):
+        chunk = flat[step * b : (step + 1) * b]
+        wall, cpu = time.perf_counter(), time.process_time()
+        samples = generate_from_ids(model, tokenizer, chunk, dc.replace(sampling, seed=spec.seed + step))
+        seconds.append(time.perf_counter() - wall)
+        cpu_seconds.append(time.process_time() - cpu)
+        tokens.append(sum(len(x.response_ids) for x in samples))
+        shared.append(shared_prefix_length(chunk))
+    timed = spec.warmup_steps
+    return _result(
+        seconds, cpu_seconds, tokens, [], params=meta_params(spec.model), precision=spec.precision,
+        flops_per_token_factor=0,
+        settings={"share_prefix": share_prefix, "batch_size": b, "samples_per_prompt": k,
+                  "max_new_tokens": sampling.max_new_tokens, "temperature": 1.0, "prompts": len(ids)},
+        reported={"prompt_tokens": sum(len(x) for x in flat[timed * b :]) / max(1, len(flat) - timed * b),
+                  "common_prefix_tokens": sum(shared[timed:]) / max(1, len(shared) - timed) if share_prefix else 0.0},
+    )
+
+
+def ours_gen_shared(spec: BenchSpec) -> dict[str, Any]:
+    """``bench gen`` with the shared prefill (:func:`alignlab.generation._shared_prefill`)."""
+    return _ours_gen(spec, share_prefix=True)
+
+
+def ours_gen_plain(spec: BenchSpec) -> dict[str, Any]:
+    """``bench gen`` with every prompt encoded whole, as plain ``model.generate`` on a left-padded batch does."""
+    return _ours_gen(spec, share_prefix=False)
 
 
 def trl_reward(spec: str, log: list[float]) -> Callable[..., list[float]]:

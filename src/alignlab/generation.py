@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from alignlab.data.tokenize import encode_prompt
+from alignlab.data.tokenize import encode_prompt, shared_prefix_length
 from alignlab.errors import AlignlabError
 
 
@@ -42,6 +42,7 @@ class SamplingConfig:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     precision: str = "fp32"  # "bf16": decode under bf16 autocast (about 1.5x faster on CPUs with AVX512-BF16)
+    share_prefix: bool = True  # encode a batch's common prompt prefix and repeated prompts once (_shared_prefill)
 
 
 @dataclass
@@ -133,13 +134,12 @@ def generate_from_ids(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequen
         for start in range(0, len(prompt_ids), sampling.batch_size):
             chunk = [list(p) for p in prompt_ids[start : start + sampling.batch_size]]
             width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                input_ids[i, width - len(p) :] = torch.as_tensor(p)
-                attention[i, width - len(p) :] = 1
+            shared = shared_prefix_length(chunk) if sampling.share_prefix else 0  # a token left for generate
+            input_ids, attention = _layout_prompts(chunk, shared, width, pad)
+            cache = _shared_prefill(model, chunk, shared, input_ids.to(device), attention.to(device)) \
+                if sampling.share_prefix else None
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 **gen_kwargs)
+                                 **gen_kwargs, **(cache or {}))
             for i, p in enumerate(chunk):
                 ids, finished = cut_response(out[i, width:].tolist(), eos, pad, tokenizer, sampling.stop_strings)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -147,6 +147,94 @@ def generate_from_ids(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequen
     if was_training:
         model.train()
     return samples
+
+
+def _layout_prompts(chunk: list[list[int]], shared: int, width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch for ``generate``: ``[shared prefix | padding | rest of the prompt]`` per row, so the
+    first ``shared`` columns are the same tokens at the same positions in every row (with ``shared=0``: plain
+    left padding). ``generate`` takes position ids from the attention mask, so padding in the middle is skipped."""
+    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, p in enumerate(chunk):
+        input_ids[i, :shared] = torch.as_tensor(p[:shared], dtype=torch.long)
+        attention[i, :shared] = 1
+        rest = p[shared:]
+        input_ids[i, width - len(rest) :] = torch.as_tensor(rest, dtype=torch.long)
+        attention[i, width - len(rest) :] = 1
+    return input_ids, attention
+
+
+def _shared_prefill(model: torch.nn.Module, chunk: list[list[int]], shared: int, input_ids: torch.Tensor,
+                    attention: torch.Tensor) -> dict[str, Any] | None:
+    """The KV cache of every prompt but its last token, computed without repeating work: the prefix all prompts
+    share once (batch 1), then each distinct prompt's rest once, then rows copied to the batch. Returns
+    ``{keyword: cache}`` for ``generate``, or None when nothing is shared or the model's cache cannot be copied
+    this way (``generate`` then encodes each prompt whole).
+
+    Why: in the lab every prompt starts with the same Alpaca preamble (44 of ~60 tokens with SmolLM2) and PPO,
+    rejection sampling and best-of-n sample several answers per prompt, so most of the prefill was the same
+    tokens again (BENCHMARKS.md, the lab's section). The same next-token logits as the plain path up to float
+    rounding (another order of sums; tested to 1e-5)."""
+    row_of: dict[tuple[int, ...], int] = {}  # each distinct prompt -> its row in the prefill
+    first: list[int] = []  # the chunk row where each distinct prompt first appears
+    for i, p in enumerate(chunk):
+        if tuple(p) not in row_of:
+            row_of[tuple(p)] = len(first)
+            first.append(i)
+    if shared == 0 and len(first) == len(chunk):
+        return None
+    key = _cache_keyword(model)
+    if key is None:
+        return None
+    width = input_ids.shape[1]
+    extra: dict[str, Any] | None = {}
+    if shared:
+        extra = prefix_cache(model, input_ids[:1, :shared], len(first))
+        if extra is None:
+            return None
+    if width - 1 > shared:  # each distinct prompt's rest, but for its last token
+        ids, mask = input_ids[first, : width - 1], attention[first, : width - 1]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
+                    use_cache=True, **extra)
+        extra = {key: _output_cache(out)}
+    cache = extra[key]
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(torch.as_tensor([row_of[tuple(p)] for p in chunk], device=input_ids.device))
+    return extra
+
+
+def prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> dict[str, Any] | None:
+    """The KV cache of one token prefix (shape (1, p)), copied to ``rows`` rows, as the keyword argument the
+    model's forward takes it under; None where the model or its cache cannot do this (the caller then encodes
+    the prefix in every row). Feed the rest of each row with the attention mask of the whole row and its
+    position ids (they continue from ``p``)."""
+    key = _cache_keyword(model)
+    if key is None:
+        return None
+    cache = _output_cache(model(input_ids=prefix, use_cache=True))
+    if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
+        return None
+    cache.batch_repeat_interleave(rows)
+    return {key: cache}
+
+
+def _cache_keyword(model: torch.nn.Module) -> str | None:
+    """The name a decoder's forward takes its KV cache under: ``cache`` (transformers 5.x) or
+    ``past_key_values`` (4.x); None for a model with neither."""
+    import inspect
+
+    from alignlab.models import is_peft
+
+    base = model.get_base_model() if is_peft(model) else model
+    params = inspect.signature(base.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _output_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], sampling: SamplingConfig,

@@ -43,6 +43,7 @@ __all__ = [
     "encode_conversation",
     "encode_pretraining_text",
     "common_prefix_length",
+    "shared_prefix_length",
     "TokenizedExample",
     "DataReport",
     "truncate_example",
@@ -103,6 +104,18 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all ``sequences`` have in common, kept one token short of the shortest (so every
+    sequence keeps a token of its own after the prefix: the one a model reads a score or a next token at).
+    0 for no sequences."""
+    if not sequences:
+        return 0
+    n = min(len(s) for s in sequences) - 1
+    for s in sequences[1:]:
+        n = min(n, common_prefix_length(sequences[0], s))
+    return max(0, n)
 
 
 def _check_template(template: str) -> None:

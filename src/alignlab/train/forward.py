@@ -28,7 +28,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from alignlab.data.tokenize import common_prefix_length
+from alignlab.data.tokenize import shared_prefix_length
 from alignlab.losses.common import selective_log_softmax
 from alignlab.models import autocast_weight
 
@@ -206,6 +206,39 @@ def loss_rows_cross_entropy(model: torch.nn.Module, batch: PaddedBatch) -> torch
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[rows], reduction="sum")
 
 
+def loss_free_prefix_length(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> int:
+    """How many first tokens ``sequences`` share (:func:`~alignlab.data.tokenize.shared_prefix_length`) that
+    carry no loss in any of them (Hugging Face ``labels``, ``-100`` where no loss): what
+    :func:`shared_prefix_cross_entropy` can encode once."""
+    n = shared_prefix_length(sequences)
+    for lab in labels:
+        n = min(n, next((i for i, t in enumerate(lab) if t != IGNORE and i > 0), n))
+    return n
+
+
+def shared_prefix_cross_entropy(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
+                                labels: Sequence[Sequence[int]], shared: int, pad_token_id: int,
+                                device: torch.device | str) -> torch.Tensor:
+    """:func:`loss_rows_cross_entropy` for sequences whose first ``shared`` tokens are the same and carry no
+    loss (:func:`loss_free_prefix_length`), with that prefix encoded once: each sequence is a group of one response
+    after it in a segment-attention row (:func:`collate_shared_prompt`, whose root is the prefix). The same sum
+    up to float rounding; for a model that runs segment attention (:func:`use_segment_attention`).
+
+    Why: SFT data in one template share its preamble (the Alpaca text, 44 tokens with SmolLM2's tokenizer; a chat
+    template's system header, ~20), often a large share of short examples' tokens."""
+    groups = [(list(s[:shared]), [list(s[shared:])]) for s in sequences]
+    batch = collate_shared_prompt(groups, pad_token_id, segments=True).to(device)
+    loss = torch.zeros_like(batch.mask)
+    for i, lab in enumerate(labels):
+        rest = torch.as_tensor(list(lab[shared:])) != IGNORE
+        loss[i, : len(rest)] = rest.to(loss.device)
+    loss &= batch.mask
+    hidden = shared_prompt_hidden(model, batch)
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    logits = head(hidden[batch.predictors[loss]])
+    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[loss], reduction="sum")
+
+
 def _head_token_logps(weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor,
                       targets: torch.Tensor) -> torch.Tensor:
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
@@ -233,12 +266,13 @@ def _head_weights(head: torch.nn.Module, device_type: str) -> tuple[torch.Tensor
 class SegmentPlan:
     """Which keys each query attends to in a shared-prompt batch laid out as one row, as a list of *fragments*.
 
-    A fragment ``(q0, q1, p0, p1)`` is a run of query columns ``q0:q1`` (a prompt, or one response) that attends
-    to the key columns ``p0:p1`` (its prompt, every column) and causally to its own columns ``q0:q1``; a prompt
-    is its own fragment with ``p0 == p1``. Fragments cover the row's columns in order. ``masks[i]``: the bool
-    mask ``(q1 - q0, p1 - p0 + q1 - q0)`` of fragment ``i`` (None where it is plainly causal)."""
+    A fragment ``(q0, q1, context)`` is a run of query columns ``q0:q1`` (the prompts' common root, the rest of a
+    prompt, or one response) that attends to every key column of the ranges in ``context`` (flat bounds ``(a0,
+    b0, a1, b1, ...)``: the root, then its prompt's rest, as they apply) and causally to its own columns
+    ``q0:q1``. Fragments cover the row's columns in order. ``masks[i]``: the bool mask ``(q1 - q0, context
+    columns + q1 - q0)`` of fragment ``i`` (None where it is plainly causal: an empty context)."""
 
-    def __init__(self, fragments: list[tuple[int, int, int, int]], masks: list[torch.Tensor | None]) -> None:
+    def __init__(self, fragments: list[tuple[int, int, tuple[int, ...]]], masks: list[torch.Tensor | None]) -> None:
         self.fragments, self.masks = fragments, masks
 
     def to(self, device: torch.device | str) -> SegmentPlan:
@@ -248,8 +282,9 @@ class SegmentPlan:
         """The same attention pattern as a ``(1, 1, width, width)`` bool mask, for attention kernels that take
         one (every other implementation than :func:`segment_attention_forward`)."""
         mask = torch.zeros((width, width), dtype=torch.bool, device=device)
-        for q0, q1, p0, p1 in self.fragments:
-            mask[q0:q1, p0:p1] = True
+        for q0, q1, context in self.fragments:
+            for a, b in zip(context[::2], context[1::2]):
+                mask[q0:q1, a:b] = True
             mask[q0:q1, q0:q1] = torch.ones((q1 - q0, q1 - q0), dtype=torch.bool, device=device).tril()
         return mask[None, None]
 
@@ -353,7 +388,8 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     # Cut each tensor once at every fragment boundary (``torch.split``: its backward is one concatenation), not
     # by slicing per fragment: the backward of each slice writes a zero tensor of the whole row, ~25 of them
     # per tensor and layer in a reward-model batch of 8 pairs.
-    points = sorted({0, query.shape[2], *(point for fragment in segments.fragments for point in fragment)})
+    points = sorted({0, query.shape[2], *(point for q0, q1, context in segments.fragments
+                                          for point in (q0, q1, *context))})
     index = {point: i for i, point in enumerate(points)}
     sizes = [b - a for a, b in zip(points, points[1:])]
     queries, keys, values = (torch.split(x, sizes, dim=2) for x in (query, key, value))
@@ -364,14 +400,14 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     pieces = []
-    for (q0, q1, p0, p1), mask in zip(segments.fragments, segments.masks):
+    for (q0, q1, context), mask in zip(segments.fragments, segments.masks):
         if mask is None:
             pieces.append(torch.nn.functional.scaled_dot_product_attention(
                 span(queries, q0, q1), span(keys, q0, q1), span(values, q0, q1), dropout_p=dropout, scale=scaling,
                 is_causal=True, **gqa))
         else:
             pieces.append(torch.nn.functional.scaled_dot_product_attention(
-                span(queries, q0, q1), span(keys, p0, p1, q0, q1), span(values, p0, p1, q0, q1), attn_mask=mask,
+                span(queries, q0, q1), span(keys, *context, q0, q1), span(values, *context, q0, q1), attn_mask=mask,
                 dropout_p=dropout, scale=scaling, **gqa))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
@@ -421,7 +457,7 @@ def _transformers_models(model: torch.nn.Module) -> list[PreTrainedModel]:
 def split_shared_prefix(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
     """``(prefix, suffixes)``: the longest common prefix of ``sequences``, kept one token short of the
     shortest so that every suffix is non-empty (its last token is where a reward model reads its score)."""
-    n = min(min(len(s) for s in sequences) - 1, *(common_prefix_length(sequences[0], s) for s in sequences))
+    n = shared_prefix_length(sequences)
     return list(sequences[0][:n]), [list(s[n:]) for s in sequences]
 
 
@@ -501,17 +537,23 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
     """Lay out ``groups`` of ``(prompt_ids, [response_ids, ...])`` as a :class:`SharedPromptBatch`
     (:func:`shared_prompt_layout` gives the options that suit a model).
 
-    ``segments``: every group is one segment, all in one row, with a :class:`SegmentPlan` for segment attention.
+    ``segments``: every group is one segment, all in one row, with a :class:`SegmentPlan` for segment attention;
+    the prompts' common prefix (a chat template's system header, an instruction preamble; at most each prompt
+    but its last token) comes first, once, as the *root* every segment attends to, and each prompt's rest
+    follows it with position ids continuing from the root.
     Otherwise packed rows under a 4D mask: with ``crossover`` (:func:`attention_crossover` of the model), a
     group's responses may be split among several copies of its prompt when that is cheaper
     (:func:`plan_segments`); without it each group is one segment. Responses must be non-empty; the prompt may be
     empty (then each response's first token is not scored)."""
     if any(len(r) == 0 for _, rs in groups for r in rs):
         raise ValueError("a response is empty")
+    root: list[int] = []
     if segments:
+        if len(groups) > 1:
+            root = list(groups[0][0][: shared_prefix_length([p for p, _ in groups])])
         parts = [(g, list(range(len(rs)))) for g, (_, rs) in enumerate(groups)]
-        widths = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
-        t, rows = sum(widths), [list(range(len(parts)))]
+        widths = [len(p) - len(root) + sum(len(r) for r in rs) for p, rs in groups]
+        t, rows = len(root) + sum(widths), [list(range(len(parts)))]
     else:
         parts, t = plan_segments([(len(p), [len(r) for r in rs]) for p, rs in groups], crossover)
         widths = [len(groups[g][0]) + sum(len(groups[g][1][j]) for j in js) for g, js in parts]
@@ -529,23 +571,38 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
     first_response = [0]
     for _, rs in groups:
         first_response.append(first_response[-1] + len(rs))
-    fragments: list[tuple[int, int, int, int]] = []
+    fragments: list[tuple[int, int, tuple[int, ...]]] = []
     masks: list[torch.Tensor | None] = []
-    shapes: dict[tuple[int, int], torch.Tensor] = {}  # (prompt, response) lengths -> the fragment's mask
+    shapes: dict[tuple[int, int], torch.Tensor] = {}  # (context, own) lengths -> the fragment's mask
+
+    def attend(q0: int, q1: int, context: tuple[int, ...]) -> None:
+        """A fragment: columns ``q0:q1`` see the ``context`` ranges whole and themselves causally."""
+        c, m = sum(b - a for a, b in zip(context[::2], context[1::2])), q1 - q0
+        if c and (c, m) not in shapes:
+            shapes[c, m] = torch.cat([torch.ones((m, c), dtype=torch.bool),
+                                      torch.ones((m, m), dtype=torch.bool).tril()], dim=1)
+        fragments.append((q0, q1, context if c else ()))
+        masks.append(shapes[c, m] if c else None)
+
+    base = len(root)  # the root's columns, in the single row of segment attention
+    if root:
+        attend(0, base, ())
+        input_ids[0, :base] = torch.as_tensor(root, dtype=torch.long)
+        position_ids[0, :base] = torch.arange(base)
     for r, members in enumerate(rows):
-        col = 0
+        col = base if r == 0 else 0
         for s in members:
             g, js = parts[s]
             prompt, responses = groups[g]
             p = len(prompt)
-            if p > 0:
-                fragments.append((col, col + p, col, col))
-                masks.append(None)
-            input_ids[r, col : col + p] = torch.as_tensor(list(prompt), dtype=torch.long)
-            position_ids[r, col : col + p] = torch.arange(p)
-            segment[r, col : col + p] = s
-            part[r, col : col + p] = 0
-            start = col + p
+            own = p - base  # the prompt's columns in this segment (all of it without a root)
+            if own > 0:
+                attend(col, col + own, (0, base) if base else ())
+            input_ids[r, col : col + own] = torch.as_tensor(list(prompt[base:]), dtype=torch.long)
+            position_ids[r, col : col + own] = torch.arange(base, p)
+            segment[r, col : col + own] = s
+            part[r, col : col + own] = 0
+            start = col + own
             for j in js:
                 m, i = len(responses[j]), first_response[g] + j
                 input_ids[r, start : start + m] = torch.as_tensor(list(responses[j]), dtype=torch.long)
@@ -558,18 +615,14 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
                 predictors[i, 1:m] = torch.arange(flat, flat + m - 1)
                 mask[i, 1:m] = True
                 if p > 0:
-                    predictors[i, 0] = r * t + col + p - 1
+                    predictors[i, 0] = r * t + col + own - 1  # own > 0: the root is each prompt but its last token
                     mask[i, 0] = True
-                fragments.append((start, start + m, col, col + p))
-                if p > 0 and (p, m) not in shapes:
-                    shapes[p, m] = torch.cat([torch.ones((m, p), dtype=torch.bool),
-                                              torch.ones((m, m), dtype=torch.bool).tril()], dim=1)
-                masks.append(shapes[p, m] if p > 0 else None)
+                attend(start, start + m, ((0, base) if base else ()) + ((col, col + own) if own else ()))
                 start += m
             col = start
     tokens = sum(len(p) * len(rs) + sum(len(x) for x in rs) for p, rs in groups)
     if segments:
-        return SharedPromptBatch(input_ids, position_ids, None, last, predictors, targets, mask, tokens, sum(widths),
+        return SharedPromptBatch(input_ids, position_ids, None, last, predictors, targets, mask, tokens, t,
                                  SegmentPlan(fragments, masks))
     q_segment, kv_segment = segment.unsqueeze(-1), segment.unsqueeze(-2)
     q_part, kv_part = part.unsqueeze(-1), part.unsqueeze(-2)

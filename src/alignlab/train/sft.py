@@ -23,10 +23,15 @@ from alignlab.models import add_lora, count_parameters, load_model, load_tokeniz
 from alignlab.train.forward import (
     collate_aligned,
     collate_right,
+    loss_free_prefix_length,
     loss_rows_cross_entropy,
+    shared_prefix_cross_entropy,
     sum_token_cross_entropy,
+    use_segment_attention,
 )
 from alignlab.train.loop import Run, micro_batches, plan_steps
+
+MIN_SHARED_PREFIX = 8  # tokens: below this, one padded batch costs less than segment attention's fragments
 
 
 def split_eval(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
@@ -61,11 +66,17 @@ def token_nll(model: torch.nn.Module, chunk: list[TokenizedExample], pad_token_i
 
     The LM head runs on the loss positions only (right-padded rows, hidden states gathered first); under
     engines that shard the head's weight between calls (FSDP, DeepSpeed) the aligned layout gets the same
-    sum through the model's own ``logits_to_keep`` instead."""
+    sum through the model's own ``logits_to_keep`` instead. A template's preamble that every example of the
+    micro-batch starts with is encoded once (:func:`shared_prefix_cross_entropy`) where the model runs
+    segment attention."""
     seqs, labels = [e.input_ids for e in chunk], [e.labels for e in chunk]
     if run.shards_weights:
         batch = collate_aligned(seqs, labels, pad_token_id).to(run.device)
         return sum_token_cross_entropy(model, batch), int(batch.attention_mask.sum())
+    shared = loss_free_prefix_length(seqs, labels) if len(chunk) > 1 else 0
+    if shared >= MIN_SHARED_PREFIX and use_segment_attention(model):
+        nll = shared_prefix_cross_entropy(model, seqs, labels, shared, pad_token_id, run.device)
+        return nll, sum(len(s) for s in seqs)
     padded = collate_right(seqs, labels, pad_token_id).to(run.device)
     return loss_rows_cross_entropy(model, padded), int(padded.attention_mask.sum())
 
