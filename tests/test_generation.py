@@ -283,7 +283,8 @@ def test_shared_prefix_and_repeated_prompts_are_encoded_once_with_the_same_token
 
 
 def test_shared_prefix_with_a_lora_model_and_a_single_prompt(tiny_tokenizer):
-    """Through peft's wrapper, and with nothing to share (one prompt), sampling still matches the plain path."""
+    """Through peft's wrapper, for one prompt (its tokens but the last prefilled) and for repeated prompts,
+    sampling matches the plain path; one-token prompts, repeated (nothing to prefill), take the plain path."""
     import torch
 
     from alignlab.generation import generate_from_ids
@@ -294,7 +295,7 @@ def test_shared_prefix_with_a_lora_model_and_a_single_prompt(tiny_tokenizer):
         if "lora_B" in name:  # an adapter that changes the outputs
             param.data.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
     ids = tiny_tokenizer("Tell me about the movie, please.").input_ids
-    for prompts in ([ids], [ids, ids, ids[:-2]]):
+    for prompts in ([ids], [ids, ids, ids[:-2]], [ids[:1]] * 3, [ids[:1], ids[:1], ids[1:2]]):
         outs = [generate_from_ids(model, tiny_tokenizer, prompts,
                                   SamplingConfig(max_new_tokens=5, temperature=0.0, share_prefix=share))
                 for share in (False, True)]

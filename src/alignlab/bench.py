@@ -545,7 +545,8 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                             f"{', '.join(sorted(known)) or 'none'})", field="set")
     for key in extra or {}:  # a wrong type fails here, before any worker starts
         BenchSpec(stage=stage, library=pair.names[0], model=model, data=data, extra=dict(extra or {})).option(key)
-    if not data and pair.default_data.startswith("task:"):
+    builtin_task = stage == "gen" and (data or pair.default_data).startswith("task:")
+    if not data and builtin_task:
         data = pair.default_data
     if not data:
         found = shared_data_file(pair.default_data) if pair.default_data else None
@@ -553,7 +554,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
             raise AlignlabError(f"no data: pass --data FILE (default {pair.default_data} not found in ../shared/data)",
                                 field="data")
         data = str(found)
-    if not data.startswith("task:") and not Path(data).exists():
+    if not builtin_task and not Path(data).exists():
         raise AlignlabError("data file does not exist", file=data)
     from alignlab.train.loop import resolve_precision
 

@@ -23,6 +23,7 @@ import torch
 from alignlab.data.tokenize import shared_prefix_length
 from alignlab.generation import Sample, prefix_cache
 from alignlab.losses.common import selective_log_softmax
+from alignlab.reward import SHARED_PREFIX_MIN
 from alignlab.train.forward import collate_aligned, completion_logps
 
 
@@ -73,7 +74,7 @@ def response_logps(model: torch.nn.Module, samples: Sequence[Sample], pad_token_
         # copied to every row; the last prompt token stays in each row: it predicts the first response token
         shared = shared_prefix_length([samples[i].prompt_ids for i in idx])
         extra = prefix_cache(model, torch.tensor([seqs[0][:shared]], device=device), len(idx)) \
-            if shared > 1 else None
+            if shared >= SHARED_PREFIX_MIN else None
         if extra is None:
             batch = collate_aligned(seqs, labels, pad_token_id).to(device)
             logps = completion_logps(model, batch).cpu()

@@ -181,11 +181,11 @@ def _shared_prefill(model: torch.nn.Module, chunk: list[list[int]], shared: int,
         if tuple(p) not in row_of:
             row_of[tuple(p)] = len(first)
             first.append(i)
-    if shared == 0 and len(first) == len(chunk):
-        return None
+    if (shared == 0 and len(first) == len(chunk)) or (shared == 0 and input_ids.shape[1] == 1):
+        return None  # nothing shared, or nothing to prefill before the last token
     key = _cache_keyword(model)
-    if key is None:
-        return None
+    if key is None or getattr(getattr(model, "generation_config", None), "cache_implementation", None):
+        return None  # generate refuses a cache of ours next to its own cache implementation
     width = input_ids.shape[1]
     extra: dict[str, Any] | None = {}
     if shared:
@@ -196,12 +196,12 @@ def _shared_prefill(model: torch.nn.Module, chunk: list[list[int]], shared: int,
         ids, mask = input_ids[first, : width - 1], attention[first, : width - 1]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
-                    use_cache=True, **extra)
+                    use_cache=True, **extra, **_one_logit(model))
         extra = {key: _output_cache(out)}
     cache = extra[key]
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
-    cache.batch_select_indices(torch.as_tensor([row_of[tuple(p)] for p in chunk], device=input_ids.device))
+    cache.batch_select_indices(torch.as_tensor([row_of[tuple(p)] for p in chunk]))
     return extra
 
 
@@ -213,23 +213,37 @@ def prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> dic
     key = _cache_keyword(model)
     if key is None:
         return None
-    cache = _output_cache(model(input_ids=prefix, use_cache=True))
+    cache = _output_cache(model(input_ids=prefix, use_cache=True, **_one_logit(model)))
     if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
         return None
     cache.batch_repeat_interleave(rows)
     return {key: cache}
 
 
-def _cache_keyword(model: torch.nn.Module) -> str | None:
-    """The name a decoder's forward takes its KV cache under: ``cache`` (transformers 5.x) or
-    ``past_key_values`` (4.x); None for a model with neither."""
+def _forward_params(model: torch.nn.Module) -> Any:
     import inspect
 
     from alignlab.models import is_peft
 
     base = model.get_base_model() if is_peft(model) else model
-    params = inspect.signature(base.forward).parameters
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
+    return inspect.signature(base.forward).parameters
+
+
+def _cache_keyword(model: torch.nn.Module) -> str | None:
+    """The name a decoder's forward takes its KV cache under: ``cache`` (transformers 5.x) or
+    ``past_key_values`` (4.x); None for a model with neither, or one whose attention a prefix shared through
+    padding in the middle would change (sliding-window or recurrent layers: padding uses up the window or
+    advances the state)."""
+    config = getattr(model, "config", None)
+    layers = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if getattr(config, "sliding_window", None) or layers != {"full_attention"}:
+        return None
+    return next((k for k in ("cache", "past_key_values") if k in _forward_params(model)), None)
+
+
+def _one_logit(model: torch.nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the forward takes it: a prefill only needs the cache."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
 
 
 def _output_cache(out: Any) -> Any:

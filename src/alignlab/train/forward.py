@@ -228,15 +228,15 @@ def shared_prefix_cross_entropy(model: torch.nn.Module, sequences: Sequence[Sequ
     template's system header, ~20), often a large share of short examples' tokens."""
     groups = [(list(s[:shared]), [list(s[shared:])]) for s in sequences]
     batch = collate_shared_prompt(groups, pad_token_id, segments=True).to(device)
-    loss = torch.zeros_like(batch.mask)
-    for i, lab in enumerate(labels):
-        rest = torch.as_tensor(list(lab[shared:])) != IGNORE
-        loss[i, : len(rest)] = rest.to(loss.device)
-    loss &= batch.mask
+    targets = torch.full(batch.mask.shape, IGNORE, dtype=torch.long)
+    for i, lab in enumerate(labels):  # the label values themselves are the targets, as on the padded path
+        targets[i, : len(lab) - shared] = torch.as_tensor(list(lab[shared:]), dtype=torch.long)
+    targets = targets.to(batch.mask.device)
+    loss = (targets != IGNORE) & batch.mask
     hidden = shared_prompt_hidden(model, batch)
     head = extract_model_from_parallel(model).get_output_embeddings()
     logits = head(hidden[batch.predictors[loss]])
-    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[loss], reduction="sum")
+    return torch.nn.functional.cross_entropy(logits.float(), targets[loss], reduction="sum")
 
 
 def _head_token_logps(weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor,
