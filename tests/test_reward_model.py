@@ -131,7 +131,8 @@ def test_scorer_encodes_a_shared_prompt_once_with_the_same_scores(tiny_rm):
 def test_score_sequences_encodes_a_common_preamble_once_with_the_same_scores(tiny_rm):
     """Sequences that start with the same preamble (a template's text): scored with the preamble encoded once
     (fewer tokens embedded), each score equal to the sequence's own plain forward (1e-5)."""
-    from alignlab.reward import SHARED_PREFIX_MIN, score_sequences
+    from alignlab.data.tokenize import SHARED_PREFIX_MIN
+    from alignlab.reward import score_sequences
 
     model, tok = tiny_rm
     preamble = tok("Below is an instruction that describes a task, paired with an input.",

@@ -180,7 +180,7 @@ def test_a_shared_preamble_is_encoded_once_with_the_same_loss_and_gradients(monk
 
     torch.manual_seed(0)
     model = load_model("tiny-random").train()
-    preamble = list(range(100, 100 + 2 * sft.MIN_SHARED_PREFIX))
+    preamble = list(range(100, 100 + 2 * sft.SHARED_PREFIX_MIN))
     rows = [([5, 6, 7], [8, 9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18, 19], [20, 21, 22]),
             ([23, 24], [25, 26, 27, 28, 29])]
     chunk = [SimpleNamespace(input_ids=preamble + p + r, labels=[-100] * (len(preamble) + len(p)) + r)
@@ -191,8 +191,8 @@ def test_a_shared_preamble_is_encoded_once_with_the_same_loss_and_gradients(monk
     model.get_input_embeddings().register_forward_pre_hook(
         lambda _m, args: embedded.__setitem__("tokens", embedded["tokens"] + args[0].numel()))
     results = {}
-    for name, minimum in (("shared", sft.MIN_SHARED_PREFIX), ("padded", 10**6)):
-        monkeypatch.setattr(sft, "MIN_SHARED_PREFIX", minimum)
+    for name, minimum in (("shared", sft.SHARED_PREFIX_MIN), ("padded", 10**6)):
+        monkeypatch.setattr(sft, "SHARED_PREFIX_MIN", minimum)
         model.zero_grad()
         embedded["tokens"] = 0
         nll, tokens = sft.token_nll(model, chunk, 0, run)

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from alignlab.data.tokenize import shared_prefix_length
-from alignlab.generation import Sample, prefix_cache
+from alignlab.data.tokenize import SHARED_PREFIX_MIN, shared_prefix_length
+from alignlab.generation import Sample, forward_after_prefix
 from alignlab.losses.common import selective_log_softmax
-from alignlab.reward import SHARED_PREFIX_MIN
 from alignlab.train.forward import collate_aligned, completion_logps
 
 
@@ -73,18 +72,17 @@ def response_logps(model: torch.nn.Module, samples: Sequence[Sample], pad_token_
         # the prompts' common prefix (the task's preamble: 44 of ~60 tokens in the lab) encoded once, its cache
         # copied to every row; the last prompt token stays in each row: it predicts the first response token
         shared = shared_prefix_length([samples[i].prompt_ids for i in idx])
-        extra = prefix_cache(model, torch.tensor([seqs[0][:shared]], device=device), len(idx)) \
-            if shared >= SHARED_PREFIX_MIN else None
-        if extra is None:
+        out_rows = None
+        if shared >= SHARED_PREFIX_MIN:
+            batch = collate_aligned([s[shared:] for s in seqs], [lab[shared:] for lab in labels],
+                                    pad_token_id).to(device)
+            out_rows = forward_after_prefix(model, seqs[0][:shared], batch.input_ids, batch.attention_mask,
+                                            batch.position_ids, logits_to_keep=batch.keep + 1)
+        if out_rows is None:
             batch = collate_aligned(seqs, labels, pad_token_id).to(device)
             logps = completion_logps(model, batch).cpu()
         else:
-            batch = collate_aligned([s[shared:] for s in seqs], [lab[shared:] for lab in labels],
-                                    pad_token_id).to(device)
-            ones = torch.ones((len(idx), shared), dtype=batch.attention_mask.dtype, device=device)
-            logits = model(input_ids=batch.input_ids, attention_mask=torch.cat([ones, batch.attention_mask], 1),
-                           position_ids=batch.position_ids + shared, logits_to_keep=batch.keep + 1, use_cache=True,
-                           **extra).logits[:, :-1, :]
+            logits = out_rows.logits[:, :-1, :]
             logps = (selective_log_softmax(logits, batch.targets).float() * batch.loss_mask).cpu()
         mask = batch.loss_mask.cpu()
         for row, i in enumerate(idx):

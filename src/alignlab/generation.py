@@ -135,11 +135,9 @@ def generate_from_ids(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequen
             chunk = [list(p) for p in prompt_ids[start : start + sampling.batch_size]]
             width = max(len(p) for p in chunk)
             shared = shared_prefix_length(chunk) if sampling.share_prefix else 0  # a token left for generate
-            input_ids, attention = _layout_prompts(chunk, shared, width, pad)
-            cache = _shared_prefill(model, chunk, shared, input_ids.to(device), attention.to(device)) \
-                if sampling.share_prefix else None
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 **gen_kwargs, **(cache or {}))
+            input_ids, attention = (x.to(device) for x in _layout_prompts(chunk, shared, width, pad))
+            cache = _shared_prefill(model, chunk, shared, input_ids, attention) if sampling.share_prefix else None
+            out = model.generate(input_ids=input_ids, attention_mask=attention, **gen_kwargs, **(cache or {}))
             for i, p in enumerate(chunk):
                 ids, finished = cut_response(out[i, width:].tolist(), eos, pad, tokenizer, sampling.stop_strings)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -218,6 +216,20 @@ def prefix_cache(model: torch.nn.Module, prefix: torch.Tensor, rows: int) -> dic
         return None
     cache.batch_repeat_interleave(rows)
     return {key: cache}
+
+
+def forward_after_prefix(model: torch.nn.Module, prefix: Sequence[int], input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> Any:
+    """``model``'s output for rows that all start with ``prefix``, given without it (``input_ids``, their
+    attention mask and their position ids counted from 0 after the prefix): the prefix runs once and its KV cache
+    is copied to every row (:func:`prefix_cache`). None where the model cannot take such a cache (the caller
+    then runs whole rows)."""
+    extra = prefix_cache(model, torch.tensor([list(prefix)], device=input_ids.device), input_ids.shape[0])
+    if extra is None:
+        return None
+    ones = attention_mask.new_ones((input_ids.shape[0], len(prefix)))
+    return model(input_ids=input_ids, attention_mask=torch.cat([ones, attention_mask], dim=1),
+                 position_ids=position_ids + len(prefix), use_cache=True, **extra, **kwargs)
 
 
 def _forward_params(model: torch.nn.Module) -> Any:

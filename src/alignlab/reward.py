@@ -41,6 +41,7 @@ import torch
 from alignlab.data.tokenize import (
     LONGER_THAN_MAX_LENGTH,
     PROMPT_FILLS_MAX_LENGTH,
+    SHARED_PREFIX_MIN,
     encode_prompt_completion,
     shared_prefix_length,
 )
@@ -206,29 +207,22 @@ def score_sequences(
     return out
 
 
-SHARED_PREFIX_MIN = 8  # tokens: a shorter common prefix is not worth a separate forward pass
-
-
 def _score_batch(model: torch.nn.Module, sequences: list[Sequence[int]], pad_token_id: int,
                  device: torch.device | str) -> torch.Tensor:
     """:func:`score_last_token` of a batch, with the sequences' common prefix (a template's preamble: the lab's
     Alpaca text is 44 tokens of ~85) encoded once and its KV cache copied to every row where the model allows
-    (:func:`~alignlab.generation.prefix_cache`); the same scores up to float rounding."""
-    from alignlab.generation import prefix_cache
+    (:func:`~alignlab.generation.forward_after_prefix`); the same scores up to float rounding."""
+    from alignlab.generation import forward_after_prefix
 
     shared = shared_prefix_length(sequences)
-    extra = None
     if len(sequences) > 1 and shared >= SHARED_PREFIX_MIN:
-        extra = prefix_cache(model, torch.tensor([list(sequences[0][:shared])], device=device), len(sequences))
-    if extra is None:
-        input_ids, attention_mask = pad_right(sequences, pad_token_id)
-        return score_last_token(model, input_ids.to(device), attention_mask.to(device))
-    input_ids, attention_mask = pad_right([s[shared:] for s in sequences], pad_token_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    positions = torch.arange(shared, shared + input_ids.shape[1], device=device).expand_as(input_ids)
-    full_mask = torch.cat([attention_mask.new_ones((len(sequences), shared)), attention_mask], dim=1)
-    out = model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True, **extra)
-    return out.logits[:, 0].float()
+        input_ids, attention_mask = (x.to(device) for x in pad_right([s[shared:] for s in sequences], pad_token_id))
+        positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)  # right padding
+        out = forward_after_prefix(model, sequences[0][:shared], input_ids, attention_mask, positions)
+        if out is not None:
+            return out.logits[:, 0].float()
+    input_ids, attention_mask = pad_right(sequences, pad_token_id)
+    return score_last_token(model, input_ids.to(device), attention_mask.to(device))
 
 
 def reward_stats(scores: Sequence[float]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ __all__ = [
     "encode_pretraining_text",
     "common_prefix_length",
     "shared_prefix_length",
+    "SHARED_PREFIX_MIN",
     "TokenizedExample",
     "DataReport",
     "truncate_example",
@@ -104,6 +105,9 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+SHARED_PREFIX_MIN = 8  # tokens: a shorter common prefix is not worth encoding apart (a forward pass, fragments)
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

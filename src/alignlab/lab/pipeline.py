@@ -68,7 +68,7 @@ class LabConfig:
     lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
     max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
     gen_batch_size: int = opt(144, "sequences generated together (PPO: at most its rollout); larger batches decode "
-                              "more tokens per pass over the weights (144 against 48: 1.47x on 144 lab samples, fp32)")
+                              "more tokens per pass over the weights (144 against 48: 1.61x, BENCHMARKS.md, fp32)")
     # SFT
     sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
     sft_lr: float = opt(5e-4, "SFT learning rate")

@@ -18,7 +18,7 @@ import torch
 
 from alignlab.config import SFTConfig, parse_columns
 from alignlab.data.formats import load_sft_dataset
-from alignlab.data.tokenize import TokenizedExample
+from alignlab.data.tokenize import SHARED_PREFIX_MIN, TokenizedExample
 from alignlab.models import add_lora, count_parameters, load_model, load_tokenizer
 from alignlab.train.forward import (
     collate_aligned,
@@ -30,8 +30,6 @@ from alignlab.train.forward import (
     use_segment_attention,
 )
 from alignlab.train.loop import Run, micro_batches, plan_steps
-
-MIN_SHARED_PREFIX = 8  # tokens: below this, one padded batch costs less than segment attention's fragments
 
 
 def split_eval(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
@@ -74,7 +72,7 @@ def token_nll(model: torch.nn.Module, chunk: list[TokenizedExample], pad_token_i
         batch = collate_aligned(seqs, labels, pad_token_id).to(run.device)
         return sum_token_cross_entropy(model, batch), int(batch.attention_mask.sum())
     shared = loss_free_prefix_length(seqs, labels) if len(chunk) > 1 else 0
-    if shared >= MIN_SHARED_PREFIX and use_segment_attention(model):
+    if shared >= SHARED_PREFIX_MIN and use_segment_attention(model):
         nll = shared_prefix_cross_entropy(model, seqs, labels, shared, pad_token_id, run.device)
         return nll, sum(len(s) for s in seqs)
     padded = collate_right(seqs, labels, pad_token_id).to(run.device)
