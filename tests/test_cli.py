@@ -111,6 +111,14 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     report = (root / "report.md").read_text()
     sft_gold = rows[0]["gold"]
     assert f"{sft_gold:.3f}" in report
+    # rejection sampling's second round samples from the first round's model; its budget counts both rounds
+    rs = json.loads((root / "rs" / "stage.json").read_text())["result"]
+    assert [r["round"] for r in rs["rounds"]] == [1, 2]
+    assert rs["rounds"][1]["policy"] == str(root / "rs" / "run" / "round-1" / "sft" / "final")
+    assert rs["samples"] == sum(r["samples"] for r in rs["rounds"]) == 8 * 3 * 2
+    steps = [json.loads(line) for r in (1, 2) for line in (root / "rs" / "run" / f"round-{r}" / "sft" /
+                                                           "metrics.jsonl").read_text().splitlines()]
+    assert rs["optimizer_steps"] == len([m for m in steps if "loss" in m]) == 2 * 2
     # a rerun reuses every stage
     before = (root / "sft" / "stage.json").stat().st_mtime_ns
     assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0

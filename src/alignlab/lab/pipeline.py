@@ -6,7 +6,7 @@
                -> reward model (K-wise loss on those rankings)
                -> methods, each starting from the SFT model:
                     ppo (KL penalty), ppo_nokl (beta = 0), dpo, ipo, simpo (the preference pairs),
-                    rs (rejection sampling with the reward model), bon (best-of-n at inference)
+                    rs (rejection sampling with the reward model, in rounds), bon (best-of-n at inference)
                -> evaluation on held-out prompts -> report (markdown + self-contained html + plots)
 
 Every stage is cached by its inputs: its folder holds ``stage.json`` with a key (a hash of the stage's
@@ -97,8 +97,10 @@ class LabConfig:
     ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
                                    "model (about half the update's compute)")
     # rejection sampling / best-of-n
-    rs_n: int = opt(12, "samples per prompt in rejection sampling")
-    rs_steps: int = opt(12, "SFT steps on the kept samples")
+    rs_rounds: int = opt(2, "rejection-sampling rounds: sample from the current policy, keep the best, fine-tune "
+                            "(the next round samples from the fine-tuned model)")
+    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round")
+    rs_steps: int = opt(8, "SFT steps on each round's kept samples")
     rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
     bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
     batch_size: int = opt(16, "training micro-batch size for every method")
@@ -237,7 +239,7 @@ def run_lab(cfg: LabConfig) -> Path:
         "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.ipo_beta,
                 "rankings_per_step": cfg.dpo_batch_size},
         "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "rankings_per_step": cfg.dpo_batch_size},
-        "rs": {"n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
+        "rs": {"rounds": cfg.rs_rounds, "n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
         "bon": {"n": cfg.bon_n},
     }
     for method in cfg.methods:

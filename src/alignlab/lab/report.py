@@ -260,8 +260,9 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"IPO tau {cfg.ipo_beta:g}, SimPO beta 2 and gamma 1. PPO: "
         f"{cfg.ppo_iterations} rollouts of {cfg.ppo_rollout} responses ({cfg.ppo_responses_per_prompt} per prompt) "
         f"on the same training prompts, {cfg.ppo_epochs} epochs over each. Rejection "
-        f"sampling: {cfg.rs_n} samples per training prompt, the best by the reward model kept (one cut at the "
-        f"limit is learned without EOS), {cfg.rs_steps} SFT steps, lr {cfg.rs_lr:g}. "
+        f"sampling: {cfg.rs_rounds} round(s), each {cfg.rs_n} samples per training prompt from the current policy, "
+        f"the best by the reward model kept (one cut at the limit is learned without EOS), then {cfg.rs_steps} SFT "
+        f"steps on them, lr {cfg.rs_lr:g}. "
         f"Best-of-n: n up to {cfg.bon_n} at inference, picked by the reward model.",
         "",
         "## Reward / KL frontier",

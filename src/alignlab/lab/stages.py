@@ -231,12 +231,13 @@ class Context:
 
         c = self.cfg
         cfg = RSConfig(model=self.sft_model, prompts=self.prompts_file(folder), reward_model=self.rm_path,
-                       n=c.rs_n, rounds=1, template="none", temperature=1.0, max_new_tokens=c.max_new_tokens,
+                       n=c.rs_n, rounds=c.rs_rounds, template="none", temperature=1.0, max_new_tokens=c.max_new_tokens,
                        gen_batch_size=c.gen_batch_size, max_steps=c.rs_steps, lr=c.rs_lr, eval_fraction=0.0,
                        max_length=256, **{**self.train_common(folder), "output_dir": str(folder / "run")})
         final = run_rs(cfg)
         rounds = json.loads((folder / "run" / "rounds.json").read_text())
-        return {"model": str(final), "optimizer_steps": c.rs_steps, "samples": len(self.train_prompts) * c.rs_n,
+        return {"model": str(final), "optimizer_steps": c.rs_steps * c.rs_rounds,
+                "samples": len(self.train_prompts) * c.rs_n * c.rs_rounds,
                 "rounds": rounds}
 
     def bon(self, folder: Path) -> dict[str, Any]:
