@@ -119,6 +119,8 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     steps = [json.loads(line) for r in (1, 2) for line in (root / "rs" / "run" / f"round-{r}" / "sft" /
                                                            "metrics.jsonl").read_text().splitlines()]
     assert rs["optimizer_steps"] == len([m for m in steps if "loss" in m]) == 2 * 2
+    by_round = ", ".join(f"{r['mean_score']:.2f}" for r in rs["rounds"])
+    assert f"samples by round {by_round}, of the kept ones" in report
     # a rerun reuses every stage
     before = (root / "sft" / "stage.json").stat().st_mtime_ns
     assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0

@@ -262,7 +262,7 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"on the same training prompts, {cfg.ppo_epochs} epochs over each. Rejection "
         f"sampling: {cfg.rs_rounds} round(s), each {cfg.rs_n} samples per training prompt from the current policy, "
         f"the best by the reward model kept (one cut at the limit is learned without EOS), then {cfg.rs_steps} SFT "
-        f"steps on them, lr {cfg.rs_lr:g}. "
+        f"steps on them, lr {cfg.rs_lr:g}{_rs_by_round(lab)}. "
         f"Best-of-n: n up to {cfg.bon_n} at inference, picked by the reward model.",
         "",
         "## Reward / KL frontier",
@@ -300,6 +300,17 @@ def write_report(lab: Lab, task: Task) -> Path:
     report.write_text(md)
     (root / "report.html").write_text(_html(md, root))
     return report
+
+
+def _rs_by_round(lab: Lab) -> str:
+    """What each rejection-sampling round drew: the reward model's mean score of all samples and of the kept ones
+    (a later round samples from the model the earlier one fine-tuned)."""
+    rounds = lab.results.get("rs", {}).get("rounds") or []
+    if not rounds:
+        return ""
+    by_round = {key: ", ".join(f"{r[key]:.2f}" for r in rounds) for key in ("mean_score", "mean_kept_score")}
+    return (f"; the reward model's mean score of the samples by round {by_round['mean_score']}, of the kept ones "
+            f"{by_round['mean_kept_score']}")
 
 
 def _html(md: str, root: Path) -> str:
