@@ -179,7 +179,7 @@ def _shared_prefill(model: torch.nn.Module, chunk: list[list[int]], shared: int,
         if tuple(p) not in row_of:
             row_of[tuple(p)] = len(first)
             first.append(i)
-    if (shared == 0 and len(first) == len(chunk)) or (shared == 0 and input_ids.shape[1] == 1):
+    if shared == 0 and (len(first) == len(chunk) or input_ids.shape[1] == 1):
         return None  # nothing shared, or nothing to prefill before the last token
     key = _cache_keyword(model)
     if key is None or getattr(getattr(model, "generation_config", None), "cache_implementation", None):

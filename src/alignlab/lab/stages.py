@@ -236,9 +236,8 @@ class Context:
                        max_length=256, **{**self.train_common(folder), "output_dir": str(folder / "run")})
         final = run_rs(cfg)
         rounds = json.loads((folder / "run" / "rounds.json").read_text())
-        return {"model": str(final), "optimizer_steps": c.rs_steps * c.rs_rounds,
-                "samples": len(self.train_prompts) * c.rs_n * c.rs_rounds,
-                "rounds": rounds}
+        return {"model": str(final), "optimizer_steps": c.rs_steps * len(rounds),
+                "samples": sum(r["samples"] for r in rounds), "rounds": rounds}
 
     def bon(self, folder: Path) -> dict[str, Any]:
         from alignlab.reward import load_scorer
