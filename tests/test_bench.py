@@ -227,3 +227,62 @@ def test_bench_gen_shared_prefill_against_plain_generate():
     assert shared["prompt_tokens"] == plain["prompt_tokens"] > shared["common_prefix_tokens"] > 20
     assert plain["common_prefix_tokens"] == 0 and "mfu" not in shared
     assert shared["settings"]["samples_per_prompt"] == 4 and shared["settings"]["share_prefix"] is True
+
+
+# ------------------------------------------------------------------------------------------------ --time-limit
+
+SLOW_RUNNERS = '''
+import time
+from alignlab.bench import stamp_progress
+
+def fast(spec):
+    return {"step_seconds": [1.0, 2.0], "step_tokens": [50, 300], "losses": [], "trainable_params": 1,
+            "total_params": 1, "precision": "fp32"}
+
+def stuck(spec):
+    stamp_progress("start")
+    time.sleep(0.3)
+    stamp_progress("step")
+    time.sleep(300)  # never finishes its second step
+'''
+
+
+def test_time_limit_stops_a_stuck_worker_and_bounds_its_speed(tmp_path, monkeypatch, capsys):
+    from alignlab.bench import Pair, print_report, run_benchmark
+
+    (tmp_path / "slowbench.py").write_text(SLOW_RUNNERS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker process imports the runners from here
+    monkeypatch.setitem(PAIRS, "slow", Pair("slowbench:fast", "slowbench:stuck", sequences_per_example=2))
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    report = run_benchmark("slow", model="tiny-random", data=str(data), batch_size=4, max_length=64, steps=1,
+                           warmup_steps=1, measure_peak=False, time_limit=8.0, echo=lambda *_: None)
+    fast, stuck = report["results"]["ours"], report["results"]["trl"]
+    assert fast["tokens_per_s"] == pytest.approx(300 / 2.0) and not fast.get("timed_out")
+    assert stuck["timed_out"] and stuck["steps_done"] == 1 and stuck["loop_started"]
+    assert stuck["step_seconds_done"][0] >= 0.3
+    assert stuck["wall_s"][0] < 30  # killed at the limit, not after its 300 s sleep
+    # the limit counts from the launch: loading + the finished step + the unfinished one
+    assert stuck["load_s"] + sum(stuck["step_seconds_done"]) + stuck["unfinished_step_s"] == pytest.approx(8.0, abs=1.0)
+    assert stuck["max_step_tokens"] == 4 * 2 * 64
+    assert stuck["tokens_per_s_upper_bound"] == pytest.approx(512 / stuck["unfinished_step_s"])
+    assert report["ratios"]["tokens_per_s_lower_bound"] == pytest.approx(150 / stuck["tokens_per_s_upper_bound"])
+    assert "tokens_per_s" not in report["ratios"]
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "stopped at the time limit (8 s): 1 step(s) finished" in out and ">= " in out
+
+
+def test_stopped_worker_that_never_started_its_loop(tmp_path):
+    from alignlab.bench import stopped_worker
+
+    result = stopped_worker(tmp_path / "missing.jsonl", launched=100.0, stopped=160.0, time_limit=60.0,
+                            max_step_tokens=1024)
+    assert result["timed_out"] and not result["loop_started"] and result["steps_done"] == 0
+    assert result["load_s"] == 60.0 and "tokens_per_s_upper_bound" not in result
+    progress = tmp_path / "progress.jsonl"
+    progress.write_text('{"event": "start", "time": 110.0}\n{"event": "step", "time": 130.0}\n'
+                        '{"event": "step", "time": 135.0}\n')
+    result = stopped_worker(progress, launched=100.0, stopped=160.0, time_limit=60.0, max_step_tokens=1000)
+    assert result["load_s"] == 10.0 and result["step_seconds_done"] == [20.0, 5.0]
+    assert result["unfinished_step_s"] == 25.0 and result["tokens_per_s_upper_bound"] == 40.0

@@ -37,6 +37,12 @@ What is measured, per library
   ABBA order and pools the timed steps.
 - **s/step**: mean seconds of the timed steps.
 - **peak RSS**: the worker process's maximum resident set size, read by the parent with ``os.wait4``.
+- ``--time-limit S``: a worker still running S seconds after it started is killed, and its column reports
+  what it got done: the steps it finished, the seconds spent in the step it was in, and (where the stage bounds
+  a step's tokens: ``batch_size x sequences per example x max_length``) an upper bound on its tokens/s, that
+  bound over those seconds; the ratio row then gives a lower bound on the first runner's speed against it.
+  For a library whose defaults cannot finish a step in reasonable time on a machine (TRL's bf16 on a CPU
+  without bf16 instructions), instead of a run that never ends.
 - **final loss**: the training loss of the last step (SFT: mean NLL per loss token; RM: mean pairwise loss;
   DPO: mean sigmoid loss). PPO and RLOO optimise different objectives: their scores are reported instead.
 - **MFU** (model FLOPs utilisation) = ``c * N * tokens_per_s / peak_flops``: ``N`` is the number of
@@ -100,6 +106,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,6 +149,7 @@ class Pair:
     unit: str = "step"
     tokens: str = "tokens (non-pad)"
     compare: str = ""
+    sequences_per_example: int = 0  # bounds a step's tokens (batch x this x max_length) for --time-limit; 0: none
 
     def runner(self, name: str) -> str:
         return self.ours if name == self.names[0] else self.trl
@@ -149,11 +157,11 @@ class Pair:
 
 PAIRS: dict[str, Pair] = {
     "sft": Pair("alignlab.bench:ours_sft", "alignlab.bench:trl_sft", default_data="alpaca_en_demo.json",
-                help="supervised fine-tuning: alignlab train_sft vs trl.SFTTrainer"),
+                help="supervised fine-tuning: alignlab train_sft vs trl.SFTTrainer", sequences_per_example=1),
     "rm": Pair("alignlab.bench:ours_rm", "alignlab.bench:trl_rm", default_data="hh_rlhf_helpful_base_test.jsonl.gz",
                help="reward model on preference pairs (--batch-size pairs): alignlab train_reward vs "
                "trl.RewardTrainer",
-               rows=(("final pairwise accuracy", "final_accuracy", "3"),)),
+               rows=(("final pairwise accuracy", "final_accuracy", "3"),), sequences_per_example=2),
     "rm-kwise": Pair("alignlab.bench:ours_rm_kwise", "alignlab.bench:ours_rm_pairs",
                      default_data="oasst_en_100_tree.jsonl",
                      help="alignlab reward model on rankings: K-wise loss (--batch-size prompts, each answer "
@@ -170,7 +178,7 @@ PAIRS: dict[str, Pair] = {
                 "alignlab train_dpo vs trl.DPOTrainer",
                 options=(("beta", 0.1, "dpo: DPO beta (both libraries)"),),
                 rows=(("final reward margin", "final_reward_margin", "4"),
-                      ("final reward accuracy", "final_reward_accuracy", "3"))),
+                      ("final reward accuracy", "final_reward_accuracy", "3")), sequences_per_example=2),
     "ppo": Pair("alignlab.bench:ours_ppo", "alignlab.bench:trl_ppo", default_data="alpaca_en_demo.json",
                 help="online RL from a reward function (--batch-size responses per iteration, --steps iterations, "
                 "--max-length longest prompt): alignlab train_ppo vs trl.RLOOTrainer",
@@ -224,6 +232,8 @@ class BenchSpec:
     lr: float = LEARNING_RATE
     workdir: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    runner: str = ""  # "module:function"; the worker imports it (PAIRS there lacks stages registered at run time)
+    option_defaults: dict[str, Any] = field(default_factory=dict)  # the stage's options, for the same reason
 
     @property
     def total_steps(self) -> int:
@@ -231,7 +241,7 @@ class BenchSpec:
 
     def option(self, key: str) -> Any:
         """A stage option (``--set key=value``) converted to its default's type, or the default."""
-        defaults = {k: d for k, d, _ in PAIRS[self.stage].options}
+        defaults = self.option_defaults or {k: d for k, d, _ in PAIRS[self.stage].options}
         default = defaults[key]
         value = self.extra.get(key, default)
         if isinstance(default, bool):
@@ -392,6 +402,17 @@ def summarize(raws: dict[str, Any] | list[dict[str, Any]], warmup_steps: int,
     return out
 
 
+def summarize_stopped(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reported numbers of a runner one of whose rounds was stopped at the time limit: that round's
+    progress (:func:`stopped_worker`) and the largest peak RSS of all rounds; no speed is measured."""
+    stopped = next(raw for raw in raws if raw.get("timed_out"))
+    keys = ("timed_out", "time_limit_s", "steps_done", "step_seconds_done", "loop_started", "load_s",
+            "unfinished_step_s", "max_step_tokens", "tokens_per_s_upper_bound")
+    out = {key: stopped[key] for key in keys if key in stopped}
+    out["peak_rss_mib"] = max(raw["peak_rss_mib"] for raw in raws)
+    return out
+
+
 RATIO_KEYS = ("tokens_per_s", "tokens_per_s_uncontended", "tokens_per_cpu_s", "s_per_step", "peak_rss_mib",
               "final_loss", "mfu")
 
@@ -437,6 +458,42 @@ def compare_rankings(report: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ workers
 
+PROGRESS_ENV = "ALIGNLAB_BENCH_PROGRESS"  # the file a worker stamps its loop's start and steps in
+
+
+def stamp_progress(event: str) -> None:
+    """Append ``{"event": "start" | "step", "time": wall clock}`` to the worker's progress file (set by
+    :func:`launch`), so the parent knows how far a worker it stops at ``--time-limit`` got."""
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": event, "time": time.time()}) + "\n")
+
+
+def stopped_worker(progress: Path, launched: float, stopped: float, time_limit: float,
+                   max_step_tokens: int | None) -> dict[str, Any]:
+    """The raw result of a worker killed at ``time_limit``: from its progress stamps (wall clock times), the
+    steps it finished and their seconds, the seconds it had spent in the step it was in (or loading, when its
+    loop never started) and, given ``max_step_tokens``, an upper bound on that step's tokens/s."""
+    events = []
+    if progress.exists():
+        events = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    starts = [e["time"] for e in events if e["event"] == "start"]
+    steps = [e["time"] for e in events if e["event"] == "step"]
+    out: dict[str, Any] = {"timed_out": True, "time_limit_s": time_limit, "steps_done": len(steps),
+                           "step_seconds_done": [], "loop_started": bool(starts)}
+    if starts:
+        marks = [starts[0], *steps]
+        out["load_s"] = starts[0] - launched
+        out["step_seconds_done"] = [b - a for a, b in zip(marks, marks[1:])]
+        out["unfinished_step_s"] = stopped - marks[-1]
+        if max_step_tokens:
+            out["max_step_tokens"] = max_step_tokens
+            out["tokens_per_s_upper_bound"] = max_step_tokens / out["unfinished_step_s"]
+    else:
+        out["load_s"] = stopped - launched  # still loading when stopped
+    return out
+
 
 def run_worker(spec_path: str, out_path: str) -> int:
     """The worker process: run one runner and write its raw measurements (or the error) as JSON."""
@@ -444,7 +501,7 @@ def run_worker(spec_path: str, out_path: str) -> int:
     import traceback
 
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
-    runner = _import(PAIRS[spec.stage].runner(spec.library))
+    runner = _import(spec.runner or PAIRS[spec.stage].runner(spec.library))
     try:
         raw = runner(spec)
         rc = 0
@@ -462,31 +519,52 @@ def run_worker(spec_path: str, out_path: str) -> int:
     return rc
 
 
-def launch(spec: BenchSpec, workdir: Path, *, name: str = "", echo: Callable[[str], Any] = print) -> dict[str, Any]:
+def launch(spec: BenchSpec, workdir: Path, *, name: str = "", echo: Callable[[str], Any] = print,
+           time_limit: float = 0.0, max_step_tokens: int | None = None) -> dict[str, Any]:
     """Run one library's worker in a fresh process; returns its raw measurements plus ``peak_rss_mib`` (the
-    child's maximum RSS from ``os.wait4``) and ``wall_s``. Output goes to ``workdir/<name>.log``."""
+    child's maximum RSS from ``os.wait4``) and ``wall_s``. Output goes to ``workdir/<name>.log``. A worker still
+    running after ``time_limit`` seconds (0: no limit) is killed and :func:`stopped_worker` says how far it got."""
     name = name or spec.library
     spec_file = workdir / f"{name}.spec.json"
     out_file = workdir / f"{name}.result.json"
     log_file = workdir / f"{name}.log"
+    progress_file = workdir / f"{name}.progress.jsonl"
+    progress_file.unlink(missing_ok=True)
     spec_file.write_text(json.dumps(dataclasses.asdict(spec)))
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
                TRANSFORMERS_OFFLINE=os.environ.get("TRANSFORMERS_OFFLINE", "1"),
                HF_HUB_DISABLE_TELEMETRY="1", DISABLE_MLFLOW_INTEGRATION="TRUE", WANDB_DISABLED="true")
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    t0 = time.perf_counter()
+    env[PROGRESS_ENV] = str(progress_file)
+    t0, launched = time.perf_counter(), time.time()
+    stopped = 0.0
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "alignlab.bench", "_worker", str(spec_file), str(out_file)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                start_new_session=True)  # its own process group: a kill reaches its children
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG if time_limit > 0 else 0)
+                if pid:
+                    break
+                if time.perf_counter() - t0 >= time_limit:
+                    stopped = time.time()
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(min(0.5, time_limit / 20))
         except KeyboardInterrupt:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    if stopped:
+        raw = stopped_worker(progress_file, launched, stopped, time_limit, max_step_tokens)
+        raw.update(peak_rss_mib=usage.ru_maxrss / 1024, wall_s=wall)
+        echo(f"  {name}: stopped at the time limit ({time_limit:.0f} s) after {raw['steps_done']} step(s)")
+        return raw
     raw: dict[str, Any] = json.loads(out_file.read_text()) if out_file.exists() else {}
     if proc.returncode != 0 or "error" in raw:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
@@ -522,18 +600,20 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                   max_length: int = 512, steps: int = 5, warmup_steps: int = 1, precision: str = "auto",
                   settings: str = "matched", which: str = "both", seed: int = 0,
                   extra: dict[str, Any] | None = None, measure_peak: bool = True, refresh_peak: bool = False,
-                  rounds: int = 1, keep_workdir: str = "", echo: Callable[[str], Any] = print) -> dict[str, Any]:
+                  rounds: int = 1, keep_workdir: str = "", time_limit: float = 0.0,
+                  echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run ``stage`` with both runners (ours and TRL's, or the stage's ``names``) or one of them (``which``),
     one after the other, each in its own process; returns the report (machine, settings, per-runner summaries,
-    first/second ratios, the stage's comparison, raw measurements)."""
+    first/second ratios, the stage's comparison, raw measurements). A worker running longer than ``time_limit``
+    seconds (0: no limit) is stopped and reported by how far it got (:func:`stopped_worker`)."""
     import datetime
 
     if stage not in PAIRS:
         raise AlignlabError(f"no benchmark for stage '{stage}' (known: {', '.join(PAIRS)})")
     if settings not in SETTINGS:
         raise AlignlabError(f"settings must be one of {SETTINGS}, got '{settings}'", field="settings")
-    if steps < 1 or warmup_steps < 0 or batch_size < 1 or rounds < 1:
-        raise AlignlabError("need steps >= 1, warmup_steps >= 0, batch_size >= 1 and rounds >= 1")
+    if steps < 1 or warmup_steps < 0 or batch_size < 1 or rounds < 1 or time_limit < 0:
+        raise AlignlabError("need steps >= 1, warmup_steps >= 0, batch_size >= 1, rounds >= 1 and time_limit >= 0")
     pair = PAIRS[stage]
     if which not in ("both", *pair.names):
         raise AlignlabError(f"--which for {stage} must be both, {' or '.join(pair.names)}; got '{which}'",
@@ -566,6 +646,7 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
         "command": " ".join(["alignlab", *sys.argv[1:]]) if sys.argv and "alignlab" in sys.argv[0] else None,
         "config": {"model": model, "data": data, "batch_size": batch_size, "max_length": max_length,
                    "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds, "seed": seed, "lr": LEARNING_RATE,
+                   "time_limit_s": time_limit or None,
                    "precision": resolved if settings == "matched" else "each library's default",
                    "extra": extra or {}},
         "names": list(pair.names), "labels": list(pair.labels), "unit": pair.unit, "tokens": pair.tokens,
@@ -593,13 +674,17 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
                 spec = BenchSpec(stage=stage, library=library, model=model, data=data, batch_size=batch_size,
                                  max_length=max_length, steps=steps, warmup_steps=warmup_steps,
                                  precision=resolved, settings=settings, seed=seed, workdir=str(workdir / name),
-                                 extra=dict(extra or {}))
+                                 extra=dict(extra or {}), runner=pair.runner(library),
+                                 option_defaults={k: d for k, d, _ in pair.options})
                 Path(spec.workdir).mkdir(parents=True, exist_ok=True)
-                raws[library].append(launch(spec, workdir, name=name, echo=echo))
+                max_step_tokens = batch_size * pair.sequences_per_example * max_length or None
+                raws[library].append(launch(spec, workdir, name=name, echo=echo, time_limit=time_limit,
+                                            max_step_tokens=max_step_tokens))
     finally:
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report["results"] = {lib: summarize(runs, warmup_steps, peaks) for lib, runs in raws.items()}
+    report["results"] = {lib: summarize_stopped(runs) if any(r.get("timed_out") for r in runs)
+                         else summarize(runs, warmup_steps, peaks) for lib, runs in raws.items()}
     for lib, runs in raws.items():
         for key in ("settings", "notes", "dataset", "worker_maxrss_mib", "torch_threads"):
             if key in runs[0]:
@@ -610,7 +695,11 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
         keys = RATIO_KEYS + tuple(key for _, key, kind in pair.rows
                                   if kind not in ("str", "int") and not key.startswith("final_"))
         report["ratios"] = ratios(first, second, keys)
-        if pair.compare:
+        if second.get("tokens_per_s_upper_bound") and first.get("tokens_per_s"):
+            report["ratios"]["tokens_per_s_lower_bound"] = first["tokens_per_s"] / second["tokens_per_s_upper_bound"]
+        if first.get("tokens_per_s_upper_bound") and second.get("tokens_per_s"):
+            report["ratios"]["tokens_per_s_upper_bound"] = first["tokens_per_s_upper_bound"] / second["tokens_per_s"]
+        if pair.compare and not (first.get("timed_out") or second.get("timed_out")):
             report["comparison"] = _import(pair.compare)(report)
     report["raw"] = {lib: [{k: raw[k] for k in ("step_seconds", "step_cpu_seconds", "step_tokens", "losses",
                                                 "step_counts", "step_times", "step_values", "peak_rss_mib")
@@ -649,6 +738,12 @@ TABLE_ROWS = (  # (label, key, format); TOKENS and UNIT are replaced by the stag
     ("trainable params", "trainable_params", "int"),
     ("timed UNITs", "timed_steps", "int"),
 )
+STOPPED_ROWS = (  # shown when a worker was stopped at --time-limit
+    ("stopped at the time limit (s)", "time_limit_s", "0"),
+    ("UNITs finished before the stop", "steps_done", "int"),
+    ("s spent in the unfinished UNIT", "unfinished_step_s", "1"),
+    ("TOKENS/s, upper bound", "tokens_per_s_upper_bound", "2"),
+)
 
 
 def format_table(report: dict[str, Any]) -> Any:
@@ -669,11 +764,18 @@ def format_table(report: dict[str, Any]) -> Any:
         table.add_column(labels.get(lib, lib), justify="right")
     if "ratios" in report:
         table.add_column(" / ".join(labels[name] for name in names), justify="right")
-    for label, key, kind in TABLE_ROWS + pair.rows:
+    stopped = any(result.get("timed_out") for result in results.values())
+    for label, key, kind in TABLE_ROWS + pair.rows + (STOPPED_ROWS if stopped else ()):
         cells = [str(results[lib].get(key) or "-") if kind == "str" else _fmt(results[lib].get(key), kind)
                  for lib in results]
         if "ratios" in report:
-            cells.append(_fmt(report["ratios"].get(key), "ratio"))
+            ratio = report["ratios"].get(key)
+            if key == "tokens_per_s" and ratio is None and "tokens_per_s_lower_bound" in report["ratios"]:
+                cells.append(f">= {_fmt(report['ratios']['tokens_per_s_lower_bound'], 'ratio')}")
+            elif key == "tokens_per_s" and ratio is None and "tokens_per_s_upper_bound" in report["ratios"]:
+                cells.append(f"<= {_fmt(report['ratios']['tokens_per_s_upper_bound'], 'ratio')}")
+            else:
+                cells.append(_fmt(ratio, "ratio"))
         table.add_row(label.replace("TOKENS", tokens).replace("UNIT", unit), *cells)
     return table
 
@@ -688,6 +790,22 @@ def print_report(report: dict[str, Any]) -> None:
     for lib, result in report["results"].items():
         for line in (result.get("notes") or {}).get("unmatched") or []:
             console.print(f"not matched ({labels.get(lib, lib)}): {escape(line)}")
+    unit = report.get("unit", "step")
+    for lib, result in report["results"].items():
+        if not result.get("timed_out"):
+            continue
+        label = labels.get(lib, lib)
+        if not result.get("loop_started"):
+            console.print(f"{label}: stopped at the time limit ({result['time_limit_s']:.0f} s) before its first "
+                          f"{unit} began (loading took all of it); no speed measured")
+            continue
+        line = (f"{label}: stopped at the time limit ({result['time_limit_s']:.0f} s): {result['steps_done']} "
+                f"{unit}(s) finished after {result['load_s']:.0f} s of loading, then "
+                f"{result['unfinished_step_s']:.0f} s in the next without finishing it")
+        if result.get("tokens_per_s_upper_bound"):
+            line += (f"; a {unit} holds at most {result['max_step_tokens']:,} tokens, so that {unit} ran at under "
+                     f"{result['tokens_per_s_upper_bound']:.2f} tokens/s")
+        console.print(line + " (peak RSS: up to the stop)")
     comparison = report.get("comparison")
     if comparison and report["stage"] == "rm-kwise":
         tokens, epoch = comparison["encoded_tokens_per_epoch"], comparison["epoch_s_estimate"]
@@ -751,6 +869,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure the matmul peak again instead of using the cached value")
     parser.add_argument("--keep-workdir", default="", metavar="DIR",
                         help="run the workers in DIR and keep their logs and run folders")
+    parser.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                        help="stop a worker still running after this many seconds and report how far it got, with "
+                        "an upper bound on its tokens/s (sft, rm, dpo); 0 = no limit")
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -764,7 +885,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
                            max_length=args.max_length, steps=args.steps, warmup_steps=args.warmup_steps,
                            precision=args.precision, settings=args.settings, which=args.which, seed=args.seed,
                            extra=extra, refresh_peak=args.remeasure_peak, rounds=args.rounds,
-                           keep_workdir=args.keep_workdir)
+                           keep_workdir=args.keep_workdir, time_limit=args.time_limit)
     print_report(report)
     out = Path(args.json_out or f"runs/bench/{args.stage}-{args.settings}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -855,11 +976,13 @@ def stamped_run(train: Callable[[], Any], key: str, steps: int) -> tuple[list[fl
     def stamped_log(self: Any, step: int, metrics: dict[str, Any], **kw: Any) -> None:
         if kw.get("file", "metrics.jsonl") == "metrics.jsonl" and key in metrics:
             stamps.append((time.perf_counter(), time.process_time()))
+            stamp_progress("step")
         original_log(self, step, metrics, **kw)
 
     def stamped_progress(self: Any, *args: Any, **kw: Any) -> Any:
         bar = original_progress(self, *args, **kw)
         stamps.append((time.perf_counter(), time.process_time()))
+        stamp_progress("start")
         return bar
 
     loop.Run.log, loop.Run.progress = stamped_log, stamped_progress
@@ -956,9 +1079,11 @@ def step_clock() -> Any:
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if not self.stamps:
                 self.stamps.append((time.perf_counter(), time.process_time()))
+                stamp_progress("start")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.stamps.append((time.perf_counter(), time.process_time()))
+            stamp_progress("step")
 
     return StepClock()
 
