@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -121,6 +122,17 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     assert rs["optimizer_steps"] == len([m for m in steps if "loss" in m]) == 2 * 2
     by_round = ", ".join(f"{r['mean_score']:.2f}" for r in rs["rounds"])
     assert f"samples by round {by_round}, of the kept ones" in report
+    # each trained method is also evaluated along training on the held-out prompts: its checkpoints (quick: 2 DPO
+    # steps, 2 PPO iterations of 2 steps each) or rejection sampling's first round, then its final model
+    for method, steps in (("dpo", [1, 2]), ("ipo", [1, 2]), ("simpo", [1, 2]), ("ppo", [2, 4]),
+                          ("ppo_nokl", [2, 4]), ("rs", [2, 4])):
+        final = json.loads((root / f"eval_{method}" / "stage.json").read_text())["result"]
+        curve = final["curve"]
+        assert [c["step"] for c in curve] == steps, method
+        assert all(math.isfinite(c["gold"]) and math.isfinite(c["kl"]) for c in curve)
+        assert (curve[-1]["gold"], curve[-1]["kl"]) == (final["gold"], final["kl"])
+        assert curve[0]["gold"] != final["gold"] or curve[0]["kl"] != final["kl"], method  # another model
+        assert f"{steps[0]}: {curve[0]['gold']:.3f} at {curve[0]['kl']:.2f}" in report
     # a rerun reuses every stage
     before = (root / "sft" / "stage.json").stat().st_mtime_ns
     assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0

@@ -260,7 +260,21 @@ def test_resume_continues_exactly(tmp_path, prompts_file):
     kw = dict(iterations=4, save_every=2, batch_size=4, grad_accum=2, num_mini_batches=2, ppo_epochs=2, lora=True,
               lora_r=4, kl_coef=0.05, target_kl=1.0, kl_horizon=32, reward_normalization="running", eval_every=2,
               unfinished_penalty=0.1)
-    full = train_ppo(_cfg(tmp_path, "full", prompts_file, **kw), reward=frac_e)
+    full_cfg = _cfg(tmp_path, "full", prompts_file, **kw, save_final=True)
+    full = train_ppo(full_cfg, reward=frac_e)
+    # the last checkpoint read back as a policy (PPO saves it under "policy.", beside the critic) is the final model
+    from alignlab.models import load_tokenizer
+    from alignlab.train.sft import policy_from_checkpoint
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    restored = policy_from_checkpoint(full_cfg, full / "checkpoints" / "step-0000004", load_tokenizer("tiny-random"),
+                                      prefix="policy.")
+    earlier = policy_from_checkpoint(full_cfg, full / "checkpoints" / "step-0000002", load_tokenizer("tiny-random"),
+                                     prefix="policy.")
+    with torch.no_grad():
+        final_logits = load_model(full / "final")(ids).logits
+        assert torch.allclose(restored(ids).logits, final_logits, atol=1e-5)
+        assert not torch.allclose(earlier(ids).logits, final_logits, atol=1e-3)
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000002", resumed_dir / "checkpoints" / "step-0000002")

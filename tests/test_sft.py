@@ -151,6 +151,31 @@ def test_lora_sft_saves_a_merged_model(tmp_path):
     assert not any("lora" in k for k in merged.state_dict())
 
 
+def test_a_lora_checkpoint_reads_back_as_the_model_it_held(tmp_path):
+    from alignlab.models import load_model, load_tokenizer
+    from alignlab.train.sft import policy_from_checkpoint
+
+    cfg = _cfg(tmp_path, "ck", max_steps=3, lora=True, lora_r=4, save_final=True, lr=1e-2, save_every=1,
+               keep_checkpoints=3)
+    run = train_sft(cfg)
+    tokenizer = load_tokenizer("tiny-random")
+    checkpoints = list_checkpoints(run / "checkpoints")
+    ids = torch.tensor([[1, 4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        final = load_model(run / "final")(ids).logits
+        last = policy_from_checkpoint(cfg, checkpoints[-1], tokenizer)
+        assert not any("lora" in k for k in last.state_dict())  # merged, a plain model
+        assert torch.allclose(last(ids).logits, final, atol=1e-5)
+        first = policy_from_checkpoint(cfg, checkpoints[0], tokenizer)(ids).logits
+        assert not torch.allclose(first, final, atol=1e-3)
+    # a config that wraps the model differently (another rank) does not fit: an error naming the checkpoint
+    with pytest.raises(AlignlabError, match="step-0000003"):
+        policy_from_checkpoint(_cfg(tmp_path, "ck", lora=True, lora_r=8), checkpoints[-1], tokenizer)
+    (checkpoints[0] / "trainable.safetensors").write_bytes(b"broken")
+    with pytest.raises(AlignlabError, match="corrupted"):
+        policy_from_checkpoint(cfg, checkpoints[0], tokenizer)
+
+
 @pytest.mark.slow
 def test_two_step_sft_of_the_real_model_saves_reloads_and_generates(tmp_path, smollm2_path):
     from alignlab.generation import SamplingConfig, generate

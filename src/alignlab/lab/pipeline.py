@@ -104,6 +104,9 @@ class LabConfig:
     rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
     bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
     batch_size: int = opt(16, "training micro-batch size for every method")
+    curve_points: int = opt(2, "checkpoints along each method's training (evenly spaced, besides its end) evaluated "
+                            "on the held-out prompts like the final models: the frontier plot's lines "
+                            "(rejection sampling: the ends of its rounds); 0 = final models only")
     progress: bool = opt(True, "show progress bars")
 
 
@@ -244,6 +247,8 @@ def run_lab(cfg: LabConfig) -> Path:
     }
     for method in cfg.methods:
         params = {**common, **method_params[method]}
+        if method != "bon":  # the checkpoints the trainers keep and the evaluation along training
+            params["curve_points"] = cfg.curve_points
         # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
         needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
         lab.stage(method, params, needs, ctx.method(method))

@@ -58,11 +58,22 @@ def _fmt(x: Any, digits: int = 3) -> str:
 # ----------------------------------------------------------------------------------------------- plots
 
 
+def held_out_curve(lab: Lab, method: str) -> list[dict[str, Any]]:
+    """The method's held-out evaluations along training (checkpoints, then the end), or []."""
+    return lab.results.get(f"eval_{method}", {}).get("curve") or []
+
+
 def plot_frontier(lab: Lab, rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    sft_gold = lab.results["eval_sft"]["gold"]
+    for r in rows:  # every trained method starts at the SFT model (KL 0)
+        curve = held_out_curve(lab, r["method"])
+        if curve:
+            ax.plot([0.0, *[c["kl"] for c in curve]], [sft_gold, *[c["gold"] for c in curve]], "o-", alpha=0.45,
+                    ms=3, lw=1, color=COLORS[r["method"]])
     for method in ("ppo", "ppo_nokl"):
         curve = lab.results.get(method, {}).get("curve") or []
-        if curve:
+        if curve and not held_out_curve(lab, method):
             ax.plot([c["kl"] for c in curve], [c["gold"] for c in curve], "o--", alpha=0.5, ms=3,
                     color=COLORS[method], label=f"{LABELS[method]} along training (rollouts)")
     bon = lab.results.get("bon", {}).get("curve") or []
@@ -269,9 +280,12 @@ def write_report(lab: Lab, task: Task) -> Path:
         "",
         "![frontier](frontier.png)",
         "",
-        "Each star is a method on held-out prompts; dashed lines follow PPO along training on its rollouts; the "
-        "best-of-n line is the cheapest way to trade KL for reward and the baseline for the others.",
+        "Each star is a method's final model on the held-out prompts (with its 95% interval); the thin line "
+        "behind it follows the same method along training, from the SFT model (KL 0) through checkpoints "
+        "evaluated the same way (rejection sampling: the end of each round); the best-of-n line is the cheapest "
+        "way to trade KL for reward and the baseline for the others.",
         "",
+        *_along_training(lab, rows),
     ]
     if plots["hacking"]:
         intro += [
@@ -300,6 +314,20 @@ def write_report(lab: Lab, task: Task) -> Path:
     report.write_text(md)
     (root / "report.html").write_text(_html(md, root))
     return report
+
+
+def _along_training(lab: Lab, rows: list[dict]) -> list[str]:
+    """A table of the held-out evaluations along training: gold at KL (fluency) per checkpoint."""
+    body = []
+    for r in rows:
+        curve = held_out_curve(lab, r["method"])
+        if curve:
+            body.append([LABELS[r["method"]], "; ".join(
+                f"{c['step']}: {_fmt(c['gold'])} at {_fmt(c['kl'], 2)} ({_fmt(c['fluency_nll'], 2)})" for c in curve)])
+    if not body:
+        return []
+    return ["Along training, held out (optimizer steps done: gold at KL nats (fluency NLL/token)):", "",
+            _md_table(["method", "checkpoints, then the end"], body), ""]
 
 
 def _rs_by_round(lab: Lab) -> str:

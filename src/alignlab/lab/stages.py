@@ -7,6 +7,7 @@ Stages never parse files the trainers own beyond their documented outputs (``fin
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from alignlab.lab.pipeline import Lab, LabConfig, _write_jsonl
 from alignlab.models import load_model, load_tokenizer
 from alignlab.tasks import Task
 from alignlab.train.loop import resolve_precision
+
+# what a point along training records (the final model's evaluation holds these and more)
+POINT_KEYS = ("gold", "gold_ci95", "kl", "kl_ci95", "fluency_nll", "distinct_2", "win_rate")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -55,16 +59,18 @@ class Context:
         return SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0,
                               batch_size=self.cfg.gen_batch_size, seed=seed, precision=resolve_precision("auto"))
 
-    def sample(self, model_path: str, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
-        """n samples per prompt (prompts already rendered as text)."""
+    def sample(self, model: str | torch.nn.Module, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
+        """n samples per prompt (prompts already rendered as text) from a model folder or a loaded model (which
+        may be cast to bf16)."""
         from alignlab.data.tokenize import encode_prompt
 
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model if isinstance(model, str) else self.sft_model)  # a trained one: SFT's
         sampling = self.sampling(seed)
         if sampling.precision == "bf16":  # a model loaded only to sample: bf16 weights, no per-step autocast casts
-            model, sampling.precision = load_model(model_path, dtype=torch.bfloat16), "fp32"
-        else:
-            model = load_model(model_path)
+            sampling.precision = "fp32"
+            model = load_model(model, dtype=torch.bfloat16) if isinstance(model, str) else model.to(torch.bfloat16)
+        elif isinstance(model, str):
+            model = load_model(model)
         ids = [encode_prompt(tokenizer, p, template="none") for p in prompts]
         flat = generate_from_ids(model, tokenizer, [i for i in ids for _ in range(n)], sampling)
         return [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
@@ -168,9 +174,60 @@ class Context:
                 return self._evaluate(folder, samples, None, baseline, {"kl": trained["kl_bound"],
                                                                         "kl_note": "analytic bound"})
             samples = [g[0] for g in self.sample(trained["model"], self.eval_prompts, 1, seed=self.cfg.seed + 7)]
-            return self._evaluate(folder, samples, trained["model"], baseline)
+            result = self._evaluate(folder, samples, trained["model"], baseline)
+            points = [self._evaluate_point(load(), baseline) | {"step": step}
+                      for step, load in self._models_along_training(method)]
+            ends = {"step": trained["optimizer_steps"], **{k: result.get(k) for k in POINT_KEYS}}
+            result["curve"] = [*points, ends] if points else []
+            return result
 
         return run
+
+    def _evaluate_point(self, model: torch.nn.Module, baseline: list[float]) -> dict[str, Any]:
+        """A model from along training, measured as the final ones are (same prompts and sampling seed; no
+        proxy score)."""
+        samples = [g[0] for g in self.sample(model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+        tokenizer = load_tokenizer(self.sft_model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16"):
+            result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=model,
+                                      reference=load_model(self.sft_model), pad_token_id=tokenizer.pad_token_id,
+                                      baseline_gold=baseline)
+        return {k: result.get(k) for k in POINT_KEYS}
+
+    def _models_along_training(self, method: str) -> list[tuple[int, Callable[[], torch.nn.Module]]]:
+        """(optimizer steps done, a loader of the model then) for the method's checkpoints before its end:
+        the trainer's checkpoints (``curve_points`` of them, saved by the method's stage), or rejection
+        sampling's earlier rounds."""
+        from alignlab.config import DPOConfig, PPOConfig
+        from alignlab.train.loop import list_checkpoints, run_config
+        from alignlab.train.sft import policy_from_checkpoint
+
+        trained, c = self.result(method), self.cfg
+        if method == "rs":
+            run = Path(trained["model"]).parents[2]  # run/round-R/sft/final
+            return [(c.rs_steps * r, lambda r=r: load_model(str(run / f"round-{r}" / "sft" / "final")))
+                    for r in range(1, len(trained["rounds"]))]
+        run = Path(trained["model"]).parent  # run/final
+        cls, prefix, per_step = ((PPOConfig, "policy.", self.ppo_steps_per_iteration)
+                                 if method in ("ppo", "ppo_nokl") else (DPOConfig, "", 1))
+        cfg = run_config(run, cls)
+        tokenizer = load_tokenizer(self.sft_model)
+        out = []
+        for checkpoint in list_checkpoints(run / "checkpoints"):
+            step = int(checkpoint.name.split("-")[1]) * per_step  # PPO checkpoints count iterations
+            if step < trained["optimizer_steps"]:
+                out.append((step, lambda ck=checkpoint: policy_from_checkpoint(cfg, ck, tokenizer, prefix=prefix)))
+        return out
+
+    @property
+    def ppo_steps_per_iteration(self) -> int:
+        """PPO's optimizer steps per rollout: epochs x minibatches of ``batch_size``."""
+        return self.cfg.ppo_epochs * max(1, self.cfg.ppo_rollout // self.cfg.batch_size)
+
+    def checkpointing(self, total: int) -> dict[str, int]:
+        """A trainer's checkpoint settings for ``curve_points`` evenly spaced checkpoints before its end."""
+        points = self.cfg.curve_points
+        return {"save_every": math.ceil(total / (points + 1)) if points else 0, "keep_checkpoints": points + 2}
 
     # -- methods ---------------------------------------------------------------------------------------
 
@@ -191,7 +248,8 @@ class Context:
                         max_new_tokens=c.max_new_tokens, template="none", lr=c.ppo_lr,
                         log_samples=c.ppo_rollout, generation_batch_size=c.gen_batch_size,
                         reward_normalization="stats", **{**self.train_common(folder),
-                                                         "batch_size": min(c.batch_size, c.ppo_rollout)})
+                                                         "batch_size": min(c.batch_size, c.ppo_rollout),
+                                                         **self.checkpointing(c.ppo_iterations)})
         run = train_ppo(cfg)
         metrics = [m for m in _read_jsonl(run / "metrics.jsonl") if "kl" in m and "score" in m]
         rollouts = [r for r in _read_jsonl(run / "samples.jsonl") if r.get("split") == "train"]
@@ -202,8 +260,8 @@ class Context:
                 gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
                 curve.append({"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
                               "kl": m["kl"], "length": m.get("response_length")})
-        steps = c.ppo_iterations * c.ppo_epochs * max(1, c.ppo_rollout // c.batch_size)
-        return {"model": str(run / "final"), "optimizer_steps": steps, "samples": c.ppo_iterations * c.ppo_rollout,
+        return {"model": str(run / "final"), "optimizer_steps": c.ppo_iterations * self.ppo_steps_per_iteration,
+                "samples": c.ppo_iterations * c.ppo_rollout,
                 "curve": curve}
 
     def dpo(self, folder: Path, loss: str) -> dict[str, Any]:
@@ -218,7 +276,8 @@ class Context:
                         template="none", loss=loss, beta=beta, max_steps=c.dpo_steps, lr=c.dpo_lr, max_length=256,
                         eval_fraction=0.0, precompute_ref=loss != "simpo",
                         ref_cache_dir=str(self.lab.root / "reference-logps"),
-                        **{**self.train_common(folder), "batch_size": c.dpo_batch_size})
+                        **{**self.train_common(folder), "batch_size": c.dpo_batch_size,
+                           **self.checkpointing(c.dpo_steps)})
         run = train_dpo(cfg)
         metrics = _read_jsonl(run / "metrics.jsonl")
         return {"model": str(run / "final"), "optimizer_steps": len(metrics),

@@ -597,6 +597,18 @@ def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], op
     return final
 
 
+def run_config(run_dir: str | Path, cls: type) -> Any:
+    """The config (of dataclass ``cls``) a run was trained with, read back from its ``config.yaml``."""
+    from alignlab.config import build_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise AlignlabError("no config.yaml: not a run folder", file=str(path))
+    values = yaml.safe_load(path.read_text()) or {}
+    values.pop("stage", None)
+    return build_config(cls, overrides=values)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders under ``root``, oldest first."""
     if not root.exists():
