@@ -24,7 +24,7 @@ from alignlab.tasks import Task
 from alignlab.train.loop import resolve_precision
 
 # what a point along training records (the final model's evaluation holds these and more)
-POINT_KEYS = ("gold", "gold_ci95", "kl", "kl_ci95", "fluency_nll", "distinct_2", "win_rate")
+POINT_KEYS = ("gold", "gold_ci95", "proxy", "kl", "kl_ci95", "fluency_nll", "distinct_2", "win_rate")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -175,23 +175,25 @@ class Context:
                                                                         "kl_note": "analytic bound"})
             samples = [g[0] for g in self.sample(trained["model"], self.eval_prompts, 1, seed=self.cfg.seed + 7)]
             result = self._evaluate(folder, samples, trained["model"], baseline)
-            points = [self._evaluate_point(load(), baseline) | {"step": step}
-                      for step, load in self._models_along_training(method)]
+            from alignlab.reward import load_scorer
+
+            along = self._models_along_training(method)
+            proxy = load_scorer(self.rm_path, precision="auto") if along else None
+            points = [self._evaluate_point(load(), baseline, proxy) | {"step": step} for step, load in along]
             ends = {"step": trained["optimizer_steps"], **{k: result.get(k) for k in POINT_KEYS}}
             result["curve"] = [*points, ends] if points else []
             return result
 
         return run
 
-    def _evaluate_point(self, model: torch.nn.Module, baseline: list[float]) -> dict[str, Any]:
-        """A model from along training, measured as the final ones are (same prompts and sampling seed; no
-        proxy score)."""
+    def _evaluate_point(self, model: torch.nn.Module, baseline: list[float], proxy: Any) -> dict[str, Any]:
+        """A model from along training, measured as the final ones are (same prompts and sampling seed)."""
         samples = [g[0] for g in self.sample(model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
         tokenizer = load_tokenizer(self.sft_model)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16"):
             result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=model,
                                       reference=load_model(self.sft_model), pad_token_id=tokenizer.pad_token_id,
-                                      baseline_gold=baseline)
+                                      proxy_scorer=proxy, baseline_gold=baseline)
         return {k: result.get(k) for k in POINT_KEYS}
 
     def _models_along_training(self, method: str) -> list[tuple[int, Callable[[], torch.nn.Module]]]:
