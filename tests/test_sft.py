@@ -11,7 +11,7 @@ import torch
 
 from alignlab.config import SFTConfig
 from alignlab.errors import AlignlabError
-from alignlab.train.loop import find_valid_checkpoint, list_checkpoints, lr_lambda, verify_checkpoint
+from alignlab.train.loop import find_valid_checkpoint, list_checkpoints, lr_lambda, run_config, verify_checkpoint
 from alignlab.train.sft import train_sft
 
 
@@ -163,7 +163,7 @@ def test_a_lora_checkpoint_reads_back_as_the_model_it_held(tmp_path):
     ids = torch.tensor([[1, 4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
         final = load_model(run / "final")(ids).logits
-        last = policy_from_checkpoint(cfg, checkpoints[-1], tokenizer)
+        last = policy_from_checkpoint(run_config(run, SFTConfig), checkpoints[-1], tokenizer)  # as the run saw it
         assert not any("lora" in k for k in last.state_dict())  # merged, a plain model
         assert torch.allclose(last(ids).logits, final, atol=1e-5)
         first = policy_from_checkpoint(cfg, checkpoints[0], tokenizer)(ids).logits

@@ -126,3 +126,19 @@ def test_response_logps_with_a_shared_preamble_equal_each_sequence_alone(tiny_to
             full = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             want = full[len(s.prompt_ids) - 1 :].gather(-1, ids[0, len(s.prompt_ids) :, None])[:, 0]
             torch.testing.assert_close(logps, want, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_along_training_are_evenly_spaced_and_checked(tmp_path):
+    from alignlab.lab.pipeline import quick_config, run_lab
+    from alignlab.lab.stages import Context
+
+    def settings(points: int, total: int) -> dict[str, int]:
+        return Context(cfg=quick_config(curve_points=points), task=None, lab=None, train_prompts=[],
+                       eval_prompts=[]).checkpointing(total)
+
+    # the lab's defaults: DPO-family steps 8 and 16 of 24, PPO iterations 3 and 6 of 8, each run keeping them all
+    assert settings(2, 24) == {"save_every": 8, "keep_checkpoints": 4}
+    assert settings(2, 8)["save_every"] == 3 and settings(1, 24)["save_every"] == 12
+    assert settings(0, 24)["save_every"] == 0  # final models only
+    with pytest.raises(AlignlabError, match="curve_points"):
+        run_lab(quick_config(curve_points=-1, output_root=str(tmp_path)))

@@ -37,12 +37,14 @@ What is measured, per library
   ABBA order and pools the timed steps.
 - **s/step**: mean seconds of the timed steps.
 - **peak RSS**: the worker process's maximum resident set size, read by the parent with ``os.wait4``.
-- ``--time-limit S``: a worker still running S seconds after it started is killed, and its column reports
-  what it got done: the steps it finished, the seconds spent in the step it was in, and (where the stage bounds
-  a step's tokens: ``batch_size x sequences per example x max_length``) an upper bound on its tokens/s, that
-  bound over those seconds; the ratio row then gives a lower bound on the first runner's speed against it.
-  For a library whose defaults cannot finish a step in reasonable time on a machine (TRL's bf16 on a CPU
-  without bf16 instructions), instead of a run that never ends.
+- ``--time-limit S``: a worker still running S seconds after it started is killed (with its process group),
+  and its column reports what it got done: the steps it finished, the seconds spent in the step it was in, and
+  (where the stage bounds a step's tokens: ``batch_size x sequences per example x max_length``) an upper bound
+  on its tokens/s over its timed steps and the unfinished one (over the unfinished warmup step when it never got
+  past warmup); the ratio row then bounds the speed ratio (``>=`` when the second runner stopped, ``<=`` when
+  the first did). Later rounds of a stopped runner are skipped. For a library whose defaults cannot finish a
+  step in reasonable time on a machine (TRL's bf16 on a CPU without bf16 instructions), instead of a run that
+  never ends.
 - **final loss**: the training loss of the last step (SFT: mean NLL per loss token; RM: mean pairwise loss;
   DPO: mean sigmoid loss). PPO and RLOO optimise different objectives: their scores are reported instead.
 - **MFU** (model FLOPs utilisation) = ``c * N * tokens_per_s / peak_flops``: ``N`` is the number of
@@ -84,13 +86,16 @@ Adding a stage
    per-step seconds}``, reported as the mean ``time_name``), ``step_values`` (``{name: per-step values}``,
    reported as ``final_name``), ``dataset`` (a dict about the data), ``settings`` (a dict of what it
    configured) and ``notes`` (``unmatched``: a list of what differs from the other library). Stamp the time at
-   the end of each step: :func:`stamped_run` for our trainers, :func:`step_clock` (a TRL callback) for TRL's.
+   the end of each step: :func:`stamped_run` for our trainers, :func:`step_clock` (a TRL callback) for TRL's
+   (both also call :func:`stamp_progress`, which ``--time-limit`` reads; a runner with its own loop calls it with
+   ``"start"`` before its first step and ``"step"`` after each).
 
    :func:`summarize` turns these into the reported numbers, so every stage is measured the same way.
 2. Register them: ``PAIRS["x"] = Pair("alignlab.bench:ours_x", "alignlab.bench:trl_x",
-   default_data="file.json", help="...", options=(("beta", 0.1, "help"),))``. The CLI picks the new stage up
-   by itself; stage options travel in ``spec.extra`` (``alignlab bench x --set beta=0.2``) and are listed in
-   ``alignlab bench --help``.
+   default_data="file.json", help="...", options=(("beta", 0.1, "help"),), sequences_per_example=2)``
+   (``sequences_per_example``: what bounds a step's tokens for ``--time-limit``; 0 if nothing does). The CLI
+   picks the new stage up by itself; stage options travel in ``spec.extra`` (``alignlab bench x --set
+   beta=0.2``) and are listed in ``alignlab bench --help``.
 3. Add a tiny-random case to ``tests/test_bench.py``.
 
 TRL is a development dependency: it is imported only inside the TRL runners, in the worker process.
@@ -407,7 +412,7 @@ def summarize_stopped(raws: list[dict[str, Any]]) -> dict[str, Any]:
     progress (:func:`stopped_worker`) and the largest peak RSS of all rounds; no speed is measured."""
     stopped = next(raw for raw in raws if raw.get("timed_out"))
     keys = ("timed_out", "time_limit_s", "steps_done", "step_seconds_done", "loop_started", "load_s",
-            "unfinished_step_s", "max_step_tokens", "tokens_per_s_upper_bound")
+            "unfinished_step_s", "max_step_tokens", "bound_from_warmup", "tokens_per_s_upper_bound")
     out = {key: stopped[key] for key in keys if key in stopped}
     out["peak_rss_mib"] = max(raw["peak_rss_mib"] for raw in raws)
     return out
@@ -462,19 +467,21 @@ PROGRESS_ENV = "ALIGNLAB_BENCH_PROGRESS"  # the file a worker stamps its loop's 
 
 
 def stamp_progress(event: str) -> None:
-    """Append ``{"event": "start" | "step", "time": wall clock}`` to the worker's progress file (set by
-    :func:`launch`), so the parent knows how far a worker it stops at ``--time-limit`` got."""
+    """Append ``{"event": "start" | "step", "time": time.monotonic()}`` to the worker's progress file (set by
+    :func:`launch` under ``--time-limit``), so the parent knows how far a worker it stops there got."""
     path = os.environ.get(PROGRESS_ENV)
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"event": event, "time": time.time()}) + "\n")
+            f.write(json.dumps({"event": event, "time": time.monotonic()}) + "\n")  # system-wide on Linux
 
 
 def stopped_worker(progress: Path, launched: float, stopped: float, time_limit: float,
-                   max_step_tokens: int | None) -> dict[str, Any]:
-    """The raw result of a worker killed at ``time_limit``: from its progress stamps (wall clock times), the
-    steps it finished and their seconds, the seconds it had spent in the step it was in (or loading, when its
-    loop never started) and, given ``max_step_tokens``, an upper bound on that step's tokens/s."""
+                   max_step_tokens: int | None, warmup_steps: int = 0) -> dict[str, Any]:
+    """The raw result of a worker killed at ``time_limit``, from its progress stamps (``time.monotonic``): the
+    steps it finished and their seconds, the seconds it had spent in the step it was in (or loading, when its loop
+    never started) and, given ``max_step_tokens``, an upper bound on its tokens/s: over its timed steps so far
+    (those after ``warmup_steps``) and the unfinished one, at most ``max_step_tokens`` tokens each, or over the
+    unfinished warmup step alone when it never got past warmup (``bound_from_warmup``)."""
     events = []
     if progress.exists():
         events = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
@@ -482,16 +489,19 @@ def stopped_worker(progress: Path, launched: float, stopped: float, time_limit: 
     steps = [e["time"] for e in events if e["event"] == "step"]
     out: dict[str, Any] = {"timed_out": True, "time_limit_s": time_limit, "steps_done": len(steps),
                            "step_seconds_done": [], "loop_started": bool(starts)}
-    if starts:
-        marks = [starts[0], *steps]
-        out["load_s"] = starts[0] - launched
-        out["step_seconds_done"] = [b - a for a, b in zip(marks, marks[1:])]
-        out["unfinished_step_s"] = stopped - marks[-1]
-        if max_step_tokens:
-            out["max_step_tokens"] = max_step_tokens
-            out["tokens_per_s_upper_bound"] = max_step_tokens / out["unfinished_step_s"]
-    else:
+    if not starts:
         out["load_s"] = stopped - launched  # still loading when stopped
+        return out
+    marks = [starts[0], *steps]
+    out["load_s"] = starts[0] - launched
+    out["step_seconds_done"] = [b - a for a, b in zip(marks, marks[1:])]
+    out["unfinished_step_s"] = stopped - marks[-1]
+    timed = out["step_seconds_done"][warmup_steps:]
+    seconds = sum(timed) + out["unfinished_step_s"]
+    if max_step_tokens and seconds > 0:
+        out["max_step_tokens"] = max_step_tokens
+        out["bound_from_warmup"] = len(steps) < warmup_steps
+        out["tokens_per_s_upper_bound"] = (len(timed) + 1) * max_step_tokens / seconds
     return out
 
 
@@ -519,6 +529,13 @@ def run_worker(spec_path: str, out_path: str) -> int:
     return rc
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
+
+
 def launch(spec: BenchSpec, workdir: Path, *, name: str = "", echo: Callable[[str], Any] = print,
            time_limit: float = 0.0, max_step_tokens: int | None = None) -> dict[str, Any]:
     """Run one library's worker in a fresh process; returns its raw measurements plus ``peak_rss_mib`` (the
@@ -536,32 +553,40 @@ def launch(spec: BenchSpec, workdir: Path, *, name: str = "", echo: Callable[[st
                HF_HUB_DISABLE_TELEMETRY="1", DISABLE_MLFLOW_INTEGRATION="TRUE", WANDB_DISABLED="true")
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env[PROGRESS_ENV] = str(progress_file)
-    t0, launched = time.perf_counter(), time.time()
+    if time_limit > 0:
+        env[PROGRESS_ENV] = str(progress_file)
+    t0, launched = time.perf_counter(), time.monotonic()
     stopped = 0.0
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "alignlab.bench", "_worker", str(spec_file), str(out_file)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 start_new_session=True)  # its own process group: a kill reaches its children
+        reaped = False
         try:
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG if time_limit > 0 else 0)
                 if pid:
+                    reaped = True
                     break
                 if time.perf_counter() - t0 >= time_limit:
-                    stopped = time.time()
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    stopped = time.monotonic()
+                    _kill_group(proc.pid)
                     _, status, usage = os.wait4(proc.pid, 0)
+                    reaped = True
                     break
                 time.sleep(min(0.5, time_limit / 20))
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
+        finally:  # the parent interrupted or failing must not leave a worker running in its own session
+            if not reaped:
+                _kill_group(proc.pid)
+                proc.wait()
+        _kill_group(proc.pid)  # anything the worker left behind in its group
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    if stopped and out_file.exists():  # it had finished and written its result, and was stopped tearing down
+        stopped = 0.0
+        proc.returncode = 0
     if stopped:
-        raw = stopped_worker(progress_file, launched, stopped, time_limit, max_step_tokens)
+        raw = stopped_worker(progress_file, launched, stopped, time_limit, max_step_tokens, spec.warmup_steps)
         raw.update(peak_rss_mib=usage.ru_maxrss / 1024, wall_s=wall)
         echo(f"  {name}: stopped at the time limit ({time_limit:.0f} s) after {raw['steps_done']} step(s)")
         return raw
@@ -669,6 +694,8 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
             # ABBA order over rounds, so a drift in the machine's load does not favour one library
             order = libraries if round_index % 2 == 0 else tuple(reversed(libraries))
             for library in order:
+                if any(raw.get("timed_out") for raw in raws[library]):
+                    continue  # it did not finish within the limit once; another round would not either
                 name = library if rounds == 1 else f"{library}-r{round_index + 1}"
                 echo(f"running {name} {stage} ({settings}, {warmup_steps}+{steps} {pair.unit}s) ...")
                 spec = BenchSpec(stage=stage, library=library, model=model, data=data, batch_size=batch_size,
@@ -803,9 +830,10 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{unit}(s) finished after {result['load_s']:.0f} s of loading, then "
                 f"{result['unfinished_step_s']:.0f} s in the next without finishing it")
         if result.get("tokens_per_s_upper_bound"):
-            line += (f"; a {unit} holds at most {result['max_step_tokens']:,} tokens, so that {unit} ran at under "
+            stretch = f"its warmup {unit}" if result.get("bound_from_warmup") else f"its timed {unit}s so far"
+            line += (f"; a {unit} holds at most {result['max_step_tokens']:,} tokens, so {stretch} ran at under "
                      f"{result['tokens_per_s_upper_bound']:.2f} tokens/s")
-        console.print(line + " (peak RSS: up to the stop)")
+        console.print(line + " (its peak RSS is the peak up to the stop, a lower bound)")
     comparison = report.get("comparison")
     if comparison and report["stage"] == "rm-kwise":
         tokens, epoch = comparison["encoded_tokens_per_epoch"], comparison["epoch_s_estimate"]
@@ -1622,11 +1650,13 @@ def _ours_gen(spec: BenchSpec, share_prefix: bool) -> dict[str, Any]:
     sampling = SamplingConfig(max_new_tokens=spec.option("max_new_tokens"), temperature=1.0, batch_size=b,
                               share_prefix=share_prefix)
     seconds, cpu_seconds, tokens, shared = [], [], [], []
+    stamp_progress("start")
     for step in range(spec.total_steps):
         chunk = flat[step * b : (step + 1) * b]
         wall, cpu = time.perf_counter(), time.process_time()
         samples = generate_from_ids(model, tokenizer, chunk, dc.replace(sampling, seed=spec.seed + step))
         seconds.append(time.perf_counter() - wall)
+        stamp_progress("step")
         cpu_seconds.append(time.process_time() - cpu)
         tokens.append(sum(len(x.response_ids) for x in samples))
         shared.append(shared_prefix_length(chunk))

@@ -38,6 +38,7 @@ from alignlab.errors import AlignlabError
 
 ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
 PAIRWISE_METHODS = ("dpo", "ipo", "simpo")  # learn from the preference pairs directly, no reward model
+CHECKPOINTING_METHODS = ("ppo", "ppo_nokl", *PAIRWISE_METHODS)  # evaluated along training at their checkpoints
 MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
     "sft": "1 (policy)",
     "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
@@ -212,6 +213,8 @@ def run_lab(cfg: LabConfig) -> Path:
     if unknown:
         raise AlignlabError(f"unknown methods {unknown} (choose from {', '.join(ALL_METHODS)})", field="methods")
     task = load_task(cfg.task, prompts_file=cfg.prompts or None, n_eval=cfg.n_eval, seed=cfg.seed)
+    if cfg.curve_points < 0:
+        raise AlignlabError(f"curve_points must be >= 0, got {cfg.curve_points}", field="curve_points")
     if len(task.train_prompts) < cfg.n_train:
         raise AlignlabError(f"the task has {len(task.train_prompts)} training prompts, fewer than n_train="
                             f"{cfg.n_train}", field="n_train")
@@ -247,12 +250,13 @@ def run_lab(cfg: LabConfig) -> Path:
     }
     for method in cfg.methods:
         params = {**common, **method_params[method]}
-        if method != "bon":  # the checkpoints the trainers keep and the evaluation along training
+        if method in CHECKPOINTING_METHODS:  # the trainer keeps the checkpoints the evaluation along training reads
             params["curve_points"] = cfg.curve_points
         # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
         needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
         lab.stage(method, params, needs, ctx.method(method))
-        lab.stage(f"eval_{method}", params, [method, "eval_sft"], ctx.evaluate_method(method))
+        eval_params = {**params, "curve_points": cfg.curve_points} if method != "bon" else params
+        lab.stage(f"eval_{method}", eval_params, [method, "eval_sft"], ctx.evaluate_method(method))
     report = write_report(lab, task)
     print(f"[lab] report: {report} (and {report.with_suffix('.html')})")
     return report

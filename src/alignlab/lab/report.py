@@ -280,10 +280,11 @@ def write_report(lab: Lab, task: Task) -> Path:
         "",
         "![frontier](frontier.png)",
         "",
-        "Each star is a method's final model on the held-out prompts (with its 95% interval); the thin line "
-        "behind it follows the same method along training, from the SFT model (KL 0) through checkpoints "
-        "evaluated the same way (rejection sampling: the end of each round); the best-of-n line is the cheapest "
-        "way to trade KL for reward and the baseline for the others.",
+        "Each star is a method's final model on the held-out prompts (with its 95% interval); "
+        + ("the thin line behind it follows the same method along training, from the SFT model (KL 0) through "
+           "checkpoints evaluated the same way (rejection sampling: the end of each round); "
+           if cfg.curve_points else "dashed lines follow PPO along training on its rollouts; ")
+        + "the best-of-n line is the cheapest way to trade KL for reward and the baseline for the others.",
         "",
         *_along_training(lab, rows),
     ]
