@@ -265,7 +265,7 @@ def test_time_limit_stops_a_stuck_worker_and_bounds_its_speed(tmp_path, monkeypa
     assert stuck["unfinished_step_s"] > 2.0 and not stuck["bound_from_warmup"]  # it slept in its first timed step
     assert stuck["max_step_tokens"] == 4 * 2 * 64
     assert stuck["tokens_per_s_upper_bound"] == pytest.approx(512 / stuck["unfinished_step_s"])
-    assert report["ratios"]["tokens_per_s_lower_bound"] == pytest.approx(150 / stuck["tokens_per_s_upper_bound"])
+    assert report["ratios"]["tokens_per_s_at_least"] == pytest.approx(150 / stuck["tokens_per_s_upper_bound"])
     assert "tokens_per_s" not in report["ratios"]
     print_report(report)
     out = capsys.readouterr().out

@@ -130,7 +130,6 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
         curve = final["curve"]
         assert [c["step"] for c in curve] == steps, method
         assert all(math.isfinite(c[k]) for c in curve for k in ("gold", "kl", "proxy", "fluency_nll"))
-        assert (curve[-1]["gold"], curve[-1]["kl"]) == (final["gold"], final["kl"])
         assert curve[0]["gold"] != final["gold"] or curve[0]["kl"] != final["kl"], method  # another model
         assert f"{steps[0]}: {curve[0]['gold']:.3f} at {curve[0]['kl']:.2f}" in report
     # a rerun reuses every stage

@@ -722,10 +722,11 @@ def run_benchmark(stage: str, *, model: str = "smollm2-135m-instruct", data: str
         keys = RATIO_KEYS + tuple(key for _, key, kind in pair.rows
                                   if kind not in ("str", "int") and not key.startswith("final_"))
         report["ratios"] = ratios(first, second, keys)
+        # a stopped runner has only a bound on its speed, so the ratio is a bound too
         if second.get("tokens_per_s_upper_bound") and first.get("tokens_per_s"):
-            report["ratios"]["tokens_per_s_lower_bound"] = first["tokens_per_s"] / second["tokens_per_s_upper_bound"]
+            report["ratios"]["tokens_per_s_at_least"] = first["tokens_per_s"] / second["tokens_per_s_upper_bound"]
         if first.get("tokens_per_s_upper_bound") and second.get("tokens_per_s"):
-            report["ratios"]["tokens_per_s_upper_bound"] = first["tokens_per_s_upper_bound"] / second["tokens_per_s"]
+            report["ratios"]["tokens_per_s_at_most"] = first["tokens_per_s_upper_bound"] / second["tokens_per_s"]
         if pair.compare and not (first.get("timed_out") or second.get("timed_out")):
             report["comparison"] = _import(pair.compare)(report)
     report["raw"] = {lib: [{k: raw[k] for k in ("step_seconds", "step_cpu_seconds", "step_tokens", "losses",
@@ -796,13 +797,12 @@ def format_table(report: dict[str, Any]) -> Any:
         cells = [str(results[lib].get(key) or "-") if kind == "str" else _fmt(results[lib].get(key), kind)
                  for lib in results]
         if "ratios" in report:
-            ratio = report["ratios"].get(key)
-            if key == "tokens_per_s" and ratio is None and "tokens_per_s_lower_bound" in report["ratios"]:
-                cells.append(f">= {_fmt(report['ratios']['tokens_per_s_lower_bound'], 'ratio')}")
-            elif key == "tokens_per_s" and ratio is None and "tokens_per_s_upper_bound" in report["ratios"]:
-                cells.append(f"<= {_fmt(report['ratios']['tokens_per_s_upper_bound'], 'ratio')}")
-            else:
-                cells.append(_fmt(ratio, "ratio"))
+            ratio, ratios_ = _fmt(report["ratios"].get(key), "ratio"), report["ratios"]
+            if key == "tokens_per_s" and "tokens_per_s_at_least" in ratios_:
+                ratio = f">= {_fmt(ratios_['tokens_per_s_at_least'], 'ratio')}"
+            elif key == "tokens_per_s" and "tokens_per_s_at_most" in ratios_:
+                ratio = f"<= {_fmt(ratios_['tokens_per_s_at_most'], 'ratio')}"
+            cells.append(ratio)
         table.add_row(label.replace("TOKENS", tokens).replace("UNIT", unit), *cells)
     return table
 

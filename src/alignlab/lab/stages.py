@@ -145,18 +145,31 @@ class Context:
 
     # -- evaluation ------------------------------------------------------------------------------------
 
-    def _evaluate(self, folder: Path, samples: list[Sample], policy_path: str | None,
-                  baseline_gold: list[float] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def held_out_samples(self, model: str | torch.nn.Module) -> list[Sample]:
+        """One answer per held-out prompt, with the seed every evaluation uses."""
+        return [g[0] for g in self.sample(model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+
+    def judges(self) -> tuple[torch.nn.Module, Any, int]:
+        """What every evaluation measures with, loaded once per stage: the SFT model (the reference of KL and
+        fluency), the reward model (the proxy score) and the pad id."""
         from alignlab.reward import load_scorer
 
-        tokenizer = load_tokenizer(self.sft_model)
-        reference = load_model(self.sft_model)
-        policy = load_model(policy_path) if policy_path else None
-        proxy = load_scorer(self.rm_path, precision="auto")
+        return (load_model(self.sft_model), load_scorer(self.rm_path, precision="auto"),
+                load_tokenizer(self.sft_model).pad_token_id)
+
+    def _measure(self, samples: list[Sample], policy: torch.nn.Module | None, baseline_gold: list[float] | None,
+                 judges: tuple[torch.nn.Module, Any, int]) -> dict[str, Any]:
+        reference, proxy, pad = judges
         with eval_autocast():
-            result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
-                                      reference=reference, pad_token_id=tokenizer.pad_token_id,
-                                      proxy_scorer=proxy, baseline_gold=baseline_gold)
+            return evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
+                                    reference=reference, pad_token_id=pad, proxy_scorer=proxy,
+                                    baseline_gold=baseline_gold)
+
+    def _evaluate(self, folder: Path, samples: list[Sample], policy_path: str | None,
+                  baseline_gold: list[float] | None, extra: dict[str, Any] | None = None,
+                  judges: tuple[torch.nn.Module, Any, int] | None = None) -> dict[str, Any]:
+        policy = load_model(policy_path) if policy_path else None
+        result = self._measure(samples, policy, baseline_gold, judges or self.judges())
         result.update(extra or {})
         _write_jsonl(folder / "samples.jsonl", [
             {"prompt": p, "response": s.text, "gold": g} for p, s, g in
@@ -165,15 +178,12 @@ class Context:
         return result
 
     def evaluate_sft(self, folder: Path) -> dict[str, Any]:
-        samples = [g[0] for g in self.sample(self.sft_model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
-        result = self._evaluate(folder, samples, self.sft_model, None)
-        base = [g[0] for g in self.sample(self.cfg.model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+        result = self._evaluate(folder, self.held_out_samples(self.sft_model), self.sft_model, None)
+        base = self.held_out_samples(self.cfg.model)
         result["base_gold"] = sum(self.task.gold_score(self.eval_prompts, [s.text for s in base])) / len(base)
         return result
 
     def evaluate_method(self, method: str) -> Callable[[Path], dict[str, Any]]:
-        from alignlab.reward import load_scorer
-
         def run(folder: Path) -> dict[str, Any]:
             trained = self.result(method)
             baseline = self.result("eval_sft")["gold_scores"]
@@ -181,26 +191,19 @@ class Context:
                 samples = [Sample(**s) for s in trained["chosen_samples"]]
                 return self._evaluate(folder, samples, None, baseline, {"kl": trained["kl_bound"],
                                                                         "kl_note": "analytic bound"})
-            samples = [g[0] for g in self.sample(trained["model"], self.eval_prompts, 1, seed=self.cfg.seed + 7)]
-            result = self._evaluate(folder, samples, trained["model"], baseline)
-            along = self._models_along_training(method)
-            proxy = load_scorer(self.rm_path, precision="auto") if along else None
-            points = [self._evaluate_point(load(), baseline, proxy) | {"step": step} for step, load in along]
+            judges = self.judges()
+            result = self._evaluate(folder, self.held_out_samples(trained["model"]), trained["model"], baseline,
+                                    judges=judges)
+            points = []
+            for step, load in self._models_along_training(method):  # measured as the final model is
+                model = load()
+                measured = self._measure(self.held_out_samples(model), model, baseline, judges)
+                points.append({"step": step, **{k: measured.get(k) for k in POINT_KEYS}})
             ends = {"step": trained["optimizer_steps"], **{k: result.get(k) for k in POINT_KEYS}}
             result["curve"] = [*points, ends] if points else []
             return result
 
         return run
-
-    def _evaluate_point(self, model: torch.nn.Module, baseline: list[float], proxy: Any) -> dict[str, Any]:
-        """A model from along training, measured as the final ones are (same prompts and sampling seed)."""
-        samples = [g[0] for g in self.sample(model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
-        tokenizer = load_tokenizer(self.sft_model)
-        with eval_autocast():
-            result = evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=model,
-                                      reference=load_model(self.sft_model), pad_token_id=tokenizer.pad_token_id,
-                                      proxy_scorer=proxy, baseline_gold=baseline)
-        return {k: result.get(k) for k in POINT_KEYS}
 
     def _models_along_training(self, method: str) -> list[tuple[int, Callable[[], torch.nn.Module]]]:
         """(optimizer steps done, a loader of the model then) for the method's checkpoints before its end:

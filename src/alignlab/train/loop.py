@@ -449,16 +449,7 @@ class Run:
             problem = verify_checkpoint(found)
             if problem:
                 raise AlignlabError(f"cannot resume: {problem}", file=str(found))
-        weights = load_file(str(found / "trainable.safetensors"))
-        unwrapped = self.accelerator.unwrap_model(model)
-        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-        trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-        if unexpected or (trainable - set(weights)):
-            raise AlignlabError(
-                f"checkpoint does not fit this model (unexpected {list(unexpected)[:3]}, "
-                f"missing {sorted(trainable - set(weights))[:3]})",
-                file=str(found),
-            )
+        load_trainable_weights(self.accelerator.unwrap_model(model), found)
         optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True, map_location="cpu"))
         state = torch.load(found / "state.pt", weights_only=True)
         scheduler.load_state_dict(state["scheduler"])
@@ -595,6 +586,24 @@ def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], op
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_trainable_weights(model: torch.nn.Module, checkpoint: Path, prefix: str = "") -> None:
+    """Load a checkpoint's ``trainable.safetensors`` into ``model``, whose trainable parameters it must hold,
+    all and only them (a clear error naming the checkpoint otherwise). ``prefix``: the model's name inside the
+    module that was trained (PPO saves its policy as ``policy.`` beside the value head); other weights are left
+    out."""
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    if prefix:
+        weights = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        _, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ (e.g. another LoRA rank)
+        raise AlignlabError(f"the checkpoint does not fit this model: {e}", file=str(checkpoint)) from e
+    if unexpected or not weights or trainable - set(weights):
+        raise AlignlabError(f"the checkpoint does not fit this model (unexpected {sorted(unexpected)[:3]}, missing "
+                            f"{sorted(trainable - set(weights))[:3]})", file=str(checkpoint))
 
 
 def run_config(run_dir: str | Path, cls: type) -> Any:

@@ -61,33 +61,19 @@ def prepare_policy(cfg: Any, tokenizer: Any, head: str = "causal_lm") -> torch.n
 def policy_from_checkpoint(cfg: Any, checkpoint: str | Path, tokenizer: Any, *, prefix: str = "") -> torch.nn.Module:
     """The model a training checkpoint holds, ready to sample or score (eval mode, a LoRA adapter merged):
     :func:`prepare_policy` on ``cfg`` (the run's config, so the adapter is wrapped the same way) with the
-    checkpoint's trainable weights loaded. ``prefix``: the policy's name inside the trained module (PPO saves
-    ``policy.`` and its value head; the rest of such a module is left out)."""
+    checkpoint's trainable weights loaded (``prefix``: see :func:`load_trainable_weights`)."""
     import dataclasses
-
-    from safetensors.torch import load_file
 
     from alignlab.errors import AlignlabError
     from alignlab.models import is_peft
-    from alignlab.train.loop import verify_checkpoint
+    from alignlab.train.loop import load_trainable_weights, verify_checkpoint
 
     checkpoint = Path(checkpoint)
     problem = verify_checkpoint(checkpoint)
     if problem:
         raise AlignlabError(f"cannot load the checkpoint: {problem}", file=str(checkpoint))
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
-    if prefix:
-        weights = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
     model = prepare_policy(dataclasses.replace(cfg, gradient_checkpointing=False), tokenizer)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        _, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shapes differ (e.g. another LoRA rank)
-        raise AlignlabError(f"the checkpoint does not fit {cfg.model} as configured: {e}", file=str(checkpoint)) from e
-    if unexpected or not weights or trainable - set(weights):
-        raise AlignlabError(f"the checkpoint does not fit {cfg.model} as configured (unexpected "
-                            f"{sorted(unexpected)[:3]}, missing {sorted(trainable - set(weights))[:3]})",
-                            file=str(checkpoint))
+    load_trainable_weights(model, checkpoint, prefix)
     model.eval()
     return model.merge_and_unload() if is_peft(model) else model
 
