@@ -163,7 +163,7 @@ PREAMBLE = [40, 41, 42, 43, 44]
 
 @pytest.mark.parametrize(("name", "layout"), LAYOUTS, ids=[n for n, _ in LAYOUTS])
 def test_shared_prompt_logps_and_scores_equal_separate_sequences(tiny_tokenizer, name, layout):
-    from alignlab.reward import prepare_reward_tokenizer
+    from alignlab.scoring import prepare_reward_tokenizer
     from alignlab.train.forward import (
         SEGMENT_ATTENTION,
         collate_shared_prompt,

@@ -13,8 +13,8 @@ import pytest
 
 from alignlab.data.formats import load_sft_dataset
 from alignlab.data.preference import load_feedback, load_preferences
-from alignlab.data.prompts import load_prompts
 from alignlab.errors import AlignlabError
+from alignlab.tasks.loading import load_prompts
 
 GOOD = {
     "sft": {"instruction": "Say hi.", "input": "", "output": "Hi."},

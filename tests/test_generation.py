@@ -145,11 +145,11 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_tokenizer, monkeypatch,
     import pytest
 
     from alignlab.cli import main as cli_main
-    from alignlab.config import PPOConfig
+    from alignlab.config import BoNConfig, PPOConfig, RSConfig
     from alignlab.errors import AlignlabError
     from alignlab.generation import check_backend, make_sampler
     from alignlab.train.ppo import train_ppo
-    from alignlab.train.rejection import BoNConfig, RSConfig, run_bon, run_rs
+    from alignlab.train.rejection import run_bon, run_rs
 
     _no_vllm(monkeypatch)
     message = "backend=vllm needs the vllm package.*pip install vllm.*backend=hf"
@@ -161,7 +161,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_tokenizer, monkeypatch,
     prompts.write_text("Hello\n")
     start = time.perf_counter()
     with pytest.raises(AlignlabError, match=message):
-        train_ppo(PPOConfig(prompts=str(prompts), reward="alignlab.rewards:sentiment", backend="vllm",
+        train_ppo(PPOConfig(prompts=str(prompts), reward="alignlab.reward_functions:sentiment", backend="vllm",
                             output_dir=str(tmp_path / "ppo")))
     with pytest.raises(AlignlabError, match=message):
         run_rs(RSConfig(prompts=str(prompts), reward="x:y", backend="vllm", output_dir=str(tmp_path / "rs")))
@@ -169,7 +169,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_tokenizer, monkeypatch,
         run_bon(BoNConfig(prompts=str(prompts), reward="x:y", backend="vllm", output_dir=str(tmp_path / "bon")))
     assert time.perf_counter() - start < 2.0  # refused up front, nothing loaded
     assert not (tmp_path / "ppo").exists() and not (tmp_path / "rs").exists()
-    assert cli_main(["ppo", f"prompts={prompts}", "reward=alignlab.rewards:sentiment", "backend=vllm",
+    assert cli_main(["ppo", f"prompts={prompts}", "reward=alignlab.reward_functions:sentiment", "backend=vllm",
                      f"output_dir={tmp_path / 'cli'}"]) == 2
 
 

@@ -27,7 +27,7 @@ import transformers
 from alignlab.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 from alignlab.train.dpo import train_dpo
 from alignlab.train.ppo import train_ppo
-from alignlab.train.reward import train_reward
+from alignlab.train.reward_model import train_reward
 from alignlab.train.sft import train_sft
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -12,7 +12,8 @@ import pytest
 from alignlab.config import DPOConfig, SFTConfig
 from alignlab.models import load_tokenizer
 from alignlab.train.dpo import train_dpo
-from alignlab.train.sft import prepare_policy, train_sft
+from alignlab.train.policy import prepare_policy
+from alignlab.train.sft import train_sft
 
 COMMON = dict(model="tiny-random", precision="fp32", progress=False, save_final=False, eval_fraction=0.0,
               max_steps=3, batch_size=4, warmup_ratio=0.0)

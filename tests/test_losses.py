@@ -18,7 +18,7 @@ from alignlab.losses.common import (
     selective_log_softmax,
     sequence_logps,
 )
-from alignlab.losses.reward import (
+from alignlab.losses.reward_model import (
     bradley_terry_loss,
     kendall_tau,
     kwise_ranking_loss,

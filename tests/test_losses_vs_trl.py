@@ -34,7 +34,7 @@ from alignlab.losses.dpo import (  # noqa: E402
     simpo_loss,
 )
 from alignlab.losses.ppo import entropy_from_logits  # noqa: E402
-from alignlab.losses.reward import bradley_terry_loss, reward_centering_term  # noqa: E402
+from alignlab.losses.reward_model import bradley_terry_loss, reward_centering_term  # noqa: E402
 
 RTOL = 1e-5
 ATOL = 1e-6

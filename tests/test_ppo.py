@@ -264,7 +264,7 @@ def test_resume_continues_exactly(tmp_path, prompts_file):
     full = train_ppo(full_cfg, reward=frac_e)
     # the last checkpoint read back as a policy (PPO saves it under "policy.", beside the critic) is the final model
     from alignlab.models import load_tokenizer
-    from alignlab.train.sft import policy_from_checkpoint
+    from alignlab.train.policy import policy_from_checkpoint
 
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     restored = policy_from_checkpoint(full_cfg, full / "checkpoints" / "step-0000004", load_tokenizer("tiny-random"),
@@ -388,8 +388,8 @@ def test_cli_runs_ppo_and_reports_errors(tmp_path, prompts_file, capsys):
 
 
 def test_builtin_sentiment_reward():
-    from alignlab.reward import load_scorer
+    from alignlab.scoring import load_scorer
 
-    scorer = load_scorer("alignlab.rewards:sentiment")
+    scorer = load_scorer("alignlab.reward_functions:sentiment")
     good, bad, flat = scorer.score(["a"] * 3, ["I love it, wonderful!", "This is awful and sad.", "It is a table."])
     assert good > 0.5 and bad < -0.5 and flat == 0.0

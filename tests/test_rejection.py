@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from alignlab.config import build_config
+from alignlab.config import BoNConfig, RSConfig, build_config
 from alignlab.errors import AlignlabError
 from alignlab.generation import SamplingConfig, generate
 from alignlab.models import load_model, load_tokenizer
 from alignlab.train.rejection import (
-    BoNConfig,
-    RSConfig,
     best_of_first_k,
     best_of_n_kl,
     expected_best_of_k,
@@ -85,7 +83,7 @@ def test_bon_writes_every_sample_and_marks_the_best(tmp_path, reward_file):
 
 
 def test_nan_reward_is_an_error_or_a_counted_skip(tmp_path, reward_file):
-    from alignlab.reward import load_scorer
+    from alignlab.scoring import load_scorer
 
     scorer = load_scorer(f"{reward_file}:broken")
     with pytest.raises(AlignlabError, match="broken"):

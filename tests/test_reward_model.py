@@ -16,9 +16,9 @@ from alignlab.cli import main as cli_main
 from alignlab.config import RewardConfig
 from alignlab.data.preference import PreferenceRecord, expand_to_pairs
 from alignlab.errors import AlignlabError
-from alignlab.losses.reward import bradley_terry_loss, kwise_ranking_loss
+from alignlab.losses.reward_model import bradley_terry_loss, kwise_ranking_loss
 from alignlab.models import load_model, load_tokenizer
-from alignlab.reward import (
+from alignlab.scoring import (
     ModelScorer,
     fit_to_length,
     load_scorer,
@@ -27,7 +27,13 @@ from alignlab.reward import (
     score_last_token,
 )
 from alignlab.train.loop import list_checkpoints
-from alignlab.train.reward import collate_rankings, encode_preferences, ranking_rewards, rewards_grid, train_reward
+from alignlab.train.reward_model import (
+    collate_rankings,
+    encode_preferences,
+    ranking_rewards,
+    rewards_grid,
+    train_reward,
+)
 
 GOOD = ["great", "wonderful", "lovely", "delightful", "beautiful", "happy"]
 BAD = ["awful", "terrible", "boring", "hated", "long", "bad"]
@@ -132,7 +138,7 @@ def test_score_sequences_encodes_a_common_preamble_once_with_the_same_scores(tin
     """Sequences that start with the same preamble (a template's text): scored with the preamble encoded once
     (fewer tokens embedded), each score equal to the sequence's own plain forward (1e-5)."""
     from alignlab.data.tokenize import SHARED_PREFIX_MIN
-    from alignlab.reward import score_sequences
+    from alignlab.scoring import score_sequences
 
     model, tok = tiny_rm
     preamble = tok("Below is an instruction that describes a task, paired with an input.",
@@ -338,7 +344,7 @@ def test_resume_gives_the_same_losses(tmp_path):
 
 
 def test_accumulation_and_max_tokens_pieces_match_one_big_batch(tmp_path, monkeypatch):
-    import alignlab.train.reward as reward
+    import alignlab.train.reward_model as reward
 
     forwards: list[int] = []
     real = reward.ranking_rewards

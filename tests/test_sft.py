@@ -153,7 +153,7 @@ def test_lora_sft_saves_a_merged_model(tmp_path):
 
 def test_a_lora_checkpoint_reads_back_as_the_model_it_held(tmp_path):
     from alignlab.models import load_model, load_tokenizer
-    from alignlab.train.sft import policy_from_checkpoint
+    from alignlab.train.policy import policy_from_checkpoint
 
     cfg = _cfg(tmp_path, "ck", max_steps=3, lora=True, lora_r=4, save_final=True, lr=1e-2, save_every=1,
                keep_checkpoints=3)

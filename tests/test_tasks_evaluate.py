@@ -91,7 +91,7 @@ def test_annotators_exact_at_zero_temperature_and_noisy_above():
 
 
 def test_task_prompt_sources_give_the_task_splits():
-    from alignlab.data.prompts import load_prompts
+    from alignlab.tasks.loading import load_prompts
 
     task = load_task("sentiment")
     train, held = load_prompts("task:sentiment:train"), load_prompts("task:sentiment:eval")
@@ -129,7 +129,8 @@ def test_response_logps_with_a_shared_preamble_equal_each_sequence_alone(tiny_to
 
 
 def test_checkpoints_along_training_are_evenly_spaced_and_checked(tmp_path):
-    from alignlab.lab.pipeline import quick_config, run_lab
+    from alignlab.config import quick_config
+    from alignlab.lab.pipeline import run_lab
     from alignlab.lab.stages import Context
 
     def settings(points: int, total: int) -> dict[str, int]:

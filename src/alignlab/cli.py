@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from alignlab.config import build_config, config_fields
@@ -24,9 +25,9 @@ STAGES: dict[str, Stage] = {
             "alignlab.train.sft:train_sft"),
     # stages: reward model
     "rm train": ("train a reward model on preference pairs or rankings (Bradley-Terry / K-wise)",
-                 "alignlab.config:RewardConfig", "alignlab.train.reward:train_reward"),
+                 "alignlab.config:RewardConfig", "alignlab.train.reward_model:train_reward"),
     "rm score": ("score a data file with a reward model or a Python function; writes a scored copy",
-                 "alignlab.config:RewardScoreConfig", "alignlab.reward:score_data"),
+                 "alignlab.config:RewardScoreConfig", "alignlab.scoring:score_data"),
     # stages: dpo
     "dpo": ("preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo (pairs) or kto (feedback)",
             "alignlab.config:DPOConfig", "alignlab.train.dpo:train_dpo"),
@@ -154,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "reward model, PPO, DPO, IPO, SimPO, rejection sampling, best-of-n) and its report",
                           description="Run the lab (alignlab lab run) with the built-in defaults; every option "
                           "below overrides one. The report goes to OUTPUT_ROOT/NAME/report.md and report.html.")
-    from alignlab.demo import add_demo_arguments
+    from alignlab.config import LabConfig
 
-    add_demo_arguments(demo)
-    demo.set_defaults(func=lambda a: _import("alignlab.demo:run_demo")(a))
+    demo.add_argument("--quick", action="store_true",
+                      help="tiny-random model and small budgets: the whole pipeline in about a minute")
+    add_config_options(demo, LabConfig)
+    demo.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("data", help="look at data before training on it")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -186,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompt_file(path: str) -> list[Any]:
     """Prompts from a ``.txt`` file (one per non-empty line) or any instruction/preference data file."""
-    from pathlib import Path
 
     p = Path(path)
     if p.suffix == ".txt":
@@ -194,12 +196,33 @@ def read_prompt_file(path: str) -> list[Any]:
             raise AlignlabError("prompt file does not exist", file=path)
         prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        from alignlab.data.prompts import load_prompts
+        from alignlab.tasks.loading import load_prompts
 
         prompts = load_prompts(path)
     if not prompts:
         raise AlignlabError("no prompts in this file", file=path)
     return prompts
+
+
+def cmd_demo(args: argparse.Namespace) -> Path:
+    """``alignlab demo``: the lab on its built-in default, the controlled-sentiment task with SmolLM2.
+
+    ``make demo`` runs this: SFT -> simulated preference data -> reward model -> PPO (with and without the KL
+    penalty), DPO, IPO, SimPO, rejection sampling and best-of-n -> evaluation -> ``runs/demo/report.md`` and
+    ``report.html``. ``--quick`` runs the same pipeline on the tiny random model with small budgets (the test
+    suite runs it); every lab option can be overridden (``alignlab demo --help``).
+    """
+    import dataclasses
+
+    from alignlab.config import LabConfig, quick_config
+    from alignlab.lab.pipeline import run_lab
+
+    cfg = config_from_args(LabConfig, args)
+    if args.quick:  # quick defaults, then whatever the user set explicitly
+        explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LabConfig)
+                    if getattr(cfg, f.name) != getattr(LabConfig(), f.name)}
+        cfg = quick_config(**explicit)
+    return run_lab(cfg)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Configuration: one dataclass per stage, read from YAML with ``key=value`` overrides.
+"""Configuration: one dataclass per stage (every trainer, best-of-n, rejection sampling, the lab), read from
+YAML with ``key=value`` overrides.
 
 Every field carries its help text in ``metadata["help"]``; the CLI builds its options from these
 dataclasses, so ``--help`` documents every option and a YAML file can set any of them.
@@ -15,6 +16,28 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from alignlab.errors import AlignlabError
+
+__all__ = [
+    "ALL_METHODS",
+    "BoNConfig",
+    "DPOConfig",
+    "DataConfig",
+    "LabConfig",
+    "ModelConfig",
+    "PPOConfig",
+    "RSConfig",
+    "RewardConfig",
+    "RewardScoreConfig",
+    "SFTConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "build_config",
+    "config_fields",
+    "config_to_dict",
+    "opt",
+    "parse_columns",
+    "quick_config",
+]
 
 T = TypeVar("T")
 
@@ -232,18 +255,6 @@ def config_fields(cls: type) -> list[tuple[str, Any, Any, str, list | None]]:
     return out
 
 
-__all__ = [
-    "DPOConfig",
-    "DataConfig",
-    "ModelConfig",
-    "SFTConfig",
-    "TrainConfig",
-    "build_config",
-    "config_fields",
-    "config_to_dict",
-    "opt",
-    "parse_columns",
-]
 
 
 @dataclass
@@ -320,7 +331,7 @@ class PPOConfig(TrainConfig):
     # -- roles
     reward_model: str = opt("", "reward: a reward-model folder (alignlab rm train), or module:function")
     reward: str = opt("", "reward: a Python function module:function or file.py:function, "
-                      "f(prompts, responses) -> list[float] (e.g. alignlab.rewards:sentiment)")
+                      "f(prompts, responses) -> list[float] (e.g. alignlab.reward_functions:sentiment)")
     reward_batch_size: int = opt(16, "sequences per reward-model forward pass")
     reference: str = opt("", "reference model; empty = the starting policy (with LoRA: the policy with its adapter "
                          "disabled, no second model)")
@@ -371,3 +382,142 @@ class PPOConfig(TrainConfig):
     eval_greedy: bool = opt(False, "held-out generations by greedy decoding (default: sampled at the rollout "
                             "temperature with a fixed seed, so the KL estimate is unbiased)")
     log_samples: int = opt(4, "sample responses written to samples.jsonl each iteration (and at each evaluation)")
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SampleConfig:
+    """What to sample from and how to score it (shared by ``bon`` and ``rs``)."""
+
+    prompts: str = opt("", "prompts: .txt (one per line) or any instruction/preference file")
+    reward_model: str = opt("", "reward model folder (from alignlab rm train)")
+    reward: str = opt("", "or a Python reward function module:function(prompts, responses) -> scores")
+    n: int = opt(4, "samples per prompt")
+    template: str = opt("chat", "how prompts are rendered", choices=["chat", "alpaca", "none"])
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = opt(64, "tokens generated per sample")
+    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)")
+    gen_batch_size: int = opt(32, "sequences generated together")
+    backend: str = opt("hf", "generation: hf (Hugging Face generate) or vllm (GPU, needs vllm)",
+                       choices=["hf", "vllm"])
+    limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
+    on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
+                            choices=["stop", "skip"])
+    gold: str = opt("", "optional second scorer module:function that judges the results (e.g. a gold score "
+                        "next to a learned reward model)")
+
+
+@dataclass
+class BoNConfig(SampleConfig):
+    """Best-of-n at inference."""
+
+    model: str = opt("smollm2-135m-instruct", "the policy to sample from")
+    output_dir: str = opt("runs/bon", "folder for samples.jsonl and summary.json")
+    seed: int = opt(0, "sampling seed")
+    allow_pickle: bool = opt(False, "allow pickle-based weights (unsafe)")
+
+
+@dataclass
+class RSConfig(SampleConfig, SFTConfig):
+    """Rejection-sampling fine-tuning: the SFT options apply to every round's fine-tuning."""
+
+    output_dir: str = opt("runs/rs", "run folder: round-N/{samples,kept}.jsonl, round-N/sft/, final/")
+    rounds: int = opt(2, "rounds of sample -> select -> fine-tune")
+    select: str = opt("best", "which samples to keep per prompt", choices=["best", "top_k", "threshold"])
+    top_k: int = opt(1, "with select=top_k: how many to keep per prompt")
+    threshold: float = opt(0.0, "with select=threshold: keep samples scoring at least this")
+    data: str = opt("", "(unused: rejection sampling makes its own data)")
+    eval_prompts: str = opt("", "held-out prompts: the start and every round's policy answer them once, scored "
+                                "by the same reward, with KL from the start model (empty = no evaluation)")
+    eval_seed: int = opt(1234, "sampling seed of the held-out answers (the same for every round)")
+
+
+# ----------------------------------------------------------------------------------------------- the lab
+
+
+ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
+PAIRWISE_METHODS = ("dpo", "ipo", "simpo")  # learn from the preference pairs directly, no reward model
+CHECKPOINTING_METHODS = ("ppo", "ppo_nokl", *PAIRWISE_METHODS)  # evaluated along training at their checkpoints
+MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
+    "sft": "1 (policy)",
+    "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
+           "head on the policy with ppo_share_backbone), and a bf16 copy of the policy for sampling",
+    "ppo_nokl": "4 roles, as ppo (the reference is not needed at beta = 0; kept for logging the KL)",
+    "dpo": "2: policy, reference (adapter-off policy with LoRA)",
+    "ipo": "2: policy, reference (adapter-off policy with LoRA)",
+    "simpo": "1: policy (reference-free)",
+    "rs": "2: policy, reward model (and a bf16 copy of the policy for sampling)",
+    "bon": "2 at inference: policy, reward model",
+}
+
+
+@dataclass
+class LabConfig:
+    """One lab run: a task, a base model, the methods and their budgets."""
+
+    name: str = opt("demo", "run name: the report goes to OUTPUT_ROOT/NAME/report.md")
+    output_root: str = opt("runs", "folder holding lab runs")
+    task: str = opt("sentiment", "task: a built-in name or module:function returning a Task")
+    prompts: str = opt("", "replace the task's prompts with this file (e.g. IMDb review prefixes)")
+    model: str = opt("smollm2-135m-instruct", "base model")
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
+                               metadata={"help": f"methods to compare (comma list of {', '.join(ALL_METHODS)})"})
+    seed: int = opt(0, "one seed for everything")
+    n_eval: int = opt(32, "held-out prompts for evaluation")
+    n_train: int = opt(48, "training prompts used by every method")
+    lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
+    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
+    gen_batch_size: int = opt(144, "sequences generated together (PPO: at most its rollout); larger batches decode "
+                              "more tokens per pass over the weights (144 against 48: 1.61x, BENCHMARKS.md, fp32)")
+    # SFT
+    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
+    sft_lr: float = opt(5e-4, "SFT learning rate")
+    # preference data
+    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank")
+    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
+    # reward model
+    rm_steps: int = opt(48, "reward-model optimizer steps")
+    rm_lr: float = opt(3e-3, "reward-model learning rate")
+    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
+    # DPO family
+    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo")
+    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
+    dpo_beta: float = opt(0.15, "DPO's beta")
+    ipo_beta: float = opt(0.5, "IPO's beta (tau): it pulls the log-ratio margin to 1/(2 tau), so a small tau lets it "
+                          "drift far (0.15: 17.6 nats on seed 0)")
+    dpo_batch_size: int = opt(3, "rankings per dpo, ipo and simpo step, each with all its pairs (15 for 6 answers, "
+                              "each answer encoded once): about the sequences of 8 separate pairs")
+    # PPO
+    ppo_iterations: int = opt(8, "PPO iterations (rollouts)")
+    ppo_rollout: int = opt(48, "responses per PPO rollout")
+    ppo_lr: float = opt(1e-3, "PPO learning rate")
+    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
+    ppo_epochs: int = opt(2, "PPO passes over each rollout")
+    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
+    ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
+                                   "model (about half the update's compute)")
+    # rejection sampling / best-of-n
+    rs_rounds: int = opt(2, "rejection-sampling rounds: sample from the current policy, keep the best, fine-tune "
+                            "(the next round samples from the fine-tuned model)")
+    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round")
+    rs_steps: int = opt(8, "SFT steps on each round's kept samples")
+    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
+    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
+    batch_size: int = opt(16, "training micro-batch size for every method")
+    curve_points: int = opt(2, "checkpoints along each method's training (evenly spaced, besides its end) evaluated "
+                            "on the held-out prompts like the final models: the frontier plot's lines "
+                            "(rejection sampling: the ends of its rounds); 0 = final models only")
+    progress: bool = opt(True, "show progress bars")
+
+
+def quick_config(**overrides: Any) -> LabConfig:
+    """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
+    base = dict(name="quick", model="tiny-random", n_eval=8, n_train=8, max_new_tokens=8, sft_steps=3,
+                sft_lr=3e-3, k_annotate=3, rm_steps=3, rm_lr=3e-3, dpo_steps=2, dpo_lr=3e-3, ppo_iterations=2,
+                ppo_rollout=8, ppo_lr=3e-3, rs_n=3, rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8,
+                gen_batch_size=48, lora=False)
+    base.update(overrides)
+    return LabConfig(**base)  # type: ignore[arg-type]

@@ -43,6 +43,26 @@ from transformers.utils import logging as hf_logging
 from alignlab.errors import AlignlabError
 
 SMOLLM2 = "smollm2-135m-instruct"
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` on a GPU with bf16 or a CPU with native bf16, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
 TINY = "tiny-random"
 BUILTIN_MODELS = (SMOLLM2, TINY)
 
@@ -491,8 +511,6 @@ def load_frozen_reference(name: str, cfg: Any, tokenizer: Any, device: torch.dev
     """A reference model for DPO or PPO: loaded, dropout off, eval mode, no gradients, on ``device``; with
     ``cfg.precision`` resolving to bf16, its matmul weights stored in bf16 (:func:`bf16_matmul_weights`).
     ``cfg``: a training config (``allow_pickle``, ``trust_remote_code``, ``precision``)."""
-    from alignlab.train.loop import resolve_precision
-
     model = load_model(name, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
                        tokenizer=tokenizer)
     disable_dropout(model)

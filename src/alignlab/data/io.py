@@ -22,7 +22,7 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +354,12 @@ def _read_hub(source: str, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield index, dict(row)
     if count == 0:
         raise AlignlabError(f"split {split!r} holds no records", file=source)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write ``rows`` as JSON lines (UTF-8, non-ASCII kept as is); returns ``path``."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -20,195 +20,21 @@ All prompts are rendered once with the Alpaca template, and every trainer reads 
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import hashlib
 import json
-import shutil
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from alignlab import __version__
-from alignlab.config import opt
+from alignlab.config import ALL_METHODS, CHECKPOINTING_METHODS, PAIRWISE_METHODS, LabConfig
 from alignlab.data.templates import render_alpaca_prompt
 from alignlab.errors import AlignlabError
-
-ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
-PAIRWISE_METHODS = ("dpo", "ipo", "simpo")  # learn from the preference pairs directly, no reward model
-CHECKPOINTING_METHODS = ("ppo", "ppo_nokl", *PAIRWISE_METHODS)  # evaluated along training at their checkpoints
-MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
-    "sft": "1 (policy)",
-    "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
-           "head on the policy with ppo_share_backbone), and a bf16 copy of the policy for sampling",
-    "ppo_nokl": "4 roles, as ppo (the reference is not needed at beta = 0; kept for logging the KL)",
-    "dpo": "2: policy, reference (adapter-off policy with LoRA)",
-    "ipo": "2: policy, reference (adapter-off policy with LoRA)",
-    "simpo": "1: policy (reference-free)",
-    "rs": "2: policy, reward model (and a bf16 copy of the policy for sampling)",
-    "bon": "2 at inference: policy, reward model",
-}
-
-
-@dataclass
-class LabConfig:
-    """One lab run: a task, a base model, the methods and their budgets."""
-
-    name: str = opt("demo", "run name: the report goes to OUTPUT_ROOT/NAME/report.md")
-    output_root: str = opt("runs", "folder holding lab runs")
-    task: str = opt("sentiment", "task: a built-in name or module:function returning a Task")
-    prompts: str = opt("", "replace the task's prompts with this file (e.g. IMDb review prefixes)")
-    model: str = opt("smollm2-135m-instruct", "base model")
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
-                               metadata={"help": f"methods to compare (comma list of {', '.join(ALL_METHODS)})"})
-    seed: int = opt(0, "one seed for everything")
-    n_eval: int = opt(32, "held-out prompts for evaluation")
-    n_train: int = opt(48, "training prompts used by every method")
-    lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
-    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
-    gen_batch_size: int = opt(144, "sequences generated together (PPO: at most its rollout); larger batches decode "
-                              "more tokens per pass over the weights (144 against 48: 1.61x, BENCHMARKS.md, fp32)")
-    # SFT
-    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
-    sft_lr: float = opt(5e-4, "SFT learning rate")
-    # preference data
-    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank")
-    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
-    # reward model
-    rm_steps: int = opt(48, "reward-model optimizer steps")
-    rm_lr: float = opt(3e-3, "reward-model learning rate")
-    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
-    # DPO family
-    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo")
-    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
-    dpo_beta: float = opt(0.15, "DPO's beta")
-    ipo_beta: float = opt(0.5, "IPO's beta (tau): it pulls the log-ratio margin to 1/(2 tau), so a small tau lets it "
-                          "drift far (0.15: 17.6 nats on seed 0)")
-    dpo_batch_size: int = opt(3, "rankings per dpo, ipo and simpo step, each with all its pairs (15 for 6 answers, "
-                              "each answer encoded once): about the sequences of 8 separate pairs")
-    # PPO
-    ppo_iterations: int = opt(8, "PPO iterations (rollouts)")
-    ppo_rollout: int = opt(48, "responses per PPO rollout")
-    ppo_lr: float = opt(1e-3, "PPO learning rate")
-    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
-    ppo_epochs: int = opt(2, "PPO passes over each rollout")
-    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
-    ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
-                                   "model (about half the update's compute)")
-    # rejection sampling / best-of-n
-    rs_rounds: int = opt(2, "rejection-sampling rounds: sample from the current policy, keep the best, fine-tune "
-                            "(the next round samples from the fine-tuned model)")
-    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round")
-    rs_steps: int = opt(8, "SFT steps on each round's kept samples")
-    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
-    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
-    batch_size: int = opt(16, "training micro-batch size for every method")
-    curve_points: int = opt(2, "checkpoints along each method's training (evenly spaced, besides its end) evaluated "
-                            "on the held-out prompts like the final models: the frontier plot's lines "
-                            "(rejection sampling: the ends of its rounds); 0 = final models only")
-    progress: bool = opt(True, "show progress bars")
-
-
-def quick_config(**overrides: Any) -> LabConfig:
-    """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
-    base = dict(name="quick", model="tiny-random", n_eval=8, n_train=8, max_new_tokens=8, sft_steps=3,
-                sft_lr=3e-3, k_annotate=3, rm_steps=3, rm_lr=3e-3, dpo_steps=2, dpo_lr=3e-3, ppo_iterations=2,
-                ppo_rollout=8, ppo_lr=3e-3, rs_n=3, rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8,
-                gen_batch_size=48, lora=False)
-    base.update(overrides)
-    return LabConfig(**base)  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------------------------- memory
-
-
-def _trim_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's peak RSS (Linux: write 5 to /proc/self/clear_refs); a no-op elsewhere."""
-    _trim_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS since the last reset, in MiB (VmHWM), else the process's lifetime peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# ----------------------------------------------------------------------------------------------- stages
-
-
-class Lab:
-    """Runs stages with caching and keeps their results."""
-
-    def __init__(self, cfg: LabConfig) -> None:
-        self.cfg = cfg
-        self.root = Path(cfg.output_root) / cfg.name
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.results: dict[str, dict[str, Any]] = {}
-        self.keys: dict[str, str] = {}
-
-    def stage(self, name: str, params: dict[str, Any], after: list[str], fn: Callable[[Path], dict]) -> dict:
-        """Run ``fn(folder)`` unless a finished stage with the same key exists. The key hashes ``params``,
-        the keys of the stages in ``after`` and the alignlab version."""
-        key_src = json.dumps({"params": params, "after": {a: self.keys[a] for a in after},
-                              "version": __version__}, sort_keys=True, default=str)
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-        folder = self.root / name
-        marker = folder / "stage.json"
-        if marker.exists():
-            saved = json.loads(marker.read_text())
-            if saved.get("key") == key:
-                print(f"[lab] {name}: cached ({folder})")
-                self.keys[name], self.results[name] = key, saved["result"]
-                return saved["result"]
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        print(f"[lab] {name}: running")
-        reset_peak_rss()
-        start = time.perf_counter()
-        result = fn(folder)
-        result.setdefault("wall_s", time.perf_counter() - start)
-        result.setdefault("peak_rss_mb", peak_rss_mb())
-        marker.write_text(json.dumps({"key": key, "params": params, "result": result}, indent=1, default=float))
-        self.keys[name], self.results[name] = key, result
-        print(f"[lab] {name}: done in {result['wall_s']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MiB")
-        return result
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+from alignlab.lab import stages
+from alignlab.lab.cache import Lab
+from alignlab.lab.report import write_report
+from alignlab.tasks import load_task
 
 
 def run_lab(cfg: LabConfig) -> Path:
     """Run (or reuse) every stage and write the report; returns the report's path."""
-    from alignlab.lab import stages
-    from alignlab.lab.report import write_report
-    from alignlab.tasks import load_task
-
     unknown = [m for m in cfg.methods if m not in ALL_METHODS]
     if unknown:
         raise AlignlabError(f"unknown methods {unknown} (choose from {', '.join(ALL_METHODS)})", field="methods")

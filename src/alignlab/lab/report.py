@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from alignlab.lab.pipeline import MODELS_IN_MEMORY, Lab  # noqa: E402
+from alignlab.config import MODELS_IN_MEMORY  # noqa: E402
+from alignlab.lab.cache import Lab  # noqa: E402
 from alignlab.tasks import Task  # noqa: E402
 
 LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "dpo": "DPO", "ipo": "IPO",

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from alignlab.config import LabConfig
+from alignlab.data.io import write_jsonl
 from alignlab.evaluate import evaluate_samples
 from alignlab.generation import Sample, SamplingConfig, generate_from_ids
 from alignlab.lab.annotate import annotate
-from alignlab.lab.pipeline import Lab, LabConfig, _write_jsonl
-from alignlab.models import load_model, load_tokenizer
+from alignlab.lab.cache import Lab
+from alignlab.models import load_model, load_tokenizer, resolve_precision
 from alignlab.tasks import Task
-from alignlab.train.loop import resolve_precision
 
 # what a point along training records (the final model's evaluation holds these and more)
 POINT_KEYS = ("gold", "gold_ci95", "proxy", "kl", "kl_ci95", "fluency_nll", "distinct_2", "win_rate")
@@ -85,7 +86,7 @@ class Context:
         return [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
 
     def prompts_file(self, folder: Path) -> str:
-        return str(_write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in self.train_prompts]))
+        return str(write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in self.train_prompts]))
 
     def train_common(self, folder: Path) -> dict[str, Any]:
         return dict(output_dir=str(folder / "run"), seed=self.cfg.seed, lora=self.cfg.lora, lora_r=16,
@@ -119,7 +120,7 @@ class Context:
         unfinished = [[not s.finished for s in g] for g in groups]
         records, report = annotate(self.train_prompts, texts, gold, temperature=self.cfg.annotator_temperature,
                                    seed=self.cfg.seed, unfinished=unfinished)
-        path = _write_jsonl(folder / "preferences.jsonl",
+        path = write_jsonl(folder / "preferences.jsonl",
                             [{"prompt": r.prompt, "responses": r.responses, "unfinished": r.unfinished}
                              for r in records])
         flat_gold = [g for row in gold for g in row]
@@ -132,7 +133,7 @@ class Context:
 
     def reward_model(self, folder: Path) -> dict[str, Any]:
         from alignlab.config import RewardConfig
-        from alignlab.train.reward import train_reward
+        from alignlab.train.reward_model import train_reward
 
         cfg = RewardConfig(model=self.sft_model, data=self.result("preferences")["file"], format="ranking",
                            template="none", max_steps=self.cfg.rm_steps, lr=self.cfg.rm_lr, eval_fraction=0.2,
@@ -152,7 +153,7 @@ class Context:
     def judges(self) -> tuple[torch.nn.Module, Any, int]:
         """What every evaluation measures with, loaded once per stage: the SFT model (the reference of KL and
         fluency), the reward model (the proxy score) and the pad id."""
-        from alignlab.reward import load_scorer
+        from alignlab.scoring import load_scorer
 
         return (load_model(self.sft_model), load_scorer(self.rm_path, precision="auto"),
                 load_tokenizer(self.sft_model).pad_token_id)
@@ -171,7 +172,7 @@ class Context:
         policy = load_model(policy_path) if policy_path else None
         result = self._measure(samples, policy, baseline_gold, judges or self.judges())
         result.update(extra or {})
-        _write_jsonl(folder / "samples.jsonl", [
+        write_jsonl(folder / "samples.jsonl", [
             {"prompt": p, "response": s.text, "gold": g} for p, s, g in
             zip(self.eval_prompts, samples, result["gold_scores"])])
         result["examples"] = [s.text for s in samples]
@@ -211,7 +212,7 @@ class Context:
         sampling's earlier rounds."""
         from alignlab.config import DPOConfig, PPOConfig
         from alignlab.train.loop import list_checkpoints, run_config
-        from alignlab.train.sft import policy_from_checkpoint
+        from alignlab.train.policy import policy_from_checkpoint
 
         trained, c = self.result(method), self.cfg
         if not c.curve_points:
@@ -299,7 +300,8 @@ class Context:
                            "accuracy": m.get("rewards/accuracies")} for m in metrics]}
 
     def rs(self, folder: Path) -> dict[str, Any]:
-        from alignlab.train.rejection import RSConfig, run_rs
+        from alignlab.config import RSConfig
+        from alignlab.train.rejection import run_rs
 
         c = self.cfg
         cfg = RSConfig(model=self.sft_model, prompts=self.prompts_file(folder), reward_model=self.rm_path,
@@ -312,7 +314,7 @@ class Context:
                 "samples": sum(r["samples"] for r in rounds), "rounds": rounds}
 
     def bon(self, folder: Path) -> dict[str, Any]:
-        from alignlab.reward import load_scorer
+        from alignlab.scoring import load_scorer
         from alignlab.train.rejection import best_of_n_kl, curve_ks
 
         n = self.cfg.bon_n

@@ -70,6 +70,7 @@ from alignlab.models import (
     load_frozen_reference,
     load_tokenizer,
     resolve_model,
+    resolve_precision,
 )
 from alignlab.train.forward import (
     collate_aligned,
@@ -78,8 +79,8 @@ from alignlab.train.forward import (
     shared_prompt_layout,
     shared_prompt_logps,
 )
-from alignlab.train.loop import Run, micro_batches, plan_steps, resolve_precision
-from alignlab.train.sft import prepare_policy, split_eval
+from alignlab.train.loop import Run, micro_batches, plan_steps
+from alignlab.train.policy import prepare_policy, split_eval
 
 __all__ = [
     "FeedbackExample",

@@ -2,7 +2,7 @@
 step plan (which examples go into which optimizer step, on which process), checkpoints that resume exactly,
 NaN guards, signals, metrics and the progress bar.
 
-A trainer (``sft.py``, ``reward.py``, ``dpo.py``, ``ppo.py``) stays a readable top-to-bottom loop and calls
+A trainer (``sft.py``, ``reward_model.py``, ``dpo.py``, ``ppo.py``) stays a readable top-to-bottom loop and calls
 these helpers by name. Why not the HF Trainer: its loop hides the algorithm, and its accumulation and
 checkpoint semantics changed between versions; ours are small enough to read and test.
 """
@@ -30,26 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from alignlab.config import TrainConfig, config_to_dict
 from alignlab.errors import AlignlabError
-
-# --------------------------------------------------------------------------------------------- precision
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` on a GPU with bf16 or a CPU with native bf16, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+from alignlab.models import resolve_precision
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:

@@ -6,7 +6,7 @@ The four roles:
 - **policy**: the model trained (all weights, or a LoRA adapter);
 - **reference**: frozen; the starting policy (or ``reference=``). With LoRA and no ``reference=`` it is the
   policy itself with its adapter disabled (the base weights): no second model in memory;
-- **reward**: any :class:`~alignlab.reward.Scorer`: a reward model folder, or a plain Python function
+- **reward**: any :class:`~alignlab.scoring.Scorer`: a reward model folder, or a plain Python function
   ``f(prompts, responses) -> list[float]`` (``--reward module:function``), so a programmatic scorer can drive
   PPO directly (the DPO paper's "PPO-GT");
 - **value model** (critic): per-token values ``V(s_t)`` from a scalar head. By default a separate model: an
@@ -62,7 +62,6 @@ import numpy as np
 import torch
 
 from alignlab.config import PPOConfig
-from alignlab.data.prompts import load_prompts
 from alignlab.data.tokenize import encode_prompt
 from alignlab.errors import AlignlabError
 from alignlab.generation import Sample, SamplingConfig, check_backend, generate_from_ids, make_sampler
@@ -86,8 +85,10 @@ from alignlab.models import (
     load_model,
     load_tokenizer,
     resolve_model,
+    resolve_precision,
 )
-from alignlab.reward import FunctionScorer, Scorer, load_scorer
+from alignlab.scoring import FunctionScorer, Scorer, load_scorer
+from alignlab.tasks.loading import load_prompts
 from alignlab.train.forward import (
     AlignedBatch,
     SegmentPlan,
@@ -96,8 +97,8 @@ from alignlab.train.forward import (
     model_inputs,
     shared_prompt_layout,
 )
-from alignlab.train.loop import Run, resolve_precision
-from alignlab.train.sft import prepare_policy, split_eval
+from alignlab.train.loop import Run
+from alignlab.train.policy import prepare_policy, split_eval
 
 __all__ = [
     "PPOConfig",
@@ -175,7 +176,7 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor
 def load_critic(cfg: PPOConfig, tokenizer: Any, scorer: Scorer) -> torch.nn.Module:
     """The value model (see the module docstring): a score-head model from ``value_model``, else the reward model
     (a folder), else the policy with a zeroed head; with LoRA when the policy has LoRA."""
-    from alignlab.reward import ModelScorer
+    from alignlab.scoring import ModelScorer
 
     source = cfg.value_model or (cfg.reward_model if isinstance(scorer, ModelScorer) else cfg.model)
     critic = load_model(source, head="score", allow_pickle=cfg.allow_pickle,

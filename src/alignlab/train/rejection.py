@@ -24,16 +24,17 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from alignlab.config import SFTConfig, TrainConfig, opt
-from alignlab.data.prompts import load_prompts
+from alignlab.config import BoNConfig, RSConfig, SampleConfig, SFTConfig, TrainConfig
+from alignlab.data.io import write_jsonl
 from alignlab.data.templates import render_prompt
 from alignlab.errors import AlignlabError
 from alignlab.generation import Sample, Sampler, SamplingConfig, check_backend, make_sampler
-from alignlab.models import load_model, load_tokenizer, resolve_model
+from alignlab.models import load_model, load_tokenizer, resolve_model, resolve_precision
+from alignlab.tasks.loading import load_prompts
 
 # ----------------------------------------------------------------------------------------------- selection
 
@@ -142,59 +143,8 @@ def score_samples(scorer: Any, prompts: Sequence[Any], groups: Sequence[Sequence
     return out, bad
 
 
-# ----------------------------------------------------------------------------------------------- configs
-
-
-@dataclass
-class SampleConfig:
-    """What to sample from and how to score it (shared by ``bon`` and ``rs``)."""
-
-    prompts: str = opt("", "prompts: .txt (one per line) or any instruction/preference file")
-    reward_model: str = opt("", "reward model folder (from alignlab rm train)")
-    reward: str = opt("", "or a Python reward function module:function(prompts, responses) -> scores")
-    n: int = opt(4, "samples per prompt")
-    template: str = opt("chat", "how prompts are rendered", choices=["chat", "alpaca", "none"])
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = opt(64, "tokens generated per sample")
-    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)")
-    gen_batch_size: int = opt(32, "sequences generated together")
-    backend: str = opt("hf", "generation: hf (Hugging Face generate) or vllm (GPU, needs vllm)",
-                       choices=["hf", "vllm"])
-    limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
-    on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
-                            choices=["stop", "skip"])
-    gold: str = opt("", "optional second scorer module:function that judges the results (e.g. a gold score "
-                        "next to a learned reward model)")
-
-
-@dataclass
-class BoNConfig(SampleConfig):
-    """Best-of-n at inference."""
-
-    model: str = opt("smollm2-135m-instruct", "the policy to sample from")
-    output_dir: str = opt("runs/bon", "folder for samples.jsonl and summary.json")
-    seed: int = opt(0, "sampling seed")
-    allow_pickle: bool = opt(False, "allow pickle-based weights (unsafe)")
-
-
-@dataclass
-class RSConfig(SampleConfig, SFTConfig):
-    """Rejection-sampling fine-tuning: the SFT options apply to every round's fine-tuning."""
-
-    output_dir: str = opt("runs/rs", "run folder: round-N/{samples,kept}.jsonl, round-N/sft/, final/")
-    rounds: int = opt(2, "rounds of sample -> select -> fine-tune")
-    select: str = opt("best", "which samples to keep per prompt", choices=["best", "top_k", "threshold"])
-    top_k: int = opt(1, "with select=top_k: how many to keep per prompt")
-    threshold: float = opt(0.0, "with select=threshold: keep samples scoring at least this")
-    data: str = opt("", "(unused: rejection sampling makes its own data)")
-    eval_prompts: str = opt("", "held-out prompts: the start and every round's policy answer them once, scored "
-                                "by the same reward, with KL from the start model (empty = no evaluation)")
-    eval_seed: int = opt(1234, "sampling seed of the held-out answers (the same for every round)")
-
-
 def _scorer(cfg: SampleConfig) -> Any:
-    from alignlab.reward import load_scorer
+    from alignlab.scoring import load_scorer
 
     if bool(cfg.reward_model) == bool(cfg.reward):
         raise AlignlabError("give exactly one of --reward-model FOLDER or --reward module:function",
@@ -203,7 +153,6 @@ def _scorer(cfg: SampleConfig) -> Any:
 
 
 def _sampling(cfg: SampleConfig, seed: int) -> SamplingConfig:
-    from alignlab.train.loop import resolve_precision
 
     # rs decodes in its training precision (bf16 autocast where the CPU/GPU has it); bon has none: fp32
     return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -215,14 +164,6 @@ def _prompts(cfg: SampleConfig) -> list[Any]:
     if not cfg.prompts:
         raise AlignlabError("no prompts: pass --prompts FILE", field="prompts")
     return load_prompts(cfg.prompts, limit=cfg.limit_prompts or None)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def sample_and_score(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Any, scorer: Any, seed: int,
@@ -332,14 +273,14 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     sampler.close()
     gold = None
     if cfg.gold:
-        from alignlab.reward import load_scorer
+        from alignlab.scoring import load_scorer
 
         gold_scorer = load_scorer(cfg.gold)
         flat_prompts = [r["prompt"] for r in result["rows"]]
         gold = gold_scorer.score(flat_prompts, [r["response"] for r in result["rows"]])
         for row, g in zip(result["rows"], gold):
             row["gold"] = g
-    _write_jsonl(out / "samples.jsonl", result["rows"])
+    write_jsonl(out / "samples.jsonl", result["rows"])
     curve = []
     valid_groups = [[s for s in g if s is not None] for g in result["scores"]]
     valid_groups = [g for g in valid_groups if len(g) == cfg.n]
@@ -416,8 +357,8 @@ def run_rs(cfg: RSConfig) -> Path:
         sampler.close()
         del model, sampler
         if state.is_main_process:
-            _write_jsonl(round_dir / "samples.jsonl", result["rows"])
-            _write_jsonl(round_dir / "kept.jsonl", result["kept"])
+            write_jsonl(round_dir / "samples.jsonl", result["rows"])
+            write_jsonl(round_dir / "kept.jsonl", result["kept"])
         state.wait_for_everyone()  # every process's SFT reads kept.jsonl
         if not result["kept"]:
             raise AlignlabError(f"round {r}: no sample was kept (select={cfg.select}); nothing to fine-tune on")
@@ -458,7 +399,7 @@ class HeldOut:
         self.reference = load_model(cfg.model, allow_pickle=cfg.allow_pickle).eval()
         self.gold = None
         if cfg.gold:
-            from alignlab.reward import load_scorer
+            from alignlab.scoring import load_scorer
 
             self.gold = load_scorer(cfg.gold)
 

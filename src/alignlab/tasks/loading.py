@@ -1,4 +1,6 @@
-"""Prompt lists for the stages that generate (PPO, rejection sampling, best-of-n, ``generate``).
+"""Tasks by name and prompt lists for the stages that generate (PPO, rejection sampling, best-of-n, ``generate``).
+
+A task is found by its name in ``TASKS`` or as ``module:function`` (:func:`load_task`).
 
 Prompts come from a ``.txt`` file (one per non-empty line), the ``prompt`` field of JSON/JSONL records, or the prompts
 of any instruction or preference file (Alpaca prompts become Alpaca-style instruction mappings, messages stay
@@ -11,7 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignlab.data.formats import iter_instruction_records
+from alignlab.data.io import read_records
+from alignlab.data.preference import detect_format as detect_preference
+from alignlab.data.preference import load_feedback, load_preferences, prompts_of
 from alignlab.errors import AlignlabError
+from alignlab.tasks.base import Task
+from alignlab.tasks.sentiment import sentiment_task
+
+TASKS = {"sentiment": sentiment_task}
 
 
 def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:
@@ -37,8 +47,6 @@ def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:
 
 
 def _task_prompts(source: str) -> list[Any]:
-    from alignlab.tasks import load_task
-
     parts = source.split(":")
     if len(parts) != 3 or parts[2] not in ("train", "eval"):
         raise AlignlabError("a task prompt source is task:NAME:train or task:NAME:eval", file=source)
@@ -47,9 +55,6 @@ def _task_prompts(source: str) -> list[Any]:
 
 
 def _prompts_from_records(source: str) -> list[Any]:
-    from alignlab.data.io import read_records
-    from alignlab.data.preference import detect_format as detect_preference
-
     first = next(iter(read_records(source)), None)
     if first is None:
         return []
@@ -57,8 +62,6 @@ def _prompts_from_records(source: str) -> list[Any]:
     if isinstance(record.get("prompt"), str) and set(record) <= {"prompt", "id", "label", "category"}:
         return [r["prompt"] for _, r in read_records(source) if str(r.get("prompt", "")).strip()]
     if detect_preference(record):
-        from alignlab.data.preference import load_feedback, load_preferences, prompts_of
-
         loader = load_feedback if "label" in record else load_preferences
         records, report = loader(source, skip_invalid=True)
         if sum(report.skipped.values()):
@@ -66,8 +69,6 @@ def _prompts_from_records(source: str) -> list[Any]:
 
             print(f"{source}: {report.summary()}", file=sys.stderr)
         return prompts_of(records)
-    from alignlab.data.formats import iter_instruction_records
-
     prompts: list[Any] = []
     for rec in iter_instruction_records(source):
         if rec.kind == "alpaca":
@@ -82,3 +83,37 @@ def _prompts_from_records(source: str) -> list[Any]:
                 "plain text records have no prompts", file=source, record=rec.record, field="text"
             )
     return prompts
+
+
+def load_task(spec: str, *, prompts_file: str | None = None, n_eval: int = 64, seed: int = 0) -> Task:
+    """A task by name (``sentiment``) or ``module:function``; ``prompts_file`` replaces its prompts.
+
+    Raises before any training when the prompt set is empty, malformed, or too small for the held-out split.
+    """
+    if spec in TASKS:
+        factory = TASKS[spec]
+    elif ":" in spec:
+        import importlib
+
+        module, name = spec.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise AlignlabError(f"cannot load task '{spec}': {e}", field="task") from e
+    else:
+        raise AlignlabError(f"unknown task '{spec}' (built-in: {', '.join(TASKS)}; or module:function)",
+                            field="task")
+    prompts = None
+    if prompts_file:
+        prompts = load_prompts(prompts_file)
+        bad = [i for i, p in enumerate(prompts, 1) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise AlignlabError("task prompts must be non-empty strings", file=prompts_file, record=bad[0])
+        if len(prompts) < n_eval + 8:
+            raise AlignlabError(
+                f"{len(prompts)} prompts are too few: the held-out split takes {n_eval} and training needs "
+                f"at least 8 more", file=prompts_file)
+    task = factory(n_eval=n_eval, seed=seed, prompts=prompts)
+    if not task.train_prompts or not task.eval_prompts:
+        raise AlignlabError(f"task '{task.name}' has no train or no held-out prompts", field="task")
+    return task

@@ -7,7 +7,7 @@ one interface::
     scorer = load_scorer("my_rewards.py:length")      # or a function f(prompts, responses) -> list[float]
     scorer.score(prompts, responses)                  # -> list[float], one per pair
 
-How a reward model scores (the conventions :mod:`alignlab.train.reward` trains with):
+How a reward model scores (the conventions :mod:`alignlab.train.reward_model` trains with):
 
 - The sequence is ``prompt_ids + completion_ids`` from :func:`~alignlab.data.tokenize.encode_prompt_completion`
   (with the template the model was trained with), so it ends with the EOS token.
@@ -544,8 +544,7 @@ def _load_function(module_name: str, function_name: str, spec: str) -> Callable[
 def _load_model_scorer(spec: str, *, batch_size: int, device: Any, normalize: bool, template: str | None,
                        max_length: int | None, allow_pickle: bool, trust_remote_code: bool,
                        precision: str) -> ModelScorer:
-    from alignlab.models import bf16_matmul_weights, load_model, load_tokenizer, resolve_model
-    from alignlab.train.loop import resolve_precision
+    from alignlab.models import bf16_matmul_weights, load_model, load_tokenizer, resolve_model, resolve_precision
 
     ref = Path(resolve_model(spec))
     _check_is_reward_model(ref, spec)
@@ -659,7 +658,7 @@ def ranking_agreement(per_record: Sequence[Sequence[float]]) -> dict[str, float]
     """How well scores agree with best-first orders: ``pairwise_accuracy`` over every pair ``i < j`` of every
     record (ties count half), and over the records with three or more responses ``top1_accuracy`` and mean
     ``kendall_tau``. Also ``reward_mean``/``reward_std`` of all scores and ``margin`` (mean best - worst)."""
-    from alignlab.losses.reward import kendall_tau
+    from alignlab.losses.reward_model import kendall_tau
 
     wins = pairs = 0.0
     top1, taus, margins, values = [], [], [], []

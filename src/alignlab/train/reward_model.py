@@ -34,9 +34,9 @@ from alignlab.data.preference import PreferenceRecord, expand_to_pairs, load_pre
 from alignlab.data.templates import require_chat_template
 from alignlab.data.tokenize import encode_prompt_completion
 from alignlab.errors import AlignlabError
-from alignlab.losses.reward import kwise_ranking_loss
+from alignlab.losses.reward_model import kwise_ranking_loss
 from alignlab.models import count_parameters, load_tokenizer
-from alignlab.reward import (
+from alignlab.scoring import (
     REWARD_STATS_FILE,
     fit_to_length,
     pad_right,
@@ -55,7 +55,7 @@ from alignlab.train.forward import (
     split_shared_prefix,
 )
 from alignlab.train.loop import Run, micro_batches, plan_steps
-from alignlab.train.sft import prepare_policy
+from alignlab.train.policy import prepare_policy
 
 __all__ = [
     "RankingBatch",
@@ -168,7 +168,7 @@ def encode_preferences(
     Every response becomes ``prompt_ids + completion_ids`` (:func:`encode_prompt_completion`, ending with EOS,
     also where a record marks a response unfinished: the scorer sees text alone at use time and appends EOS to
     every response, so the score is read at the same kind of token in training and in use) cut to
-    ``max_length`` by ``truncation`` (see :func:`alignlab.reward.fit_to_length`). A record is dropped
+    ``max_length`` by ``truncation`` (see :func:`alignlab.scoring.fit_to_length`). A record is dropped
     (counted) when one of its responses is dropped, when truncation makes two responses identical, or when a
     sequence ends with the pad token; a record that cannot be encoded is an error, or with ``skip_invalid``
     counted and skipped.
@@ -359,7 +359,7 @@ def full_precision(run: Run, model: torch.nn.Module) -> Iterator[None]:
 
     ``accelerator.prepare`` wraps the model's ``forward`` in bf16 autocast (and keeps the original as
     ``_original_forward``); an outer ``autocast(enabled=False)`` cannot switch that off. Held-out scores and
-    reward statistics are computed in fp32 so they equal what :func:`alignlab.reward.load_scorer` returns for
+    reward statistics are computed in fp32 so they equal what :func:`alignlab.scoring.load_scorer` returns for
     the saved model: bf16 rounds rewards to about three digits, enough to move them by a few hundredths.
     """
     inner = run.accelerator.unwrap_model(model)
@@ -383,7 +383,7 @@ def evaluate_reward(model: torch.nn.Module, examples: list[RewardExample], pad_t
                     batch_size: int) -> tuple[dict[str, float], list[list[float]]]:
     """Held-out metrics and every example's scores (on every process).
 
-    Scoring runs in fp32 (:func:`full_precision`), as :func:`alignlab.reward.load_scorer` does.
+    Scoring runs in fp32 (:func:`full_precision`), as :func:`alignlab.scoring.load_scorer` does.
 
     Metrics: ``eval_loss`` (K-wise loss with the configured margins), ``eval_accuracy`` (pairwise accuracy
     over every pair ``i < j`` of every prompt; for pair data the usual accuracy), ``eval_top1_accuracy`` and
