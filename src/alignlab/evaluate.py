@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from alignlab.data.tokenize import SHARED_PREFIX_MIN, shared_prefix_length
+from alignlab.data.tokenize import IGNORE_INDEX, SHARED_PREFIX_MIN, shared_prefix_length
 from alignlab.generation import Sample, forward_after_prefix
 from alignlab.losses.common import selective_log_softmax
 from alignlab.train.forward import collate_aligned, completion_logps
@@ -68,7 +68,7 @@ def response_logps(model: torch.nn.Module, samples: Sequence[Sample], pad_token_
         if not idx:
             continue
         seqs = [list(samples[i].prompt_ids) + list(samples[i].response_ids) for i in idx]
-        labels = [[-100] * len(samples[i].prompt_ids) + list(samples[i].response_ids) for i in idx]
+        labels = [[IGNORE_INDEX] * len(samples[i].prompt_ids) + list(samples[i].response_ids) for i in idx]
         # the prompts' common prefix (the task's preamble: 44 of ~60 tokens in the lab) encoded once, its cache
         # copied to every row; the last prompt token stays in each row: it predicts the first response token
         shared = shared_prefix_length([samples[i].prompt_ids for i in idx])

@@ -78,14 +78,26 @@ def implicit_rewards(
     return beta * chosen, beta * rejected
 
 
-def _logratio_difference(
+def _log_ratios(
+    beta: float,
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
-) -> torch.Tensor:
-    """``logits = (pi_c - ref_c) - (pi_r - ref_r)``, shape ``(b,)``."""
-    return (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """What every reference-based paired loss starts from and returns beside its losses.
+
+    Returns:
+        ``(chosen_logratios (b,), rejected_logratios (b,), (chosen_rewards (b,), rejected_rewards (b,)))`` with
+        ``chosen_logratios = pi_c - ref_c``, ``rejected_logratios = pi_r - ref_r`` (so ``logits`` is their
+        difference) and the implicit rewards of :func:`implicit_rewards`.
+    """
+    chosen = policy_chosen_logps - reference_chosen_logps
+    rejected = policy_rejected_logps - reference_rejected_logps
+    rewards = implicit_rewards(
+        beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    return chosen, rejected, rewards
 
 
 def _smoothed_logistic_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -126,13 +138,10 @@ def dpo_loss(
     Returns:
         ``(losses (b,), chosen_rewards (b,), rejected_rewards (b,))``.
     """
-    logits = _logratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    losses = _smoothed_logistic_loss(beta * logits, label_smoothing)
-    return losses, *implicit_rewards(
+    chosen, rejected, rewards = _log_ratios(
         beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
+    return _smoothed_logistic_loss(beta * (chosen - rejected), label_smoothing), *rewards
 
 
 def robust_dpo_loss(
@@ -168,15 +177,13 @@ def robust_dpo_loss(
         raise AlignlabError(
             f"must lie in [0, 0.5) for robust DPO, got {label_smoothing}", field="label_smoothing"
         )
-    logits = beta * _logratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
-    flipped = -label_smoothing * F.logsigmoid(-logits)
-    losses = (clean - flipped) / (1 - 2 * label_smoothing)
-    return losses, *implicit_rewards(
+    chosen, rejected, rewards = _log_ratios(
         beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
+    logits = beta * (chosen - rejected)
+    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    return (clean - flipped) / (1 - 2 * label_smoothing), *rewards
 
 
 def ipo_loss(
@@ -217,15 +224,13 @@ def ipo_loss(
     """
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    if chosen_lengths is not None and rejected_lengths is not None:
-        chosen_logratios = chosen_logratios / chosen_lengths.to(chosen_logratios.dtype).clamp(min=1.0)
-        rejected_logratios = rejected_logratios / rejected_lengths.to(rejected_logratios.dtype).clamp(min=1.0)
-    losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
-    return losses, *implicit_rewards(
+    chosen, rejected, rewards = _log_ratios(
         beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
+    if chosen_lengths is not None and rejected_lengths is not None:
+        chosen = chosen / chosen_lengths.to(chosen.dtype).clamp(min=1.0)
+        rejected = rejected / rejected_lengths.to(rejected.dtype).clamp(min=1.0)
+    return (chosen - rejected - 1 / (2 * beta)) ** 2, *rewards
 
 
 def hinge_loss(
@@ -252,13 +257,10 @@ def hinge_loss(
     Returns:
         ``(losses (b,), chosen_rewards (b,), rejected_rewards (b,))``.
     """
-    logits = _logratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    losses = torch.relu(1 - beta * logits)
-    return losses, *implicit_rewards(
+    chosen, rejected, rewards = _log_ratios(
         beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
+    return torch.relu(1 - beta * (chosen - rejected)), *rewards
 
 
 def simpo_loss(
@@ -402,14 +404,12 @@ def kto_loss(
         ``(losses (n_d + n_u,), chosen_rewards (n_d,), rejected_rewards (n_u,))``: the desirable losses then
         the undesirable ones; the trainer takes ``losses.mean()``.
     """
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl_reference_point))
-    rejected_losses = 1 - torch.sigmoid(beta * (kl_reference_point - rejected_logratios))
-    losses = torch.cat([desirable_weight * chosen_losses, undesirable_weight * rejected_losses])
-    return losses, *implicit_rewards(
+    chosen, rejected, rewards = _log_ratios(
         beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen - kl_reference_point))
+    rejected_losses = 1 - torch.sigmoid(beta * (kl_reference_point - rejected))
+    return torch.cat([desirable_weight * chosen_losses, undesirable_weight * rejected_losses]), *rewards
 
 
 def rpo_sft_term(

@@ -28,11 +28,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from alignlab.data.tokenize import shared_prefix_length
+from alignlab.data.tokenize import IGNORE_INDEX, shared_prefix_length
 from alignlab.losses.common import selective_log_softmax
 from alignlab.models import autocast_weight
-
-IGNORE = -100
 
 
 @dataclass
@@ -79,28 +77,28 @@ def collate_aligned(
     for ids, lab in zip(sequences, labels):
         if len(ids) != len(lab):
             raise ValueError("a sequence and its labels differ in length")
-        first = next((i for i, t in enumerate(lab) if t != IGNORE and i > 0), None)
+        first = next((i for i, t in enumerate(lab) if t != IGNORE_INDEX and i > 0), None)
         starts.append((first if first is not None else len(ids)) - 1)
     shift = max(starts)
     width = max(shift - s + len(ids) for s, ids in zip(starts, sequences))
     b = len(sequences)
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, width), dtype=torch.long)
-    full_labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    full_labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, lab, s) in enumerate(zip(sequences, labels, starts)):
         left = shift - s
         input_ids[row, left : left + len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, left : left + len(ids)] = 1
         lab_t = torch.as_tensor(lab, dtype=torch.long)
-        lab_t[0] = IGNORE
+        lab_t[0] = IGNORE_INDEX
         full_labels[row, left : left + len(ids)] = lab_t
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(1, width - shift - 1)
     # column shift + j predicts column shift + j + 1; the last column predicts nothing
     targets = full_labels[:, shift + 1 : shift + 1 + keep]
     if targets.shape[1] < keep:
-        targets = torch.nn.functional.pad(targets, (0, keep - targets.shape[1]), value=IGNORE)
-    loss_mask = targets != IGNORE
+        targets = torch.nn.functional.pad(targets, (0, keep - targets.shape[1]), value=IGNORE_INDEX)
+    loss_mask = targets != IGNORE_INDEX
     return AlignedBatch(input_ids, attention_mask, position_ids, targets.clamp(min=0), loss_mask, keep)
 
 
@@ -137,11 +135,11 @@ def sum_token_cross_entropy(model: torch.nn.Module, batch: AlignedBatch) -> torc
     the same sum and the same gradients, without the (rows, v) gather and its zero-filled scatter in the
     backward pass (about 2.5 % of an SFT step on SmolLM2-135M, see BENCHMARKS.md)."""
     logits = aligned_logits(model, batch)
-    targets = batch.targets.masked_fill(~batch.loss_mask, IGNORE)
+    targets = batch.targets.masked_fill(~batch.loss_mask, IGNORE_INDEX)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         targets.reshape(-1),
-        ignore_index=IGNORE,
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
@@ -166,7 +164,7 @@ class PaddedBatch:
 
     @property
     def num_loss_tokens(self) -> int:
-        return int((self.targets != IGNORE).sum())
+        return int((self.targets != IGNORE_INDEX).sum())
 
 
 def collate_right(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
@@ -177,7 +175,7 @@ def collate_right(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[
     b, width = len(sequences), max(len(s) for s in sequences)
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, width), dtype=torch.long)
-    full_labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    full_labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, lab) in enumerate(zip(sequences, labels)):
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
@@ -200,7 +198,7 @@ def loss_rows_cross_entropy(model: torch.nn.Module, batch: PaddedBatch) -> torch
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1,
                 output_hidden_states=True, use_cache=False)
     hidden = out.hidden_states[-1][:, :-1]
-    rows = batch.targets != IGNORE
+    rows = batch.targets != IGNORE_INDEX
     head = extract_model_from_parallel(model).get_output_embeddings()
     logits = head(hidden[rows])
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets[rows], reduction="sum")
@@ -212,7 +210,7 @@ def loss_free_prefix_length(sequences: Sequence[Sequence[int]], labels: Sequence
     :func:`shared_prefix_cross_entropy` can encode once."""
     n = shared_prefix_length(sequences)
     for lab in labels:
-        n = min(n, next((i for i, t in enumerate(lab) if t != IGNORE and i > 0), n))
+        n = min(n, next((i for i, t in enumerate(lab) if t != IGNORE_INDEX and i > 0), n))
     return n
 
 
@@ -228,11 +226,11 @@ def shared_prefix_cross_entropy(model: torch.nn.Module, sequences: Sequence[Sequ
     template's system header, ~20), often a large share of short examples' tokens."""
     groups = [(list(s[:shared]), [list(s[shared:])]) for s in sequences]
     batch = collate_shared_prompt(groups, pad_token_id, segments=True).to(device)
-    targets = torch.full(batch.mask.shape, IGNORE, dtype=torch.long)
+    targets = torch.full(batch.mask.shape, IGNORE_INDEX, dtype=torch.long)
     for i, lab in enumerate(labels):  # the label values themselves are the targets, as on the padded path
         targets[i, : len(lab) - shared] = torch.as_tensor(list(lab[shared:]), dtype=torch.long)
     targets = targets.to(batch.mask.device)
-    loss = (targets != IGNORE) & batch.mask
+    loss = (targets != IGNORE_INDEX) & batch.mask
     hidden = shared_prompt_hidden(model, batch)
     head = extract_model_from_parallel(model).get_output_embeddings()
     logits = head(hidden[batch.predictors[loss]])

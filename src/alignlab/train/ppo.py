@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from alignlab.config import PPOConfig
-from alignlab.data.tokenize import encode_prompt
+from alignlab.data.tokenize import IGNORE_INDEX, encode_prompt
 from alignlab.errors import AlignlabError
 from alignlab.generation import Sample, SamplingConfig, check_backend, generate_from_ids, make_sampler
 from alignlab.losses.common import masked_mean, masked_whiten, selective_log_softmax
@@ -113,7 +113,6 @@ __all__ = [
     "train_ppo",
 ]
 
-IGNORE = -100
 
 
 # --------------------------------------------------------------------------------------------- the critic
@@ -276,7 +275,7 @@ def collate_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[
     :func:`~alignlab.train.forward.shared_prompt_layout`) each run of rows sharing a prompt encoded once."""
     if layout is None:
         rows = [[*p, *r] for p, r in zip(prompt_ids, response_ids)]
-        labels = [[IGNORE] * len(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        labels = [[IGNORE_INDEX] * len(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         b = collate_aligned(rows, labels, pad_token_id)
         return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.loss_mask, b.keep)
     groups = [(prompt_ids[g[0]], [response_ids[i] for i in g]) for g in prompt_groups(prompt_ids)]

@@ -18,7 +18,7 @@ import torch
 
 from alignlab.config import SFTConfig, parse_columns
 from alignlab.data.formats import load_sft_dataset
-from alignlab.data.tokenize import SHARED_PREFIX_MIN, TokenizedExample
+from alignlab.data.tokenize import IGNORE_INDEX, SHARED_PREFIX_MIN, TokenizedExample
 from alignlab.models import count_parameters, load_tokenizer
 from alignlab.train.forward import (
     collate_aligned,
@@ -66,7 +66,7 @@ def evaluate_nll(model: torch.nn.Module, examples: list[TokenizedExample], pad_t
         chunk = [mine[i] for i in order[start : start + batch_size]]
         with run.accelerator.autocast():
             total_nll += float(token_nll(model, chunk, pad_token_id, run)[0])
-        total_tokens += sum(sum(t != -100 for t in e.labels[1:]) for e in chunk)
+        total_tokens += sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in chunk)
     model.train()
     nll = run.all_reduce_sum(total_nll) / max(1.0, run.all_reduce_sum(total_tokens))
     return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0))}
@@ -109,7 +109,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     bar = run.progress(len(plan), start)
     for step in range(start, len(plan)):
         t0 = time.perf_counter()
-        global_loss_tokens = sum(int(np.count_nonzero(np.asarray(train_set[i].labels) != -100))
+        global_loss_tokens = sum(int(np.count_nonzero(np.asarray(train_set[i].labels) != IGNORE_INDEX))
                                  for i in plan[step])
         mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size)
         step_nll, step_tokens = 0.0, 0
