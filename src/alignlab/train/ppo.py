@@ -50,28 +50,25 @@ truncation is not reflected in them (also as TRL).
 
 from __future__ import annotations
 
-import codecs
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from alignlab.config import PPOConfig
-from alignlab.data.tokenize import IGNORE_INDEX, encode_prompt
 from alignlab.errors import AlignlabError
 from alignlab.generation import Sample, SamplingConfig, check_backend, generate_from_ids, make_sampler
-from alignlab.losses.common import masked_mean, masked_whiten, selective_log_softmax
+from alignlab.losses.common import masked_mean
 from alignlab.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
     entropy_from_logits,
-    explained_variance,
     kl_penalty,
     ppo_policy_loss,
     ppo_value_loss,
@@ -87,18 +84,32 @@ from alignlab.models import (
     resolve_model,
     resolve_precision,
 )
-from alignlab.scoring import FunctionScorer, Scorer, load_scorer
+from alignlab.scoring import Scorer
 from alignlab.tasks.loading import load_prompts
-from alignlab.train.forward import (
-    AlignedBatch,
-    SegmentPlan,
-    collate_aligned,
-    collate_shared_prompt,
-    model_inputs,
-    shared_prompt_layout,
-)
+from alignlab.train.forward import SegmentPlan, model_inputs, shared_prompt_layout
 from alignlab.train.loop import Run
 from alignlab.train.policy import prepare_policy, split_eval
+from alignlab.train.rollout import (
+    Rollout,
+    RolloutBatch,
+    RunningMoments,
+    as_scorer,
+    collate_rollout,
+    encode_prompts,
+    global_explained_variance,
+    global_masked_mean,
+    pad_columns,
+    penalize_unfinished,
+    prompt_batches,
+    prompt_groups,
+    response_mask,
+    score_responses,
+    scores_on_last_token,
+    shaped_rewards,
+    token_logps,
+    unescape,
+    whiten,
+)
 
 __all__ = [
     "PPOConfig",
@@ -112,7 +123,6 @@ __all__ = [
     "shaped_rewards",
     "train_ppo",
 ]
-
 
 
 # --------------------------------------------------------------------------------------------- the critic
@@ -200,102 +210,6 @@ def load_critic(cfg: PPOConfig, tokenizer: Any, scorer: Scorer) -> torch.nn.Modu
     return critic
 
 
-# --------------------------------------------------------------------------------------------- rollouts
-
-
-@dataclass
-class Rollout:
-    """One iteration's experience; per-token tensors are ``(b, t)``, ``t`` the longest response.
-
-    Attributes:
-        prompts: the prompts as given (text or messages), for the reward and the logs.
-        prompt_ids / response_ids: token ids; a response ends with EOS when finished by EOS.
-        texts: the decoded responses (stop strings removed) that the reward scored.
-        finished: ``(b,)`` bool, ended by EOS or a stop string.
-        mask: ``(b, t)`` 1 on response tokens.
-        logps, ref_logps, values, entropy: ``(b, t)`` at rollout time (no gradient).
-        raw_scores / scores: ``(b,)`` as the reward gave them / after normalisation, clipping and penalty.
-        kl, rewards, advantages, returns: ``(b, t)``.
-    """
-
-    prompts: list[Any]
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    texts: list[str]
-    finished: torch.Tensor
-    mask: torch.Tensor
-    logps: torch.Tensor
-    ref_logps: torch.Tensor
-    values: torch.Tensor
-    entropy: torch.Tensor
-    raw_scores: torch.Tensor
-    scores: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-
-@dataclass
-class RolloutBatch(AlignedBatch):
-    """Rollout rows for a forward pass. ``targets``, ``loss_mask``: ``(b, k)``, ``k = keep`` the longest
-    response, every response from column 0. Two layouts: *aligned* (``predictors`` None; ``(b, t)`` rows of
-    left-padded prompt + response, the response columns last), or *shared prompt* (consecutive rows with the
-    same prompt follow one copy of it, :func:`~alignlab.train.forward.collate_shared_prompt`;
-    ``predictors`` ``(b, k)`` index the flattened hidden states)."""
-
-    predictors: torch.Tensor | None = None
-    segments: SegmentPlan | None = None
-
-    @property
-    def inputs(self) -> dict[str, Any]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids,
-                "segments": self.segments}
-
-    def to(self, device: torch.device | str) -> RolloutBatch:
-        moved = super().to(device)
-        return replace(moved, segments=None if self.segments is None else self.segments.to(device))
-
-
-def prompt_groups(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Row indices grouped into runs of consecutive rows with the same prompt (a rollout lists a prompt's
-    ``responses_per_prompt`` responses together)."""
-    groups: list[list[int]] = []
-    for i, p in enumerate(prompt_ids):
-        if groups and list(prompt_ids[groups[-1][0]]) == list(p):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def collate_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                    pad_token_id: int, layout: dict[str, Any] | None = None) -> RolloutBatch:
-    """Rows ``prompt + response`` as a :class:`RolloutBatch`: aligned, or with ``layout`` (the model's
-    :func:`~alignlab.train.forward.shared_prompt_layout`) each run of rows sharing a prompt encoded once."""
-    if layout is None:
-        rows = [[*p, *r] for p, r in zip(prompt_ids, response_ids)]
-        labels = [[IGNORE_INDEX] * len(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-        b = collate_aligned(rows, labels, pad_token_id)
-        return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.loss_mask, b.keep)
-    groups = [(prompt_ids[g[0]], [response_ids[i] for i in g]) for g in prompt_groups(prompt_ids)]
-    b = collate_shared_prompt(groups, pad_token_id, **layout)
-    return RolloutBatch(b.input_ids, b.attention_mask, b.position_ids, b.targets, b.mask.float(), b.mask.shape[1],
-                        b.predictors, b.segments)
-
-
-def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
-
-
-def token_logps(logits: torch.Tensor, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    """Log-probs ``(b, t)`` (float32) of the response tokens under ``logits / temperature``; 0 off the mask.
-    bf16 logits are normalised in float32 without an upcast copy (:func:`selective_log_softmax`)."""
-    if temperature != 1.0:
-        logits = logits.float() / temperature
-    return selective_log_softmax(logits, batch.targets).float() * batch.loss_mask
-
-
 @torch.no_grad()
 def rollout_forward(model: torch.nn.Module, reference: torch.nn.Module | None, prompt_ids: list[list[int]],
                     response_ids: list[list[int]], pad: int, cfg: PPOConfig, run: Run,
@@ -322,205 +236,8 @@ def rollout_forward(model: torch.nn.Module, reference: torch.nn.Module | None, p
         pieces["entropy"].append(entropy_from_logits(scaled, batch.loss_mask))
         pieces["values"].append(values * batch.loss_mask)
         pieces["ref"].append(token_logps(ref_logits, batch, cfg.temperature))
-    out = [torch.cat([_pad_columns(x, width) for x in pieces[k]]) for k in ("logps", "entropy", "values", "ref")]
+    out = [torch.cat([pad_columns(x, width) for x in pieces[k]]) for k in ("logps", "entropy", "values", "ref")]
     return out[0], out[1], out[2], out[3]
-
-
-def response_mask(response_ids: Sequence[Sequence[int]], device: Any = "cpu") -> torch.Tensor:
-    """``(b, t)`` float mask, 1 on each response's tokens (left-aligned)."""
-    width = max(len(r) for r in response_ids)
-    lengths = torch.tensor([len(r) for r in response_ids], device=device)
-    return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, run: Run, shift_mean: bool = True) -> torch.Tensor:
-    """:func:`~alignlab.losses.common.masked_whiten` with the mean and (unbiased) variance of the whole global
-    rollout: under DDP every process's real tokens, so N processes whiten exactly as one process would."""
-    if run.world_size == 1:
-        return masked_whiten(values, mask, shift_mean=shift_mean)
-    m = mask.to(values.dtype)
-    count = run.all_reduce_sum(float(m.sum()))
-    mean = run.all_reduce_sum(float((values * m).sum())) / max(count, 1.0)
-    variance = run.all_reduce_sum(float(((values - mean) ** 2 * m).sum())) / max(count - 1.0, 1.0)
-    whitened = (values - mean) / math.sqrt(variance + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=values.dtype, device=values.device))
-
-
-def global_masked_mean(values: torch.Tensor, mask: torch.Tensor, run: Run) -> float:
-    """The mean over the real tokens of every process's rollout share."""
-    if run.world_size == 1:
-        return float(masked_mean(values, mask))
-    total = run.all_reduce_sum(float((values.double() * mask).sum()))
-    return total / max(run.all_reduce_sum(float(mask.sum())), 1.0)
-
-
-def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, run: Run) -> float:
-    """:func:`~alignlab.losses.ppo.explained_variance` over every process's rollout share."""
-    if run.world_size == 1:
-        return explained_variance(values, returns, mask)
-
-    def variance(x: torch.Tensor) -> float:
-        x = x.detach().double()
-        return global_masked_mean((x - global_masked_mean(x, mask, run)) ** 2, mask, run)
-
-    target = variance(returns)
-    residual = variance(returns - values)
-    return 1.0 - residual / target if target > 0 else float("nan")
-
-
-# --------------------------------------------------------------------------------------------- rewards
-
-
-def scores_on_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(b, t)`` zeros with ``scores[i]`` (``(b,)``) on the last real token of row ``i`` of ``mask``.
-
-    The reward model judges the whole response, so its score is the reward of the action that completed it;
-    every earlier token gets only the KL penalty. A row with no real token gets nothing.
-    """
-    lengths = mask.long().sum(-1)
-    out = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
-    rows = torch.nonzero(lengths > 0).squeeze(-1)
-    out[rows, lengths[rows] - 1] = scores[rows]
-    return out
-
-
-def penalize_unfinished(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
-    """``scores - penalty`` where a response never finished (no EOS or stop string within max_new_tokens)."""
-    return scores - penalty * (~finished.bool()).to(scores.dtype)
-
-
-def shaped_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
-                   kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards ``r_t = -beta * KL_t + [t is the last real token] * score`` (Ziegler et al. 2019).
-
-    Args:
-        scores: ``(b,)`` response scores (already normalised/clipped/penalised).
-        logps, ref_logps: ``(b, t)`` log-probs of the sampled tokens under the rollout policy and the reference.
-        mask: ``(b, t)`` 1 on response tokens.
-        kl_coef: ``beta``.
-        estimator: ``k1`` or ``k3`` (:func:`~alignlab.losses.ppo.kl_penalty`).
-
-    Returns:
-        ``(rewards (b, t), kl (b, t))``, both 0 off the mask.
-    """
-    kl = torch.where(mask.bool(), kl_penalty(logps, ref_logps, estimator), 0.0)
-    return -kl_coef * kl + scores_on_last_token(scores, mask), kl
-
-
-@dataclass
-class RunningMoments:
-    """Running mean and variance of every score seen (Chan et al.'s parallel update), for reward
-    normalisation; ``state()``/``load()`` go into checkpoints."""
-
-    count: float = 0.0
-    mean: float = 0.0
-    var: float = 1.0
-
-    def update(self, values: torch.Tensor) -> None:
-        values = values.double()
-        n = values.numel()
-        if n == 0:
-            return
-        batch_mean, batch_var = values.mean().item(), values.var(unbiased=False).item()
-        total = self.count + n
-        delta = batch_mean - self.mean
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.var = m2 / total
-        self.count = total
-
-    def normalize(self, values: torch.Tensor) -> torch.Tensor:
-        return (values - self.mean) / max(math.sqrt(self.var), 1e-8)
-
-    def state(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "var": self.var}
-
-    def load(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.var = float(state["count"]), float(state["mean"]), float(state["var"])
-
-
-def as_scorer(reward: Scorer | Callable[..., Any] | str, cfg: PPOConfig, device: Any = None) -> Scorer:
-    """A :class:`Scorer` from a spec (folder or ``module:function``), a Scorer, or a bare Python function."""
-    if isinstance(reward, Scorer):
-        return reward
-    if callable(reward):
-        return FunctionScorer(reward, getattr(reward, "__qualname__", repr(reward)))
-    return load_scorer(reward, batch_size=cfg.reward_batch_size, allow_pickle=cfg.allow_pickle,
-                       trust_remote_code=cfg.trust_remote_code, device=device, precision=cfg.precision)
-
-
-def score_responses(scorer: Scorer, prompts: list[Any], texts: list[str]) -> torch.Tensor:
-    """``(b,)`` float32 scores, checked: one finite number per response, else an error naming the scorer and
-    the prompt (function scorers already check this; reward models and custom scorers are checked here)."""
-    scores = scorer.score(prompts, texts)
-    if len(scores) != len(texts):
-        raise AlignlabError(f"reward {scorer.name} returned {len(scores)} scores for {len(texts)} responses")
-    for i, s in enumerate(scores):
-        if not math.isfinite(float(s)):
-            raise AlignlabError(f"reward {scorer.name}: item {i}: the score is {s} (prompt {str(prompts[i])[:60]!r})")
-    return torch.tensor([float(s) for s in scores], dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------------------------- prompts
-
-
-def prompt_batches(n_prompts: int, batch: int, iterations: int, seed: int) -> list[list[int]]:
-    """The prompt indices of every iteration, fixed by ``seed``: epochs of seeded permutations read in order
-    (a batch may span two epochs). A pure function, so a resumed run continues at its iteration."""
-    stream: list[int] = []
-    epoch = 0
-    while len(stream) < batch * iterations:
-        stream.extend(np.random.default_rng([seed, epoch]).permutation(n_prompts).tolist())
-        epoch += 1
-    return [stream[i * batch : (i + 1) * batch] for i in range(iterations)]
-
-
-def resolve_prompt_template(template: str, tokenizer: Any, prompt: Any) -> str:
-    """``auto``: the chat template when the tokenizer has one; else alpaca for instruction mappings, none for
-    text."""
-    if template != "auto":
-        return template
-    if getattr(tokenizer, "chat_template", None):
-        return "chat"
-    return "alpaca" if isinstance(prompt, dict) else "none"
-
-
-def encode_prompts(prompts: list[Any], tokenizer: Any, cfg: PPOConfig, context: int | None, source: str,
-                   run: Run) -> tuple[list[Any], list[list[int]]]:
-    """Token ids of each prompt; a prompt longer than ``max_prompt_length`` or whose response would not fit
-    the model's context is an error naming it (``long_prompts=error``) or dropped and counted (``drop``)."""
-    limit = cfg.max_prompt_length if cfg.max_prompt_length > 0 else math.inf
-    if context:
-        limit = min(limit, context - cfg.max_new_tokens)
-    kept, ids, dropped = [], [], 0
-    for number, prompt in enumerate(prompts, 1):
-        try:
-            encoded = encode_prompt(tokenizer, prompt, template=resolve_prompt_template(cfg.template, tokenizer,
-                                                                                         prompt))
-        except AlignlabError as e:
-            raise AlignlabError(e.message, file=source, record=number, field=e.field or "prompt") from e
-        if len(encoded) > limit:
-            if cfg.long_prompts == "drop":
-                dropped += 1
-                continue
-            why = (f"max_prompt_length is {cfg.max_prompt_length}" if limit == cfg.max_prompt_length else
-                   f"with max_new_tokens {cfg.max_new_tokens} it does not fit the model's context of {context}")
-            raise AlignlabError(f"prompt {str(prompt)[:60]!r} has {len(encoded)} tokens; {why} (long_prompts=drop "
-                                "drops such prompts)", file=source, record=number, field="prompt")
-        kept.append(prompt)
-        ids.append(encoded)
-    if dropped:
-        run.print(f"{source}: dropped {dropped} prompt(s) longer than {limit} tokens")
-    if not kept:
-        raise AlignlabError("no prompt fits (every one was too long)", file=source)
-    return kept, ids
-
-
-def unescape(strings: Sequence[str]) -> list[str]:
-    r"""Decode ``\n``-style escapes in stop strings given on the command line."""
-    return [codecs.decode(s, "unicode_escape") if "\\" in s else s for s in strings]
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -588,6 +305,195 @@ def evaluate_policy(model: torch.nn.Module, reference: torch.nn.Module | None, s
     return metrics, shown
 
 
+# --------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class PromptSets:
+    """The prompts a run samples from, as given (for the reward and the logs) and as token ids."""
+
+    train: list[Any]
+    train_ids: list[list[int]]
+    eval: list[Any]
+    eval_ids: list[list[int]]
+
+
+def load_reference(cfg: PPOConfig, tokenizer: Any, run: Run) -> torch.nn.Module | None:
+    """The frozen reference: ``reference=``, else a copy of the starting policy; None with LoRA (the policy with
+    its adapter disabled: the base weights, no second model)."""
+    if cfg.reference or not cfg.lora:
+        name = cfg.reference or cfg.model
+        run.print(f"reference: a frozen copy of {name}")
+        return load_frozen_reference(name, cfg, tokenizer, run.device)
+    run.print("reference: the base weights (LoRA adapter disabled)")
+    return None
+
+
+def policy_and_value(cfg: PPOConfig, policy: torch.nn.Module, tokenizer: Any, scorer: Scorer,
+                     run: Run) -> PolicyAndValue:
+    """The two trainable roles in one module: a value head on the policy (``share_backbone``) or a critic."""
+    if cfg.share_backbone:
+        value_head = torch.nn.Linear(_unpeft(policy).config.hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(value_head.weight)  # values start at 0
+        run.print("value model: a value head on the policy's backbone (shared)")
+        return PolicyAndValue(policy, value_head=value_head)
+    run.print(f"value model: {cfg.value_model or ('the reward model' if cfg.reward_model else cfg.model)}")
+    return PolicyAndValue(policy, critic=load_critic(cfg, tokenizer, scorer))
+
+
+def load_prompt_sets(cfg: PPOConfig, tokenizer: Any, policy: torch.nn.Module, run: Run) -> PromptSets:
+    """Training and held-out prompts, encoded and checked against the length limits (``eval_prompts``, else
+    ``eval_fraction`` of ``prompts`` held out)."""
+    context = getattr(_unpeft(policy).config, "max_position_embeddings", None)
+    train, train_ids = encode_prompts(load_prompts(cfg.prompts, limit=cfg.limit or None), tokenizer, cfg, context,
+                                      cfg.prompts, run)
+    if cfg.eval_prompts:
+        return PromptSets(train, train_ids, *encode_prompts(load_prompts(cfg.eval_prompts), tokenizer, cfg, context,
+                                                            cfg.eval_prompts, run))
+    train_idx, eval_idx = split_eval(list(range(len(train))), cfg.eval_fraction, cfg.seed)
+    return PromptSets([train[i] for i in train_idx], [train_ids[i] for i in train_idx],
+                      [train[i] for i in eval_idx], [train_ids[i] for i in eval_idx])
+
+
+def rollout_size(cfg: PPOConfig) -> int:
+    """Responses per rollout on each process: ``batch_size x grad_accum x num_mini_batches``, a multiple of
+    ``responses_per_prompt``."""
+    size = cfg.batch_size * cfg.grad_accum * cfg.num_mini_batches
+    if size % cfg.responses_per_prompt:
+        raise AlignlabError(f"the rollout ({size} responses per process = batch_size x grad_accum x "
+                            f"num_mini_batches) is not a multiple of responses_per_prompt={cfg.responses_per_prompt}",
+                            field="responses_per_prompt")
+    return size
+
+
+def kl_controller_for(cfg: PPOConfig) -> Any:
+    """Adaptive (``target_kl > 0``, Ziegler et al. 2019) or fixed KL coefficient."""
+    if cfg.target_kl > 0:
+        return AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+# --------------------------------------------------------------------------------------------- the steps
+
+
+def sample_rollout(sampler: Any, model: torch.nn.Module, prompts: PromptSets, mine: list[int], sampling: SamplingConfig,
+                   cfg: PPOConfig, iteration: int, run: Run) -> list[Sample]:
+    """Step 1: sample one response per entry of ``mine`` (prompt indices, each repeated k times) from the
+    weights the last update left."""
+    # a seed per (iteration, process): the samples do not depend on how many random numbers anything else
+    # drew, so a resumed run samples exactly what the uninterrupted run did
+    sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
+    sampler.sync(run.accelerator.unwrap_model(model).policy)
+    return sampler.generate([prompts.train_ids[i] for i in mine], sampling)
+
+
+def score_rollout(scorer: Scorer, prompts: PromptSets, mine: list[int], samples: list[Sample], iteration: int,
+                  run: Run) -> tuple[torch.Tensor, list[int]]:
+    """Step 2: the reward of every response (checked: one finite number each), and the rows kept: a response
+    cut to nothing (the model's first token was padding) has no action to learn from."""
+    all_scores = score_responses(scorer, [prompts.train[i] for i in mine], [s.text for s in samples])
+    kept = [j for j, s in enumerate(samples) if s.response_ids]
+    if not kept:
+        raise AlignlabError(f"iteration {iteration + 1}: every response was empty")
+    return all_scores, kept
+
+
+def shape_scores(raw_scores: torch.Tensor, all_scores: torch.Tensor, finished: torch.Tensor, scorer: Scorer,
+                 running: RunningMoments, cfg: PPOConfig, run: Run) -> torch.Tensor:
+    """Step 4a: the scores the advantages see: normalised, clipped and penalised as configured."""
+    scores = raw_scores
+    if cfg.reward_normalization == "running":  # scores on a stable scale whatever the reward's units
+        running.update(run.accelerator.gather(all_scores.to(run.device)))  # every process's scores
+        scores = running.normalize(scores)
+    elif cfg.reward_normalization == "stats":  # the reward model's own training statistics
+        scores = (scores - float(scorer.stats["mean"])) / max(float(scorer.stats["std"]), 1e-8)
+    if cfg.reward_clip > 0:  # one outlier score must not dominate an update
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.unfinished_penalty:  # discourage rambling until the length limit
+        scores = penalize_unfinished(scores, finished, cfg.unfinished_penalty)
+    return scores
+
+
+def ppo_advantages(ro: Rollout, kl_coef: float, cfg: PPOConfig, run: Run) -> None:
+    """Step 4b: per-token rewards (the score on the last token, ``- beta * KL`` on every token), GAE, whitened
+    advantages; stored on ``ro``."""
+    rewards, kl = shaped_rewards(ro.scores, ro.logps, ro.ref_logps, ro.mask, kl_coef, cfg.kl_estimator)
+    if cfg.whiten_rewards:  # rescale (no shift: the sign of a reward means something)
+        rewards = whiten(rewards, ro.mask, run, shift_mean=False)
+    advantages, returns = compute_gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:  # per-batch scale-free advantages; statistics over the global rollout's tokens
+        advantages = whiten(advantages, ro.mask, run)
+    ro.kl, ro.rewards, ro.advantages, ro.returns = kl, rewards, advantages, returns
+
+
+def ppo_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, ro: Rollout, pad: int, cfg: PPOConfig,
+               run: Run, iteration: int, layout: dict[str, Any] | None) -> tuple[Counter, list[float]]:
+    """Step 5: ``ppo_epochs`` passes over shuffled minibatches (``num_mini_batches`` optimizer steps each, a
+    prompt's responses kept together), micro-batches accumulated. Returns the token-weighted loss statistics
+    and the gradient norms."""
+    sums: Counter = Counter()
+    grad_norms = []
+    update_rng = np.random.default_rng([cfg.seed, iteration, 1])
+    groups = prompt_groups(ro.prompt_ids)  # one row each unless responses_per_prompt > 1: kept together
+    for _epoch in range(cfg.ppo_epochs):
+        for chosen in np.array_split(update_rng.permutation(len(groups)), cfg.num_mini_batches):
+            minibatch = np.array([i for g in chosen for i in groups[g]], dtype=int)
+            # the loss is a mean over the minibatch's response tokens (on every process), however it is cut
+            minibatch_tokens = run.all_reduce_sum(float(ro.mask[minibatch].sum()))
+            micro = [m for m in np.array_split(minibatch, cfg.grad_accum) if len(m)]
+            ok = True
+            for j, rows in enumerate(micro):
+                ok = update_micro_batch(model, ro, rows.tolist(), minibatch_tokens, pad, cfg, run, sums, iteration,
+                                        last=j == len(micro) - 1, layout=layout) and ok
+            norm = run.optimizer_step(model, optimizer, scheduler, iteration) if ok else None
+            if not ok:
+                optimizer.zero_grad(set_to_none=True)
+            if norm is not None:
+                grad_norms.append(norm)
+    return sums, grad_norms
+
+
+def rollout_metrics(ro: Rollout, sums: Counter, grad_norms: list[float], kl_coef: float, mean_kl: float,
+                    empty: int, run: Run) -> dict[str, Any]:
+    """Step 6: the iteration's statistics over every process's share of the rollout."""
+    n = run.all_reduce_sum(len(ro.response_ids))
+    tokens = run.all_reduce_sum(float(ro.mask.sum()))
+    sums = Counter({k: run.all_reduce_sum(v) for k, v in sorted(sums.items())})  # every process's updates
+    updated = max(sums["tokens"], 1.0)
+    score_mean = run.all_reduce_sum(float(ro.raw_scores.sum())) / n
+    score_var = run.all_reduce_sum(float(((ro.raw_scores.double() - score_mean) ** 2).sum())) / n
+    return {
+        "score": score_mean,
+        "score_std": math.sqrt(score_var) if n > 1 else 0.0,
+        "score_shaped": run.all_reduce_sum(float(ro.scores.sum())) / n,
+        "kl": mean_kl,
+        "kl_coef": kl_coef,
+        "reward": run.all_reduce_sum(float(ro.rewards.sum())) / n,  # score - beta * KL, per response
+        "non_score_reward": run.all_reduce_sum(float((-kl_coef * ro.kl).sum())) / n,
+        "entropy": run.all_reduce_sum(float(ro.entropy.sum())) / tokens,
+        "clip_fraction": sums["clip_fraction"] / updated,
+        "approx_kl": sums["approx_kl"] / updated,
+        "policy_loss": sums["policy_loss"] / updated,
+        "value_loss": sums["value_loss"] / updated,
+        "value_clip_fraction": sums["value_clip_fraction"] / updated,
+        "explained_variance": global_explained_variance(ro.values, ro.returns, ro.mask, run),
+        "advantage_mean": global_masked_mean(ro.advantages, ro.mask, run),
+        "return_mean": global_masked_mean(ro.returns, ro.mask, run),
+        "value_mean": global_masked_mean(ro.values, ro.mask, run),
+        "response_length": tokens / n,
+        "unfinished": run.all_reduce_sum(float((~ro.finished).sum())) / n,
+        "empty_responses": int(run.all_reduce_sum(empty)),
+        "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+    }
+
+
+def log_rollout_samples(run: Run, step: int, ro: Rollout, n: int) -> None:
+    for j in range(min(n, len(ro.texts))):
+        run.log(step, {"split": "train", "prompt": ro.prompts[j], "response": ro.texts[j],
+                       "score": float(ro.raw_scores[j]), "finished": bool(ro.finished[j]),
+                       "kl": float(ro.kl[j].sum())}, file="samples.jsonl")
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 
 
@@ -601,219 +507,84 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
 
-    # -- the four roles -------------------------------------------------------------------------------
+    # -- the four roles, the prompts, the plan ----------------------------------------------------------
     scorer = as_scorer(reward if reward is not None else (cfg.reward_model or cfg.reward), cfg, run.device)
     if cfg.reward_normalization == "stats" and not (scorer.stats and "mean" in scorer.stats):
         raise AlignlabError(f"reward_normalization=stats needs the reward model's reward_stats.json; {scorer.name} "
                             "has none (use running)", field="reward_normalization")
     policy = prepare_policy(cfg, tokenizer)
     disable_dropout(policy)
-    if cfg.reference:
-        reference = load_frozen_reference(cfg.reference, cfg, tokenizer, run.device)
-        run.print(f"reference: a frozen copy of {cfg.reference}")
-    elif cfg.lora:
-        reference = None  # the policy with its adapter disabled: the base weights, no second model
-        run.print("reference: the base weights (LoRA adapter disabled)")
-    else:
-        reference = load_frozen_reference(cfg.model, cfg, tokenizer, run.device)
-        run.print(f"reference: a frozen copy of {cfg.model}")
-    if cfg.share_backbone:
-        hidden = _unpeft(policy).config.hidden_size
-        value_head = torch.nn.Linear(hidden, 1, bias=False)
-        torch.nn.init.zeros_(value_head.weight)  # values start at 0
-        model = PolicyAndValue(policy, value_head=value_head)
-        run.print("value model: a value head on the policy's backbone (shared)")
-    else:
-        model = PolicyAndValue(policy, critic=load_critic(cfg, tokenizer, scorer))
-        run.print(f"value model: {cfg.value_model or ('the reward model' if cfg.reward_model else cfg.model)}")
-
-    # -- prompts --------------------------------------------------------------------------------------
-    context = getattr(_unpeft(policy).config, "max_position_embeddings", None)
-    train_prompts, train_ids = encode_prompts(load_prompts(cfg.prompts, limit=cfg.limit or None), tokenizer, cfg,
-                                              context, cfg.prompts, run)
-    if cfg.eval_prompts:
-        eval_prompts, eval_ids = encode_prompts(load_prompts(cfg.eval_prompts), tokenizer, cfg, context,
-                                                cfg.eval_prompts, run)
-    else:
-        train_idx, eval_idx = split_eval(list(range(len(train_prompts))), cfg.eval_fraction, cfg.seed)
-        eval_prompts, eval_ids = [train_prompts[i] for i in eval_idx], [train_ids[i] for i in eval_idx]
-        train_prompts, train_ids = [train_prompts[i] for i in train_idx], [train_ids[i] for i in train_idx]
-    rollout_size = cfg.batch_size * cfg.grad_accum * cfg.num_mini_batches  # per process
-    k = cfg.responses_per_prompt
-    if rollout_size % k:
-        raise AlignlabError(f"the rollout ({rollout_size} responses per process = batch_size x grad_accum x "
-                            f"num_mini_batches) is not a multiple of responses_per_prompt={k}",
-                            field="responses_per_prompt")
+    reference = load_reference(cfg, tokenizer, run)
+    model = policy_and_value(cfg, policy, tokenizer, scorer, run)
+    prompts = load_prompt_sets(cfg, tokenizer, policy, run)
+    size, k = rollout_size(cfg), cfg.responses_per_prompt
     # prompts per rollout; each is sampled k times, its responses listed together (and encoded after one copy of
     # the prompt: the forward passes cost about (prompt + k responses) instead of k x (prompt + response))
-    batches = prompt_batches(len(train_prompts), rollout_size * run.world_size // k, cfg.iterations, cfg.seed)
+    batches = prompt_batches(len(prompts.train), size * run.world_size // k, cfg.iterations, cfg.seed)
     layout = shared_prompt_layout(policy) if k > 1 and not run.shards_weights else None
-    steps_per_iteration = cfg.ppo_epochs * cfg.num_mini_batches
-
-    # -- optimizer, KL controller, resume ------------------------------------------------------------
     trainable, total = count_parameters(model)
     run.print(f"policy {cfg.model}: {trainable:,} trainable of {total:,} parameters (policy + value); reward "
-              f"{scorer.name}; {len(train_prompts)} train / {len(eval_prompts)} eval prompts; rollout "
-              f"{rollout_size * run.world_size} responses x {cfg.iterations} iterations; {run.world_size} process(es)")
-    model, optimizer, scheduler, start, extra = run.prepare_training(model, cfg.iterations * steps_per_iteration)
-    if cfg.target_kl > 0:
-        kl_controller: Any = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    else:
-        kl_controller = FixedKLController(cfg.kl_coef)
-    running = RunningMoments()
+              f"{scorer.name}; {len(prompts.train)} train / {len(prompts.eval)} eval prompts; rollout "
+              f"{size * run.world_size} responses x {cfg.iterations} iterations; {run.world_size} process(es)")
+    model, optimizer, scheduler, start, extra = run.prepare_training(
+        model, cfg.iterations * cfg.ppo_epochs * cfg.num_mini_batches)
+    kl_controller, running = kl_controller_for(cfg), RunningMoments()
     if extra:
         kl_controller.value = float(extra["kl_coef"])
         running.load(extra["running_scores"])
     model.train()
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, batch_size=cfg.generation_batch_size or rollout_size,
+                              top_k=cfg.top_k, batch_size=cfg.generation_batch_size or size,
                               stop_strings=unescape(cfg.stop_strings), precision=resolve_precision(cfg.precision))
-
     # rollouts: hf generate on the live policy, or a vLLM engine whose weights are re-synced every iteration
     sampler = make_sampler(cfg.backend, run.accelerator.unwrap_model(model).policy, tokenizer,
                            checkpoint=resolve_model(cfg.model) if cfg.backend == "vllm" else None)
 
     def evaluate(step: int) -> dict[str, float]:
         t = time.perf_counter()
-        metrics, shown = evaluate_policy(model, reference, scorer, tokenizer, eval_prompts, eval_ids, cfg, run)
+        metrics, shown = evaluate_policy(model, reference, scorer, tokenizer, prompts.eval, prompts.eval_ids, cfg, run)
         for record in shown:
             run.log(step, record, file="samples.jsonl")
         return {**metrics, "time/eval": time.perf_counter() - t}
 
-    if start == 0 and eval_prompts:  # the starting point, to compare every later evaluation with
+    if start == 0 and prompts.eval:  # the starting point, to compare every later evaluation with
         baseline = evaluate(0)
         run.log(0, baseline)
         run.print(f"iteration 0: held-out score {baseline['eval/score']:.4f}")
 
-    # -- the loop ---------------------------------------------------------------------------------------
+    # -- the loop: rollout -> score -> forward -> advantages -> update -> log ---------------------------------
     bar = run.progress(cfg.iterations, start)
     for iteration in range(start, cfg.iterations):
-        t0 = time.perf_counter()
-
-        # -- 1. rollout: one sampled response per prompt ------------------------------------------------
+        clock = Stopwatch()
         mine = [i for i in batches[iteration][run.rank :: run.world_size] for _ in range(k)]
-        # a seed per (iteration, process): the samples do not depend on how many random numbers anything
-        # else drew, so a resumed run samples exactly what the uninterrupted run did
-        sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
-        sampler.sync(run.accelerator.unwrap_model(model).policy)  # the weights the last update left
-        samples: list[Sample] = sampler.generate([train_ids[i] for i in mine], sampling)
-        t_generation = time.perf_counter() - t0
-
-        # -- 2. score ---------------------------------------------------------------------------------------
-        t = time.perf_counter()
-        all_scores = score_responses(scorer, [train_prompts[i] for i in mine], [s.text for s in samples])
-        t_scoring = time.perf_counter() - t
-        # a response cut to nothing (the model's first token was padding) has no action to learn from
-        kept = [j for j, s in enumerate(samples) if s.response_ids]
-        empty = len(samples) - len(kept)
-        if not kept:
-            raise AlignlabError(f"iteration {iteration + 1}: every response was empty")
-        prompts = [train_prompts[mine[j]] for j in kept]
+        samples = sample_rollout(sampler, model, prompts, mine, sampling, cfg, iteration, run)          # 1. rollout
+        clock.lap("generation")
+        all_scores, kept = score_rollout(scorer, prompts, mine, samples, iteration, run)              # 2. score
+        clock.lap("scoring")
         prompt_ids = [samples[j].prompt_ids for j in kept]
         response_ids = [samples[j].response_ids for j in kept]
-        texts = [samples[j].text for j in kept]
+        logps, entropy, values, ref_logps = rollout_forward(model, reference, prompt_ids, response_ids, pad, cfg,
+                                                            run, layout)                            # 3. forward
         finished = torch.tensor([samples[j].finished for j in kept], device=run.device)
-        raw_scores = all_scores[kept].to(run.device)
-
-        # -- 3. old log-probs, values, reference log-probs: once per rollout, no gradient ---------------
-        t = time.perf_counter()
-        logps, entropy, values, ref_logps = rollout_forward(model, reference, prompt_ids, response_ids, pad, cfg, run,
-                                                            layout)
-        mask = response_mask(response_ids, run.device)
-        t_forward = time.perf_counter() - t
-        ro = Rollout(prompts, prompt_ids, response_ids, texts, finished, mask, logps, ref_logps, values, entropy,
-                     raw_scores)
-
-        # -- 4. rewards and advantages ----------------------------------------------------------------------
-        scores = raw_scores
-        if cfg.reward_normalization == "running":  # scores on a stable scale whatever the reward's units
-            running.update(run.accelerator.gather(all_scores.to(run.device)))  # every process's scores
-            scores = running.normalize(scores)
-        elif cfg.reward_normalization == "stats":  # the reward model's own training statistics
-            scores = (scores - float(scorer.stats["mean"])) / max(float(scorer.stats["std"]), 1e-8)
-        if cfg.reward_clip > 0:  # one outlier score must not dominate an update
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if cfg.unfinished_penalty:  # discourage rambling until the length limit
-            scores = penalize_unfinished(scores, finished, cfg.unfinished_penalty)
+        ro = Rollout([prompts.train[mine[j]] for j in kept], prompt_ids, response_ids, [samples[j].text for j in kept],
+                     finished, response_mask(response_ids, run.device), logps, ref_logps, values, entropy,
+                     all_scores[kept].to(run.device))
+        clock.lap("forward")
+        ro.scores = shape_scores(ro.raw_scores, all_scores, finished, scorer, running, cfg, run)     # 4. advantages
         kl_coef = kl_controller.value
-        rewards, kl = shaped_rewards(scores, logps, ref_logps, mask, kl_coef, cfg.kl_estimator)
-        if cfg.whiten_rewards:  # rescale (no shift: the sign of a reward means something)
-            rewards = whiten(rewards, mask, run, shift_mean=False)
-        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:  # per-batch scale-free advantages; statistics over the global rollout's tokens
-            advantages = whiten(advantages, mask, run)
-        ro.scores, ro.kl, ro.rewards, ro.advantages, ro.returns = scores, kl, rewards, advantages, returns
-        mean_kl = run.gather_mean(float(kl.sum(-1).mean()))  # nats per response
+        ppo_advantages(ro, kl_coef, cfg, run)
+        mean_kl = run.gather_mean(float(ro.kl.sum(-1).mean()))  # nats per response
         kl_controller.update(mean_kl, len(batches[iteration]))  # the next rollout's beta
-
-        # -- 5. update: ppo_epochs passes over shuffled minibatches ------------------------------------------
-        t = time.perf_counter()
-        sums: Counter = Counter()
-        grad_norms = []
-        update_rng = np.random.default_rng([cfg.seed, iteration, 1])
-        groups = prompt_groups(prompt_ids)  # one row each unless responses_per_prompt > 1: kept together
-        for _epoch in range(cfg.ppo_epochs):
-            for chosen in np.array_split(update_rng.permutation(len(groups)), cfg.num_mini_batches):
-                minibatch = np.array([i for g in chosen for i in groups[g]], dtype=int)
-                # the loss is a mean over the minibatch's response tokens (on every process), however it is cut
-                minibatch_tokens = run.all_reduce_sum(float(mask[minibatch].sum()))
-                micro = [m for m in np.array_split(minibatch, cfg.grad_accum) if len(m)]
-                ok = True
-                for j, rows in enumerate(micro):
-                    rows = rows.tolist()
-                    ok = update_micro_batch(model, ro, rows, minibatch_tokens, pad, cfg, run, sums, iteration,
-                                            last=j == len(micro) - 1, layout=layout) and ok
-                norm = run.optimizer_step(model, optimizer, scheduler, iteration) if ok else None
-                if not ok:
-                    optimizer.zero_grad(set_to_none=True)
-                if norm is not None:
-                    grad_norms.append(norm)
-        t_update = time.perf_counter() - t
-
-        # -- 6. log, evaluate, checkpoint -----------------------------------------------------------------
-        n = run.all_reduce_sum(len(kept))
-        tokens = run.all_reduce_sum(float(mask.sum()))
-        sums = Counter({k: run.all_reduce_sum(v) for k, v in sorted(sums.items())})  # every process's updates
-        updated = max(sums["tokens"], 1.0)
-        score_mean = run.all_reduce_sum(float(raw_scores.sum())) / n
-        score_var = run.all_reduce_sum(float(((raw_scores.double() - score_mean) ** 2).sum())) / n
-        metrics: dict[str, Any] = {
-            "score": score_mean,
-            "score_std": math.sqrt(score_var) if n > 1 else 0.0,
-            "score_shaped": run.all_reduce_sum(float(scores.sum())) / n,
-            "kl": mean_kl,
-            "kl_coef": kl_coef,
-            "reward": run.all_reduce_sum(float(rewards.sum())) / n,  # score - beta * KL, per response
-            "non_score_reward": run.all_reduce_sum(float((-kl_coef * kl).sum())) / n,
-            "entropy": run.all_reduce_sum(float(entropy.sum())) / tokens,
-            "clip_fraction": sums["clip_fraction"] / updated,
-            "approx_kl": sums["approx_kl"] / updated,
-            "policy_loss": sums["policy_loss"] / updated,
-            "value_loss": sums["value_loss"] / updated,
-            "value_clip_fraction": sums["value_clip_fraction"] / updated,
-            "explained_variance": global_explained_variance(values, returns, mask, run),
-            "advantage_mean": global_masked_mean(ro.advantages, mask, run),
-            "return_mean": global_masked_mean(returns, mask, run),
-            "value_mean": global_masked_mean(values, mask, run),
-            "response_length": tokens / n,
-            "unfinished": run.all_reduce_sum(float((~finished).sum())) / n,
-            "empty_responses": int(run.all_reduce_sum(empty)),
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
-            "lr": scheduler.get_last_lr()[0],
-            "time/generation": t_generation,
-            "time/scoring": t_scoring,
-            "time/forward": t_forward,
-            "time/update": t_update,
-            "time/iteration": time.perf_counter() - t0,
-        }
-        if run.should_eval(iteration, cfg.iterations) and eval_prompts:
+        clock.lap("advantages")
+        sums, grad_norms = ppo_update(model, optimizer, scheduler, ro, pad, cfg, run, iteration, layout)  # 5. update
+        clock.lap("update")
+        metrics = rollout_metrics(ro, sums, grad_norms, kl_coef, mean_kl, len(samples) - len(kept), run)   # 6. log
+        metrics.update({"lr": scheduler.get_last_lr()[0], **clock.laps(), "time/iteration": clock.total()})
+        if run.should_eval(iteration, cfg.iterations) and prompts.eval:
             metrics.update(evaluate(iteration + 1))
         if (iteration + 1) % cfg.log_every == 0 or "eval/score" in metrics:
             run.log(iteration + 1, metrics)
-            for j in range(min(cfg.log_samples, len(kept))):
-                run.log(iteration + 1, {"split": "train", "prompt": prompts[j], "response": texts[j],
-                                        "score": float(raw_scores[j]), "finished": bool(finished[j]),
-                                        "kl": float(kl[j].sum())}, file="samples.jsonl")
+            log_rollout_samples(run, iteration + 1, ro, cfg.log_samples)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{mean_kl:.3f}", beta=f"{kl_coef:.3g}", refresh=False)
         bar.update(1)
         run.checkpoint_or_stop(iteration, cfg.iterations, model, optimizer, scheduler,
@@ -821,6 +592,25 @@ def train_ppo(cfg: PPOConfig, *, reward: Scorer | Callable[..., Any] | None = No
 
     sampler.close()
     return run.finish(run.accelerator.unwrap_model(model).policy, tokenizer)
+
+
+class Stopwatch:
+    """Seconds per named stage of an iteration (``time/<name>`` in the metrics)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[f"time/{name}"] = now - self.last
+        self.last = now
+
+    def laps(self) -> dict[str, float]:
+        return dict(self.times)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def update_micro_batch(model: torch.nn.Module, ro: Rollout, rows: list[int], minibatch_tokens: float, pad: int,
