@@ -471,7 +471,7 @@ class LabConfig:
     lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
     max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
     gen_batch_size: int = opt(144, "sequences generated together (PPO: at most its rollout); larger batches decode "
-                              "more tokens per pass over the weights (144 against 48: 1.61x, BENCHMARKS.md, fp32)")
+                              "more tokens per pass over the weights (measured in BENCHMARKS.md)")
     # SFT
     sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
     sft_lr: float = opt(5e-4, "SFT learning rate")
@@ -487,7 +487,7 @@ class LabConfig:
     dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
     dpo_beta: float = opt(0.15, "DPO's beta")
     ipo_beta: float = opt(0.5, "IPO's beta (tau): it pulls the log-ratio margin to 1/(2 tau), so a small tau lets it "
-                          "drift far (0.15: 17.6 nats on seed 0)")
+                          "drift far (docs/lab.md)")
     dpo_batch_size: int = opt(3, "rankings per dpo, ipo and simpo step, each with all its pairs (15 for 6 answers, "
                               "each answer encoded once): about the sequences of 8 separate pairs")
     # PPO

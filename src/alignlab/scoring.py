@@ -285,8 +285,8 @@ class ModelScorer(Scorer):
         stats: training reward statistics (``mean``, ``std``) for ``normalize``.
         normalize: return ``(r - mean) / std``.
         name: shown in messages.
-        precision: ``"fp32"`` or ``"bf16"`` (forward passes under bf16 autocast: about 1.5x faster on CPUs
-            with native bf16; scores move by bf16 rounding, ~1e-2).
+        precision: ``"fp32"`` or ``"bf16"`` (forward passes under bf16 autocast: faster on CPUs with
+            native bf16; scores move by bf16 rounding).
     """
 
     def __init__(

@@ -90,7 +90,7 @@ SENTENCES = {
 
 
 @lru_cache(maxsize=1)
-def _vader():  # loading the lexicon takes ~0.2 s: once per process
+def _vader():  # loading the lexicon is slow: once per process
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()

@@ -133,7 +133,7 @@ def sum_token_cross_entropy(model: torch.nn.Module, batch: AlignedBatch) -> torc
 
     Positions without loss are left out with ``ignore_index`` rather than a boolean gather of the logits:
     the same sum and the same gradients, without the (rows, v) gather and its zero-filled scatter in the
-    backward pass (about 2.5 % of an SFT step on SmolLM2-135M, see BENCHMARKS.md)."""
+    backward pass (measured in BENCHMARKS.md)."""
     logits = aligned_logits(model, batch)
     targets = batch.targets.masked_fill(~batch.loss_mask, IGNORE_INDEX)
     return torch.nn.functional.cross_entropy(
@@ -189,7 +189,7 @@ def loss_rows_cross_entropy(model: torch.nn.Module, batch: PaddedBatch) -> torch
     Why not ``logits_to_keep``: it keeps the same columns for every row, so with right padding it would
     still run the head over other rows' prompts and padding. Here the model returns its final (normed) hidden
     states, the loss positions are gathered into one (n, d) matrix, and the head runs on those n rows: on
-    SmolLM2-135M (49k vocabulary) about 1.1x faster per SFT step than the aligned layout (BENCHMARKS.md).
+    a 49k vocabulary a faster SFT step than the aligned layout (BENCHMARKS.md).
 
     The head's weight is used outside the model's ``forward``, which is right for a plain or DDP model
     (DDP hooks gradients by parameter) but not for engines that shard weights between calls (FSDP,
@@ -250,7 +250,7 @@ def _head_weights(head: torch.nn.Module, device_type: str) -> tuple[torch.Tensor
 
     Under autocast a frozen weight (the tied embedding under LoRA) is cast again at every use, and the head runs
     once per chunk and again in the checkpointed backward: on SmolLM2 that is a (49152, 576) cast several times
-    a step, about 7% of a LoRA DPO step (torch.profiler). The cast here is differentiable, so a trained head
+    a step, a visible share of a LoRA DPO step in torch.profiler. The cast here is differentiable, so a trained head
     still gets its gradient."""
     weight, bias = autocast_weight(head, device_type), getattr(head, "bias", None)
     if bias is not None:

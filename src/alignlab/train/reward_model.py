@@ -463,15 +463,9 @@ def plot_histogram(path: Path, groups: dict[str, list[float]], title: str) -> Pa
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train_reward(cfg: RewardConfig) -> Path:
-    """Train a reward model as configured; returns the run folder."""
-    run = Run(cfg, "rm")
-    if not cfg.data:
-        raise AlignlabError("no training data: pass data=FILE (e.g. --data ../shared/data/oasst_en_100_tree.jsonl)",
-                            field="data")
-    tokenizer = prepare_reward_tokenizer(load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
-
-    # -- data: load, hold out whole records, (expand to pairs), encode --------------------------------------
+def load_reward_data(cfg: RewardConfig, tokenizer: Any, run: Run) -> tuple[list[RewardExample], list[RewardExample]]:
+    """Load, hold out whole records (or read ``eval_data``), expand to pairs if asked, encode; every count
+    printed."""
     load = dict(format=cfg.format, columns=parse_columns(cfg.columns), skip_invalid=cfg.skip_invalid,
                 limit=cfg.limit or None)
     records, report = load_preferences(cfg.data, **load)
@@ -494,6 +488,61 @@ def train_reward(cfg: RewardConfig) -> Path:
         run.print("eval: " + eval_encode_report.summary())
     if not train_set:
         raise AlignlabError("no training examples left after encoding", file=cfg.data)
+    return train_set, eval_set
+
+
+def reward_step(model: torch.nn.Module, examples: list[RewardExample], mine: list[list[int]], global_prompts: int,
+                global_responses: int, pad: int, layout: dict[str, Any], cfg: RewardConfig, run: Run,
+                step: int) -> tuple[Counter[str], bool]:
+    """Forward and backward this process's micro-batches of one optimizer step: the K-wise ranking loss (mean over
+    the global batch's prompts) plus reward centring (mean over its responses). Returns the summed statistics
+    and whether every loss was finite."""
+    sums: Counter[str] = Counter()  # summed over micro-batches, then over processes
+    ok = True
+    for n, idx in enumerate(mine):
+        batch = collate_rankings([examples[i] for i in idx], pad, shared=not run.shards_weights,
+                                 layout=layout).to(run.device)
+        with run.accumulate(model, last=n == len(mine) - 1):
+            with run.accelerator.autocast():
+                flat = ranking_rewards(model, batch)  # (n,)
+            rewards = rewards_grid(flat, batch.mask)  # (b, k), best first
+            ranking = kwise_ranking_loss(rewards, mask=batch.mask, scores=batch.margins).sum()
+            centring = cfg.center_rewards_coef * (flat**2).sum()
+            # means over the global batch (prompts; responses for centring); x world as DDP averages
+            loss = (ranking / global_prompts + centring / global_responses) * run.world_size
+            ok = run.check_finite(loss, step) and ok
+            run.accelerator.backward(loss)
+        sums.update(ranking=float(ranking.detach()), centring=float(centring.detach()),
+                    tokens=batch.tokens, encoded_tokens=batch.encoded, **batch_sums(rewards.detach(), batch.mask))
+    return sums, ok
+
+
+def reward_metrics(sums: Counter[str], global_prompts: int, global_responses: int, cfg: RewardConfig,
+                   run: Run) -> dict[str, Any]:
+    """One step's statistics over every process's micro-batches."""
+    total = {key: run.all_reduce_sum(value) for key, value in sums.items()}
+    metrics: dict[str, Any] = {
+        "loss": total["ranking"] / global_prompts + total["centring"] / global_responses,
+        "ranking_loss": total["ranking"] / global_prompts,
+        "accuracy": total["wins"] / max(1.0, total["pairs"]),
+        "reward_mean": total["reward"] / global_responses,
+        "margin": total["margin"] / global_prompts,
+        "tokens": int(total["tokens"]),
+        "encoded_tokens": int(total["encoded_tokens"]),
+    }
+    if cfg.center_rewards_coef:
+        metrics["centring"] = total["centring"] / global_responses
+    return metrics
+
+
+def train_reward(cfg: RewardConfig) -> Path:
+    """Train a reward model as configured; returns the run folder."""
+    run = Run(cfg, "rm")
+    if not cfg.data:
+        raise AlignlabError("no training data: pass data=FILE (e.g. --data ../shared/data/oasst_en_100_tree.jsonl)",
+                            field="data")
+    tokenizer = prepare_reward_tokenizer(load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    train_set, eval_set = load_reward_data(cfg, tokenizer, run)
     lengths = [len(e) for e in train_set]
     sizes = [e.encoded for e in train_set]
 
@@ -508,7 +557,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     pad = tokenizer.pad_token_id
     layout = shared_prompt_layout(model)
 
-    # -- the loop -------------------------------------------------------------------------------------------
+    # -- the loop: step, log, evaluate, checkpoint -----------------------------------------------------------
     eval_scores: list[list[float]] | None = None
     bar = run.progress(len(plan), start)
     for step in range(start, len(plan)):
@@ -516,46 +565,14 @@ def train_reward(cfg: RewardConfig) -> Path:
         global_prompts = len(plan[step])
         global_responses = sum(len(train_set[i].sequences) for i in plan[step])
         mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size, sizes)
-        sums: Counter[str] = Counter()  # summed over micro-batches, then over processes
-        ok = True
-        for n, idx in enumerate(mine):
-            batch = collate_rankings([train_set[i] for i in idx], pad, shared=not run.shards_weights,
-                                     layout=layout).to(run.device)
-            with run.accumulate(model, last=n == len(mine) - 1):
-                with run.accelerator.autocast():
-                    flat = ranking_rewards(model, batch)  # (n,)
-                rewards = rewards_grid(flat, batch.mask)  # (b, k), best first
-                ranking = kwise_ranking_loss(rewards, mask=batch.mask, scores=batch.margins).sum()
-                centring = cfg.center_rewards_coef * (flat**2).sum()
-                # means over the global batch (prompts; responses for centring); x world as DDP averages
-                loss = (ranking / global_prompts + centring / global_responses) * run.world_size
-                ok = run.check_finite(loss, step) and ok
-                run.accelerator.backward(loss)
-            sums.update(ranking=float(ranking.detach()), centring=float(centring.detach()),
-                        tokens=batch.tokens, encoded_tokens=batch.encoded,
-                        **batch_sums(rewards.detach(), batch.mask))
+        sums, ok = reward_step(model, train_set, mine, global_prompts, global_responses, pad, layout, cfg, run, step)
         grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
         if not ok:
             optimizer.zero_grad(set_to_none=True)
-
-        # -- log, evaluate, checkpoint ------------------------------------------------------------------------
         seconds = time.perf_counter() - t0
-        total_sums = {key: run.all_reduce_sum(value) for key, value in sums.items()}
-        metrics: dict[str, Any] = {
-            "loss": total_sums["ranking"] / global_prompts + total_sums["centring"] / global_responses,
-            "ranking_loss": total_sums["ranking"] / global_prompts,
-            "accuracy": total_sums["wins"] / max(1.0, total_sums["pairs"]),
-            "reward_mean": total_sums["reward"] / global_responses,
-            "margin": total_sums["margin"] / global_prompts,
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens": int(total_sums["tokens"]),
-            "encoded_tokens": int(total_sums["encoded_tokens"]),
-            "tokens_per_s": total_sums["tokens"] / seconds,
-            "s_per_step": seconds,
-        }
-        if cfg.center_rewards_coef:
-            metrics["centring"] = total_sums["centring"] / global_responses
+        metrics = reward_metrics(sums, global_prompts, global_responses, cfg, run)
+        metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens_per_s=metrics["tokens"] / seconds,
+                       s_per_step=seconds)
         if run.should_eval(step, len(plan)) and eval_set:
             eval_metrics, eval_scores = evaluate_reward(model, eval_set, pad, run, cfg.batch_size * 4)
             metrics.update(eval_metrics)
@@ -572,24 +589,31 @@ def train_reward(cfg: RewardConfig) -> Path:
         run.log(len(plan), eval_metrics)
     stats, train_scores = training_reward_stats(model, train_set, pad, run, cfg)
     if run.is_main:
-        with open(run.out / REWARD_STATS_FILE, "w") as f:
-            json.dump(stats, f, indent=2)
-        if eval_set and eval_scores is not None:
-            best = [s[0] for s in eval_scores]
-            worst = [s[-1] for s in eval_scores]
-            middle = [v for s in eval_scores for v in s[1:-1]]
-            write_eval_scores(run.out / "eval_scores.jsonl", eval_set, eval_scores)
-            with open(run.out / "eval_stats.json", "w") as f:
-                json.dump({**eval_metrics, "prompts": len(eval_set), "scores": reward_stats(best + worst + middle),
-                           "best": reward_stats(best), "worst": reward_stats(worst)}, f, indent=2)
-            plot_histogram(run.out / "reward_hist.png",
-                           {"best (chosen)": best, "worst (rejected)": worst, "in between": middle},
-                           f"held-out rewards ({len(eval_set)} prompts)")
-        else:
-            plot_histogram(run.out / "reward_hist.png", {"training responses": train_scores},
-                           f"training rewards ({len(train_scores)} responses)")
+        write_reward_reports(run.out, stats, train_scores, eval_set, eval_scores,
+                             eval_metrics if eval_set and eval_scores is not None else None)
         run.print(_summary(stats, eval_metrics if eval_set and eval_scores is not None else None))
     return run.finish(model, tokenizer, extra_files={REWARD_STATS_FILE: json.dumps(stats, indent=2)})
+
+
+def write_reward_reports(out: Path, stats: dict[str, Any], train_scores: list[float], eval_set: list[RewardExample],
+                         eval_scores: list[list[float]] | None, eval_metrics: dict[str, float] | None) -> None:
+    """``reward_stats.json``; with held-out scores ``eval_scores.jsonl`` and ``eval_stats.json``; and the
+    histogram ``reward_hist.png`` (held-out best/worst/in between, else the training responses)."""
+    with open(out / REWARD_STATS_FILE, "w") as f:
+        json.dump(stats, f, indent=2)
+    if eval_scores is None or eval_metrics is None:
+        plot_histogram(out / "reward_hist.png", {"training responses": train_scores},
+                       f"training rewards ({len(train_scores)} responses)")
+        return
+    best = [s[0] for s in eval_scores]
+    worst = [s[-1] for s in eval_scores]
+    middle = [v for s in eval_scores for v in s[1:-1]]
+    write_eval_scores(out / "eval_scores.jsonl", eval_set, eval_scores)
+    with open(out / "eval_stats.json", "w") as f:
+        json.dump({**eval_metrics, "prompts": len(eval_set), "scores": reward_stats(best + worst + middle),
+                   "best": reward_stats(best), "worst": reward_stats(worst)}, f, indent=2)
+    plot_histogram(out / "reward_hist.png", {"best (chosen)": best, "worst (rejected)": worst, "in between": middle},
+                   f"held-out rewards ({len(eval_set)} prompts)")
 
 
 def training_reward_stats(model: torch.nn.Module, train_set: list[RewardExample], pad_token_id: int, run: Run,
