@@ -34,6 +34,9 @@ STAGES: dict[str, Stage] = {
     # stages: ppo
     "ppo": ("RLHF with PPO: sample, score with a reward model or a Python function, update at a controlled KL",
             "alignlab.config:PPOConfig", "alignlab.train.ppo:train_ppo"),
+    # stages: grpo
+    "grpo": ("critic-free RL: GRPO, Dr. GRPO, RLOO, REINFORCE++ with group baselines, verifiable or learned rewards",
+             "alignlab.config:GRPOConfig", "alignlab.train.grpo:train_grpo"),
     # stages: rejection sampling / best-of-n
     "bon": ("best-of-n: sample n answers per prompt, keep the best by reward, with the KL and reward curve",
             "alignlab.train.rejection:BoNConfig", "alignlab.train.rejection:run_bon"),

@@ -22,6 +22,7 @@ __all__ = [
     "BoNConfig",
     "DPOConfig",
     "DataConfig",
+    "GRPOConfig",
     "LabConfig",
     "ModelConfig",
     "PPOConfig",
@@ -204,9 +205,9 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
     if typ is str:
         return "" if value is None else str(value)
     if get_origin(typ) is list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return list(value)
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        inner = (get_args(typ) or (str,))[0]
+        return [_coerce(v, inner, name) for v in items] if inner in (int, float) else items
     return value
 
 
@@ -381,6 +382,96 @@ class PPOConfig(TrainConfig):
     # -- evaluation and logging
     eval_greedy: bool = opt(False, "held-out generations by greedy decoding (default: sampled at the rollout "
                             "temperature with a fixed seed, so the KL estimate is unbiased)")
+    log_samples: int = opt(4, "sample responses written to samples.jsonl each iteration (and at each evaluation)")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Critic-free online RL (``alignlab grpo``): GRPO, Dr. GRPO, RLOO and REINFORCE++ in one trainer. One
+    *iteration* samples ``group_size`` responses for each of ``prompts_per_iteration`` prompts, scores them, turns
+    the scores into advantages with a baseline from the group (or the batch), then makes ``update_epochs`` passes
+    of ``num_mini_batches`` optimizer steps over the rollout. No value model; no reference when ``beta = 0``.
+    ``epochs``, ``max_steps`` and ``grad_accum`` are not used (micro-batches hold ``batch_size`` responses)."""
+
+    output_dir: str = opt("runs/grpo", "run folder: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/")
+    policy: str = opt("", "the policy to train (an alias of --model)")
+    lr: float = opt(1e-6, "peak learning rate (AdamW), > 0; LoRA or the tiny lab runs want ~1e-4 or more")
+    schedule: str = opt("constant", "learning-rate decay over the run's optimizer steps",
+                        choices=["cosine", "linear", "constant"])
+    warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent in linear warmup, in [0, 1)")
+    batch_size: int = opt(8, "responses per forward/backward micro-batch (>= 1)")
+    max_tokens: int = opt(0, "not used by GRPO: its micro-batches hold batch_size responses")
+    # -- prompts
+    prompts: str = opt("", "training prompts: .txt (one per line), a JSON/JSONL list, any instruction or preference "
+                       "file (its prompts), or task:NAME:train (e.g. task:arithmetic:train)")
+    eval_prompts: str = opt("", "held-out prompts (same formats); empty = eval_fraction of --prompts")
+    eval_fraction: float = opt(0.1, "fraction of --prompts held out when --eval-prompts is empty, in [0, 1) (0 = "
+                               "none)")
+    limit: int = opt(0, "read at most N prompts (0 = all)")
+    template: str = opt("auto", "how a prompt is rendered: auto (the chat template when the tokenizer has one, else "
+                        "alpaca for instruction records and none for text), chat, alpaca, none",
+                        choices=["auto", "chat", "alpaca", "none"])
+    max_prompt_length: int = opt(512, "longest prompt in tokens, >= 1 (prompt + max_new_tokens must also fit the "
+                                 "model's context)")
+    long_prompts: str = opt("error", "a prompt that does not fit: error (naming it) or drop (counted)",
+                            choices=["error", "drop"])
+    # -- reward and reference
+    reward: str = opt("", "reward: comma list of Python functions module:function or file.py:function, "
+                      "f(prompts, responses) -> list[float], and/or task:NAME (a built-in task's verifiable "
+                      "reward, e.g. task:arithmetic); combined with --reward-weights")
+    reward_weights: list[float] = field(default_factory=list, metadata={
+        "help": "comma list of weights, one per --reward entry (default: all 1.0); the reward is their weighted sum"})
+    reward_model: str = opt("", "or a reward model: an alignlab rm folder or any HF sequence-classification "
+                            "checkpoint (added to --reward with weight 1 when both are given)")
+    reward_batch_size: int = opt(16, "sequences per reward-model forward pass (>= 1)")
+    reference: str = opt("", "reference model for the KL term; empty = the starting policy (with LoRA: the policy "
+                         "with its adapter disabled); not loaded at all when beta = 0")
+    # -- rollout
+    iterations: int = opt(20, "iterations (rollout -> score -> advantages -> update), >= 1")
+    prompts_per_iteration: int = opt(4, "prompts sampled per iteration on each process (>= 1); the rollout holds "
+                                     "prompts_per_iteration x group_size responses")
+    group_size: int = opt(8, "responses sampled per prompt (>= 2 for grpo, dr_grpo, rloo; >= 1 for reinforce_pp)")
+    num_mini_batches: int = opt(1, "optimizer steps per pass over the rollout (>= 1; a group is never split)")
+    update_epochs: int = opt(1, "passes over each rollout (>= 1); after the first the importance ratio to the "
+                             "rollout policy is clipped")
+    max_new_tokens: int = opt(64, "longest response in tokens (>= 1); also L of loss_aggregation=constant")
+    temperature: float = opt(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold in (0, 1] (1 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    stop_strings: list[str] = field(default_factory=list, metadata={
+        "help": "comma-separated strings that end a response (like EOS; \\n escapes are decoded)"})
+    generation_batch_size: int = opt(0, "prompts sampled together (0 = the whole rollout at once)")
+    backend: str = opt("hf", "rollout generation: hf (Hugging Face generate) or vllm (GPU, needs vllm; the policy's "
+                       "weights are copied into it every iteration)", choices=["hf", "vllm"])
+    # -- advantages and loss
+    advantage: str = opt("grpo", "advantage estimator: grpo (group mean and std), dr_grpo (group mean only), rloo "
+                         "(leave-one-out mean), reinforce_pp (batch-normalised returns, KL in the reward)",
+                         choices=["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+    loss_aggregation: str = opt("auto", "how per-token losses become one number: token_mean (DAPO), sequence_mean "
+                                "(GRPO), constant (sum / (responses x max_new_tokens), Dr. GRPO); auto = "
+                                "sequence_mean for grpo, constant for dr_grpo, token_mean otherwise",
+                                choices=["auto", "token_mean", "sequence_mean", "constant"])
+    clip_low: float = opt(0.2, "importance-ratio clip below 1: 1 - clip_low, in [0, 1)")
+    clip_high: float = opt(0.2, "importance-ratio clip above 1: 1 + clip_high, >= 0 (DAPO's clip-higher: 0.28)")
+    beta: float = opt(0.0, "KL coefficient to the reference, >= 0; 0 = no KL and no reference in memory")
+    kl_in: str = opt("auto", "where the KL goes: loss (k3 estimator, GRPO), reward (k1 per token, subtracted from "
+                     "the reward; RLOO, REINFORCE++); auto = reward for rloo and reinforce_pp, loss otherwise",
+                     choices=["auto", "loss", "reward"])
+    dynamic_sampling: bool = opt(True, "drop groups whose rewards are all equal (no signal; DAPO), counted in the "
+                                 "log as dropped_groups")
+    overlong: str = opt("none", "responses cut at max_new_tokens: none (kept), filter (masked out of the loss, "
+                        "counted as filtered_overlong), penalty (overlong_penalty subtracted from their reward)",
+                        choices=["none", "filter", "penalty"])
+    overlong_penalty: float = opt(1.0, "with overlong=penalty: subtracted from the reward, >= 0")
+    importance_correction: str = opt("auto", "truncated importance sampling for a sampler that differs from the "
+                                     "trained model (the bf16 sampling copy, vLLM): the mismatch is measured and "
+                                     "logged every iteration and each token's loss weighted by min(ratio, "
+                                     "importance_cap); auto = on where they differ, off = measure nothing",
+                                     choices=["auto", "off"])
+    importance_cap: float = opt(2.0, "cap C of the truncated importance weights, > 0")
+    # -- evaluation and logging
+    eval_greedy: bool = opt(True, "held-out answers by greedy decoding (default, the usual accuracy protocol); "
+                            "false = sampled at the rollout temperature with a fixed seed")
     log_samples: int = opt(4, "sample responses written to samples.jsonl each iteration (and at each evaluation)")
 
 

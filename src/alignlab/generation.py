@@ -321,6 +321,11 @@ class HFSampler(Sampler):
             return generate_from_ids(self._copy, self.tokenizer, prompt_ids, replace(sampling, precision="fp32"))
         return generate_from_ids(self.model, self.tokenizer, prompt_ids, sampling)
 
+    def proposal_model(self) -> torch.nn.Module | None:
+        """The model that proposed the last rollout's tokens when it is not the trained one (the bf16 copy),
+        else None: a trainer measures and corrects the gap between the two (GRPO's importance correction)."""
+        return self._copy if self._fresh else None
+
 
 def bf16_copy(model: torch.nn.Module, into: torch.nn.Module | None = None) -> torch.nn.Module:
     """A plain transformers model holding ``model``'s current weights in bf16 (a LoRA adapter merged in), for

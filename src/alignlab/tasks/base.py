@@ -25,6 +25,8 @@ class Task:
         gold_score: ``f(prompts, responses) -> scores``, higher is better; the simulated user.
         demonstrations: Alpaca records ``{instruction, input, output}`` for the SFT stage.
         description: one line for the report.
+        reward: a *verifiable* reward a trainer may optimise directly (``f(prompts, responses) -> scores``,
+            e.g. exact-answer checks), or None when the reward must be learned from preferences.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Task:
     gold_score: GoldScorer
     demonstrations: list[dict[str, str]] = field(default_factory=list)
     description: str = ""
+    reward: GoldScorer | None = None
 
     def as_prompt(self, text: str) -> dict[str, str]:
         """The prompt a trainer sees: an Alpaca mapping (rendered by ``encode_prompt(template="alpaca")``)."""

@@ -4,7 +4,7 @@ A task is found by its name in ``TASKS`` or as ``module:function`` (:func:`load_
 
 Prompts come from a ``.txt`` file (one per non-empty line), the ``prompt`` field of JSON/JSONL records, or the prompts
 of any instruction or preference file (Alpaca prompts become Alpaca-style instruction mappings, messages stay
-messages), or a built-in task's prompt split: ``task:sentiment:train`` / ``task:sentiment:eval`` (Alpaca
+messages), or a built-in task's prompt split: ``task:sentiment:train`` / ``task:arithmetic:eval`` (Alpaca
 mappings of the task's instruction and each opening, as the lab shows them).
 """
 
@@ -18,10 +18,11 @@ from alignlab.data.io import read_records
 from alignlab.data.preference import detect_format as detect_preference
 from alignlab.data.preference import load_feedback, load_preferences, prompts_of
 from alignlab.errors import AlignlabError
+from alignlab.tasks.arithmetic import arithmetic_task
 from alignlab.tasks.base import Task
 from alignlab.tasks.sentiment import sentiment_task
 
-TASKS = {"sentiment": sentiment_task}
+TASKS = {"sentiment": sentiment_task, "arithmetic": arithmetic_task}
 
 
 def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:

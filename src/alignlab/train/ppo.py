@@ -54,7 +54,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +61,7 @@ import torch
 
 from alignlab.config import PPOConfig
 from alignlab.errors import AlignlabError
-from alignlab.generation import Sample, SamplingConfig, check_backend, generate_from_ids, make_sampler
+from alignlab.generation import SamplingConfig, check_backend, generate_from_ids, make_sampler
 from alignlab.losses.common import masked_mean
 from alignlab.losses.ppo import (
     AdaptiveKLController,
@@ -78,32 +77,37 @@ from alignlab.models import (
     count_parameters,
     disable_dropout,
     is_peft,
-    load_frozen_reference,
     load_model,
     load_tokenizer,
     resolve_model,
     resolve_precision,
 )
 from alignlab.scoring import Scorer
-from alignlab.tasks.loading import load_prompts
-from alignlab.train.forward import SegmentPlan, model_inputs, shared_prompt_layout
+from alignlab.train.forward import SegmentPlan, shared_prompt_layout
 from alignlab.train.loop import Run
-from alignlab.train.policy import prepare_policy, split_eval
+from alignlab.train.policy import prepare_policy
 from alignlab.train.rollout import (
+    PromptSets,
     Rollout,
-    RolloutBatch,
     RunningMoments,
+    _unpeft,
     as_scorer,
     collate_rollout,
     encode_prompts,
     global_explained_variance,
     global_masked_mean,
+    load_prompt_sets,
+    load_reference,
     pad_columns,
     penalize_unfinished,
     prompt_batches,
     prompt_groups,
+    response_hidden,
+    response_logits,
     response_mask,
+    sample_rollout,
     score_responses,
+    score_rollout,
     scores_on_last_token,
     shaped_rewards,
     token_logps,
@@ -113,6 +117,10 @@ from alignlab.train.rollout import (
 
 __all__ = [
     "PPOConfig",
+    "PromptSets",
+    "encode_prompts",
+    "load_prompt_sets",
+    "load_reference",
     "PolicyAndValue",
     "RunningMoments",
     "Rollout",
@@ -126,17 +134,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- the critic
-
-
-def _unpeft(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected), or ``model`` itself."""
-    return model.get_base_model() if is_peft(model) else model
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer without its head (``model.model`` for Llama; found by ``base_model_prefix``)."""
-    base = _unpeft(model)
-    return getattr(base, base.base_model_prefix)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -164,22 +161,6 @@ class PolicyAndValue(torch.nn.Module):
         else:
             values = _unpeft(self.critic).score(response_hidden(self.critic, inputs, keep, predictors))
         return logits, values.squeeze(-1).float()
-
-
-def response_hidden(model: torch.nn.Module, inputs: dict[str, Any], keep: int,
-                    predictors: torch.Tensor | None) -> torch.Tensor:
-    """Last hidden states ``(b, k, d)`` of ``model``'s backbone at the positions that predict the response
-    tokens: the last ``keep + 1`` columns but one of an aligned batch, or the ``predictors`` (flat indices) of a
-    shared-prompt batch."""
-    hidden = _decoder(model)(**model_inputs(model, **inputs), use_cache=False).last_hidden_state
-    if predictors is None:
-        return hidden[:, -(keep + 1) : -1]
-    return hidden.reshape(-1, hidden.shape[-1])[predictors]
-
-
-def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """A causal LM's logits ``(b, k, v)`` at a :class:`RolloutBatch`'s response positions (the reference)."""
-    return _unpeft(model).get_output_embeddings()(response_hidden(model, batch.inputs, batch.keep, batch.predictors))
 
 
 def load_critic(cfg: PPOConfig, tokenizer: Any, scorer: Scorer) -> torch.nn.Module:
@@ -308,27 +289,6 @@ def evaluate_policy(model: torch.nn.Module, reference: torch.nn.Module | None, s
 # --------------------------------------------------------------------------------------------- setup
 
 
-@dataclass
-class PromptSets:
-    """The prompts a run samples from, as given (for the reward and the logs) and as token ids."""
-
-    train: list[Any]
-    train_ids: list[list[int]]
-    eval: list[Any]
-    eval_ids: list[list[int]]
-
-
-def load_reference(cfg: PPOConfig, tokenizer: Any, run: Run) -> torch.nn.Module | None:
-    """The frozen reference: ``reference=``, else a copy of the starting policy; None with LoRA (the policy with
-    its adapter disabled: the base weights, no second model)."""
-    if cfg.reference or not cfg.lora:
-        name = cfg.reference or cfg.model
-        run.print(f"reference: a frozen copy of {name}")
-        return load_frozen_reference(name, cfg, tokenizer, run.device)
-    run.print("reference: the base weights (LoRA adapter disabled)")
-    return None
-
-
 def policy_and_value(cfg: PPOConfig, policy: torch.nn.Module, tokenizer: Any, scorer: Scorer,
                      run: Run) -> PolicyAndValue:
     """The two trainable roles in one module: a value head on the policy (``share_backbone``) or a critic."""
@@ -339,20 +299,6 @@ def policy_and_value(cfg: PPOConfig, policy: torch.nn.Module, tokenizer: Any, sc
         return PolicyAndValue(policy, value_head=value_head)
     run.print(f"value model: {cfg.value_model or ('the reward model' if cfg.reward_model else cfg.model)}")
     return PolicyAndValue(policy, critic=load_critic(cfg, tokenizer, scorer))
-
-
-def load_prompt_sets(cfg: PPOConfig, tokenizer: Any, policy: torch.nn.Module, run: Run) -> PromptSets:
-    """Training and held-out prompts, encoded and checked against the length limits (``eval_prompts``, else
-    ``eval_fraction`` of ``prompts`` held out)."""
-    context = getattr(_unpeft(policy).config, "max_position_embeddings", None)
-    train, train_ids = encode_prompts(load_prompts(cfg.prompts, limit=cfg.limit or None), tokenizer, cfg, context,
-                                      cfg.prompts, run)
-    if cfg.eval_prompts:
-        return PromptSets(train, train_ids, *encode_prompts(load_prompts(cfg.eval_prompts), tokenizer, cfg, context,
-                                                            cfg.eval_prompts, run))
-    train_idx, eval_idx = split_eval(list(range(len(train))), cfg.eval_fraction, cfg.seed)
-    return PromptSets([train[i] for i in train_idx], [train_ids[i] for i in train_idx],
-                      [train[i] for i in eval_idx], [train_ids[i] for i in eval_idx])
 
 
 def rollout_size(cfg: PPOConfig) -> int:
@@ -374,28 +320,6 @@ def kl_controller_for(cfg: PPOConfig) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- the steps
-
-
-def sample_rollout(sampler: Any, model: torch.nn.Module, prompts: PromptSets, mine: list[int], sampling: SamplingConfig,
-                   cfg: PPOConfig, iteration: int, run: Run) -> list[Sample]:
-    """Step 1: sample one response per entry of ``mine`` (prompt indices, each repeated k times) from the
-    weights the last update left."""
-    # a seed per (iteration, process): the samples do not depend on how many random numbers anything else
-    # drew, so a resumed run samples exactly what the uninterrupted run did
-    sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
-    sampler.sync(run.accelerator.unwrap_model(model).policy)
-    return sampler.generate([prompts.train_ids[i] for i in mine], sampling)
-
-
-def score_rollout(scorer: Scorer, prompts: PromptSets, mine: list[int], samples: list[Sample], iteration: int,
-                  run: Run) -> tuple[torch.Tensor, list[int]]:
-    """Step 2: the reward of every response (checked: one finite number each), and the rows kept: a response
-    cut to nothing (the model's first token was padding) has no action to learn from."""
-    all_scores = score_responses(scorer, [prompts.train[i] for i in mine], [s.text for s in samples])
-    kept = [j for j, s in enumerate(samples) if s.response_ids]
-    if not kept:
-        raise AlignlabError(f"iteration {iteration + 1}: every response was empty")
-    return all_scores, kept
 
 
 def shape_scores(raw_scores: torch.Tensor, all_scores: torch.Tensor, finished: torch.Tensor, scorer: Scorer,

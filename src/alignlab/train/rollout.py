@@ -21,11 +21,15 @@ import torch
 from alignlab.config import PPOConfig
 from alignlab.data.tokenize import IGNORE_INDEX, encode_prompt
 from alignlab.errors import AlignlabError
+from alignlab.generation import Sample, SamplingConfig
 from alignlab.losses.common import masked_mean, masked_whiten, selective_log_softmax
 from alignlab.losses.ppo import explained_variance, kl_penalty
+from alignlab.models import is_peft, load_frozen_reference
 from alignlab.scoring import FunctionScorer, Scorer, load_scorer
-from alignlab.train.forward import AlignedBatch, SegmentPlan, collate_aligned, collate_shared_prompt
+from alignlab.tasks.loading import load_prompts, load_task
+from alignlab.train.forward import AlignedBatch, SegmentPlan, collate_aligned, collate_shared_prompt, model_inputs
 from alignlab.train.loop import Run
+from alignlab.train.policy import split_eval
 
 # --------------------------------------------------------------------------------------------- rollouts
 
@@ -318,3 +322,164 @@ def encode_prompts(prompts: list[Any], tokenizer: Any, cfg: PPOConfig, context: 
 def unescape(strings: Sequence[str]) -> list[str]:
     r"""Decode ``\n``-style escapes in stop strings given on the command line."""
     return [codecs.decode(s, "unicode_escape") if "\\" in s else s for s in strings]
+
+
+# --------------------------------------------------------------------------------------------- models and steps
+
+
+def _unpeft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected), or ``model`` itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without its head (``model.model`` for Llama; found by ``base_model_prefix``)."""
+    base = _unpeft(model)
+    return getattr(base, base.base_model_prefix)
+
+
+def response_hidden(model: torch.nn.Module, inputs: dict[str, Any], keep: int,
+                    predictors: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states ``(b, k, d)`` of ``model``'s backbone at the positions that predict the response
+    tokens: the last ``keep + 1`` columns but one of an aligned batch, or the ``predictors`` (flat indices) of a
+    shared-prompt batch."""
+    hidden = _decoder(model)(**model_inputs(model, **inputs), use_cache=False).last_hidden_state
+    if predictors is None:
+        return hidden[:, -(keep + 1) : -1]
+    return hidden.reshape(-1, hidden.shape[-1])[predictors]
+
+
+def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """A causal LM's logits ``(b, k, v)`` at a :class:`RolloutBatch`'s response positions (the reference)."""
+    return _unpeft(model).get_output_embeddings()(response_hidden(model, batch.inputs, batch.keep, batch.predictors))
+
+
+@dataclass
+class PromptSets:
+    """The prompts a run samples from, as given (for the reward and the logs) and as token ids."""
+
+    train: list[Any]
+    train_ids: list[list[int]]
+    eval: list[Any]
+    eval_ids: list[list[int]]
+
+
+def load_reference(cfg: PPOConfig, tokenizer: Any, run: Run) -> torch.nn.Module | None:
+    """The frozen reference: ``reference=``, else a copy of the starting policy; None with LoRA (the policy with
+    its adapter disabled: the base weights, no second model)."""
+    if cfg.reference or not cfg.lora:
+        name = cfg.reference or cfg.model
+        run.print(f"reference: a frozen copy of {name}")
+        return load_frozen_reference(name, cfg, tokenizer, run.device)
+    run.print("reference: the base weights (LoRA adapter disabled)")
+    return None
+
+
+def load_prompt_sets(cfg: PPOConfig, tokenizer: Any, policy: torch.nn.Module, run: Run) -> PromptSets:
+    """Training and held-out prompts, encoded and checked against the length limits (``eval_prompts``, else
+    ``eval_fraction`` of ``prompts`` held out)."""
+    context = getattr(_unpeft(policy).config, "max_position_embeddings", None)
+    train, train_ids = encode_prompts(load_prompts(cfg.prompts, limit=cfg.limit or None), tokenizer, cfg, context,
+                                      cfg.prompts, run)
+    if cfg.eval_prompts:
+        return PromptSets(train, train_ids, *encode_prompts(load_prompts(cfg.eval_prompts), tokenizer, cfg, context,
+                                                            cfg.eval_prompts, run))
+    train_idx, eval_idx = split_eval(list(range(len(train))), cfg.eval_fraction, cfg.seed)
+    return PromptSets([train[i] for i in train_idx], [train_ids[i] for i in train_idx],
+                      [train[i] for i in eval_idx], [train_ids[i] for i in eval_idx])
+
+
+def sample_rollout(sampler: Any, model: torch.nn.Module, prompts: PromptSets, mine: list[int], sampling: SamplingConfig,
+                   cfg: PPOConfig, iteration: int, run: Run) -> list[Sample]:
+    """Step 1: sample one response per entry of ``mine`` (prompt indices, each repeated k times) from the
+    weights the last update left."""
+    # a seed per (iteration, process): the samples do not depend on how many random numbers anything else
+    # drew, so a resumed run samples exactly what the uninterrupted run did
+    sampling.seed = int(np.random.SeedSequence([cfg.seed, iteration, run.rank]).generate_state(1)[0])
+    sampler.sync(run.accelerator.unwrap_model(model).policy)
+    return sampler.generate([prompts.train_ids[i] for i in mine], sampling)
+
+
+def score_rollout(scorer: Scorer, prompts: PromptSets, mine: list[int], samples: list[Sample], iteration: int,
+                  run: Run) -> tuple[torch.Tensor, list[int]]:
+    """Step 2: the reward of every response (checked: one finite number each), and the rows kept: a response
+    cut to nothing (the model's first token was padding) has no action to learn from."""
+    all_scores = score_responses(scorer, [prompts.train[i] for i in mine], [s.text for s in samples])
+    kept = [j for j, s in enumerate(samples) if s.response_ids]
+    if not kept:
+        raise AlignlabError(f"iteration {iteration + 1}: every response was empty")
+    return all_scores, kept
+
+
+@torch.no_grad()
+def response_logps(model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int,
+                   batch_size: int, temperature: float, run: Run, layout: dict[str, Any] | None = None,
+                   adapter_off: bool = False) -> torch.Tensor:
+    """Log-probs ``(b, t)`` (float32, 0 off the mask) of the responses under a causal LM, ``batch_size`` rows per
+    forward, no gradient, under the run's autocast. ``adapter_off``: the LoRA policy with its adapter disabled
+    (the base weights: the reference without a second model)."""
+    width = max(len(r) for r in response_ids)
+    pieces = []
+    for start in range(0, len(prompt_ids), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = collate_rollout(prompt_ids[sl], response_ids[sl], pad, layout).to(run.device)
+        with run.accelerator.autocast():
+            if adapter_off:
+                with model.disable_adapter():
+                    logits = response_logits(model, batch)
+            else:
+                logits = response_logits(model, batch)
+        pieces.append(pad_columns(token_logps(logits, batch, temperature), width))
+    return torch.cat(pieces)
+
+
+class WeightedScorer(Scorer):
+    """The weighted sum of several scorers' scores (``--reward a,b --reward-weights 1,0.1``)."""
+
+    def __init__(self, parts: Sequence[tuple[Scorer, float]]) -> None:
+        self.parts = list(parts)
+        self.name = " + ".join(f"{w:g} x {s.name}" for s, w in self.parts)
+        self.stats = None
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        total = [0.0] * len(responses)
+        for scorer, weight in self.parts:
+            for i, s in enumerate(score_responses(scorer, list(prompts), list(responses)).tolist()):
+                total[i] += weight * s
+        return total
+
+
+def reward_scorer(cfg: Any, reward: Any, device: Any) -> tuple[Scorer, Callable[..., Any] | None]:
+    """The reward of a critic-free run and, when it includes a built-in task's verifiable reward
+    (``task:NAME``), that task's gold (e.g. exact-answer accuracy) for the held-out evaluation.
+
+    ``reward`` (from code: a Scorer, a function, or a list of them) replaces ``cfg.reward``; otherwise
+    ``cfg.reward`` is a comma list of ``module:function`` / ``task:NAME`` entries weighted by
+    ``cfg.reward_weights``, plus ``cfg.reward_model`` with weight 1."""
+    gold = None
+    if reward is not None:
+        entries: list[Any] = list(reward) if isinstance(reward, (list, tuple)) else [reward]
+    else:
+        entries = [e.strip() for e in cfg.reward.split(",") if e.strip()] if cfg.reward else []
+    weights = list(cfg.reward_weights) or [1.0] * len(entries)
+    if len(weights) != len(entries):
+        raise AlignlabError(f"{len(weights)} weights for {len(entries)} rewards ({', '.join(map(str, entries))})",
+                            field="reward_weights")
+    parts: list[tuple[Scorer, float]] = []
+    for entry, weight in zip(entries, weights):
+        if isinstance(entry, str) and entry.startswith("task:"):
+            task = load_task(entry[5:])
+            if task.reward is None:
+                raise AlignlabError(f"task {task.name} has no verifiable reward (its gold is learned through "
+                                    "preferences in the lab)", field="reward")
+            parts.append((FunctionScorer(task.reward, entry), float(weight)))
+            gold = gold or task.gold_score
+        else:
+            parts.append((as_scorer(entry, cfg, device), float(weight)))
+    if cfg.reward_model and reward is None:
+        parts.append((as_scorer(cfg.reward_model, cfg, device), 1.0))
+    if not parts:
+        raise AlignlabError("no reward given", field="reward")
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0], gold
+    return WeightedScorer(parts), gold
