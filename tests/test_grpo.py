@@ -194,7 +194,8 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
 def test_learns_the_toy_reward(tmp_path, prompts_file, advantage):
     """The score (the fraction of 'e') must rise well above where a random tiny policy starts."""
-    out = train_grpo(_cfg(tmp_path, advantage, prompts_file, iterations=24, advantage=advantage, clip_high=0.28, lr=1e-2),
+    out = train_grpo(_cfg(tmp_path, advantage, prompts_file, iterations=24, advantage=advantage, clip_high=0.28,
+                          lr=1e-2),
                      reward=prefers_e)
     rows = [r for r in _metrics(out) if "score" in r]
     first = sum(r["score"] for r in rows[:3]) / 3
