@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from alignlab.bench import PAIRS, measure_matmul_peak, mfu, ratios, summarize
+from alignlab.bench.measure import measure_matmul_peak, mfu, ratios, summarize
+from alignlab.bench.registry import PAIRS
 
 
 def test_mfu_matches_hand_computation():
@@ -73,7 +74,7 @@ def tiny_alpaca(tmp_path):
 @pytest.mark.parametrize("settings", ["matched", "defaults"])
 def test_harness_runs_both_libraries_on_tiny_random(tiny_alpaca, settings):
     pytest.importorskip("trl")
-    from alignlab.bench import run_benchmark
+    from alignlab.bench.cli import run_benchmark
 
     report = run_benchmark("sft", model="tiny-random", data=tiny_alpaca, batch_size=4, max_length=64, steps=2,
                            warmup_steps=1, precision="fp32", settings=settings, measure_peak=False,
@@ -115,7 +116,7 @@ def tiny_pairs(tmp_path):
 
 
 def _run(stage, data, **kw):
-    from alignlab.bench import run_benchmark
+    from alignlab.bench.cli import run_benchmark
 
     values = dict(model="tiny-random", data=data, batch_size=4, max_length=64, steps=1, warmup_steps=1,
                   precision="fp32", settings="matched", measure_peak=False, echo=lambda *_: None)
@@ -201,7 +202,7 @@ def test_bench_ppo_against_rloo(tmp_path):
 
 
 def test_bench_stage_options_are_checked():
-    from alignlab.bench import run_benchmark
+    from alignlab.bench.cli import run_benchmark
     from alignlab.cli import build_parser
 
     args = build_parser().parse_args(["bench", "rm-kwise", "--which", "kwise", "--set", "pairs_batch_size=3"])
@@ -233,7 +234,7 @@ def test_bench_gen_shared_prefill_against_plain_generate():
 
 SLOW_RUNNERS = '''
 import time
-from alignlab.bench import stamp_progress
+from alignlab.bench.worker import stamp_progress
 
 def fast(spec):
     return {"step_seconds": [1.0, 2.0], "step_tokens": [50, 300], "losses": [], "trainable_params": 1,
@@ -248,7 +249,9 @@ def stuck(spec):
 
 
 def test_time_limit_stops_a_stuck_worker_and_bounds_its_speed(tmp_path, monkeypatch, capsys):
-    from alignlab.bench import Pair, print_report, run_benchmark
+    from alignlab.bench.cli import run_benchmark
+    from alignlab.bench.registry import Pair
+    from alignlab.bench.report import print_report
 
     (tmp_path / "slowbench.py").write_text(SLOW_RUNNERS)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker process imports the runners from here
@@ -273,7 +276,7 @@ def test_time_limit_stops_a_stuck_worker_and_bounds_its_speed(tmp_path, monkeypa
 
 
 def test_stopped_worker_that_never_started_its_loop(tmp_path):
-    from alignlab.bench import stopped_worker
+    from alignlab.bench.worker import stopped_worker
 
     result = stopped_worker(tmp_path / "missing.jsonl", launched=100.0, stopped=160.0, time_limit=60.0,
                             max_step_tokens=1024)

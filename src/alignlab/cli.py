@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark a stage against TRL: tokens/s, s/step, peak memory, loss, MFU",
                        description="Train the same model on the same data with alignlab and with TRL, each in "
-                       "its own process, and compare them (see alignlab/bench.py for what is measured).",
+                       "its own process, and compare them (see alignlab/bench/measure.py for what is measured).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)

@@ -19,7 +19,7 @@ The four roles:
 Policy and critic live in one module (:class:`PolicyAndValue`): one optimizer, one DDP wrapper, and one Run
 checkpoint that holds both.
 
-One iteration, top to bottom (:func:`train_ppo`):
+One iteration, top to bottom (:func:`train_ppo`, each step a named function):
 
 1. **rollout**: sample ``responses_per_prompt`` responses per prompt (default one) with the KV cache
    (:mod:`alignlab.generation`); each is cut at its first EOS (kept) or stop string, and marked unfinished when
@@ -37,12 +37,9 @@ One iteration, top to bottom (:func:`train_ppo`):
 Every trick is one named line in the loop with its reason beside it. References: Ziegler et al. 2019;
 Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"; CleanRL's ``ppo.py``.
 
-Response layout: a rollout's rows are "aligned" batches (:mod:`alignlab.train.forward`): prompts left-padded
-so every response starts at column 0 of the kept columns; per-token tensors are ``(b, t)`` with
-``mask[i] = [1] * len(response_i) + [0] * ...``. The LM head only ever runs on response positions. With
+Response layout (:mod:`alignlab.train.rollout`): the LM head only ever runs on response positions; with
 ``responses_per_prompt > 1`` a prompt's responses follow one copy of it, each attending to the prompt and itself
-(:func:`~alignlab.train.forward.collate_shared_prompt`, exactly the same numbers): with SmolLM2 on the lab's
-prompts (56 tokens, responses of ~25) four responses per prompt halve the tokens of every forward and backward.
+(exactly the same numbers, fewer tokens in every forward and backward).
 
 Log-probs are of the sampling distribution at ``temperature`` (logits divided by it), as TRL does; top-p/top-k
 truncation is not reflected in them (also as TRL).
