@@ -22,6 +22,7 @@ __all__ = [
     "BoNConfig",
     "DPOConfig",
     "DataConfig",
+    "GROUP_METHODS",
     "GRPOConfig",
     "LabConfig",
     "ModelConfig",
@@ -529,14 +530,20 @@ class RSConfig(SampleConfig, SFTConfig):
 # ----------------------------------------------------------------------------------------------- the lab
 
 
-ALL_METHODS = ["ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
+ALL_METHODS = ["ppo", "ppo_nokl", "grpo", "rloo", "dpo", "ipo", "simpo", "rs", "bon"]
 PAIRWISE_METHODS = ("dpo", "ipo", "simpo")  # learn from the preference pairs directly, no reward model
-CHECKPOINTING_METHODS = ("ppo", "ppo_nokl", *PAIRWISE_METHODS)  # evaluated along training at their checkpoints
+GROUP_METHODS = ("grpo", "rloo")  # critic-free online RL (alignlab grpo): group baselines, no value model
+CHECKPOINTING_METHODS = ("ppo", "ppo_nokl", *GROUP_METHODS, *PAIRWISE_METHODS)  # evaluated along training
+VERIFIABLE_METHODS = ["ppo", "grpo", "rloo", "rs", "bon"]  # the default methods on a task with a checked reward
 MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the reference is the adapter-off policy)
     "sft": "1 (policy)",
     "ppo": "4 roles: policy, reference, reward, value (reference = policy without adapter with LoRA; value = a "
            "head on the policy with ppo_share_backbone), and a bf16 copy of the policy for sampling",
     "ppo_nokl": "4 roles, as ppo (the reference is not needed at beta = 0; kept for logging the KL)",
+    "grpo": "2 or 3: policy, reward (no value model; the reference only at grpo_beta > 0, the adapter-off policy "
+            "with LoRA), and a bf16 copy of the policy for sampling",
+    "rloo": "2 or 3: policy, reward (no value model; the reference only at grpo_beta > 0), and a bf16 copy of the "
+            "policy for sampling",
     "dpo": "2: policy, reference (adapter-off policy with LoRA)",
     "ipo": "2: policy, reference (adapter-off policy with LoRA)",
     "simpo": "1: policy (reference-free)",
@@ -555,7 +562,9 @@ class LabConfig:
     prompts: str = opt("", "replace the task's prompts with this file (e.g. IMDb review prefixes)")
     model: str = opt("smollm2-135m-instruct", "base model")
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
-                               metadata={"help": f"methods to compare (comma list of {', '.join(ALL_METHODS)})"})
+                               metadata={"help": f"methods to compare (comma list of {', '.join(ALL_METHODS)}); on a "
+                                       "task with a verifiable reward (arithmetic) the default is "
+                                       f"{', '.join(VERIFIABLE_METHODS)}"})
     seed: int = opt(0, "one seed for everything")
     n_eval: int = opt(32, "held-out prompts for evaluation")
     n_train: int = opt(48, "training prompts used by every method")
@@ -590,6 +599,13 @@ class LabConfig:
     ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
     ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
                                    "model (about half the update's compute)")
+    # GRPO / RLOO (critic-free; the same rollout size and prompts as PPO)
+    grpo_iterations: int = opt(8, "GRPO and RLOO iterations (rollouts of ppo_rollout responses), >= 1")
+    grpo_group_size: int = opt(4, "GRPO and RLOO responses per prompt (the group that is the baseline), >= 2")
+    grpo_lr: float = opt(1e-3, "GRPO and RLOO learning rate, > 0")
+    grpo_beta: float = opt(0.05, "GRPO and RLOO KL coefficient (GRPO: k3 in the loss; RLOO: k1 in the reward), >= 0; "
+                           "0 = no reference in memory")
+    grpo_epochs: int = opt(2, "GRPO and RLOO passes over each rollout (the ratio clipped after the first), >= 1")
     # rejection sampling / best-of-n
     rs_rounds: int = opt(2, "rejection-sampling rounds: sample from the current policy, keep the best, fine-tune "
                             "(the next round samples from the fine-tuned model)")
@@ -608,7 +624,8 @@ def quick_config(**overrides: Any) -> LabConfig:
     """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
     base = dict(name="quick", model="tiny-random", n_eval=8, n_train=8, max_new_tokens=8, sft_steps=3,
                 sft_lr=3e-3, k_annotate=3, rm_steps=3, rm_lr=3e-3, dpo_steps=2, dpo_lr=3e-3, ppo_iterations=2,
-                ppo_rollout=8, ppo_lr=3e-3, rs_n=3, rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8,
+                ppo_rollout=8, ppo_lr=3e-3, grpo_iterations=2, grpo_lr=3e-3, rs_n=3, rs_steps=2, rs_lr=3e-3, bon_n=4,
+                batch_size=8,
                 gen_batch_size=48, lora=False)
     base.update(overrides)
     return LabConfig(**base)  # type: ignore[arg-type]

@@ -5,9 +5,14 @@
                   annotators who see the gold score through Plackett-Luce noise)
                -> reward model (K-wise loss on those rankings)
                -> methods, each starting from the SFT model:
-                    ppo (KL penalty), ppo_nokl (beta = 0), dpo, ipo, simpo (the preference pairs),
+                    ppo (KL penalty), ppo_nokl (beta = 0), grpo and rloo (critic-free, group baselines),
+                    dpo, ipo, simpo (the preference pairs),
                     rs (rejection sampling with the reward model, in rounds), bon (best-of-n at inference)
                -> evaluation on held-out prompts -> report (markdown + self-contained html + plots)
+
+A task with a verifiable reward (``Task.reward``, e.g. arithmetic: the answer is checked) runs by default
+ppo, grpo, rloo, rs and bon, and those methods optimise the checked reward itself rather than the reward model
+(which is still trained from the annotators' rankings, for the DPO family and the proxy column).
 
 Every stage is cached by its inputs: its folder holds ``stage.json`` with a key (a hash of the stage's
 parameters and the keys of the stages it reads); a rerun reuses a stage whose key matches and recomputes it
@@ -24,7 +29,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from alignlab.config import ALL_METHODS, CHECKPOINTING_METHODS, PAIRWISE_METHODS, LabConfig
+from alignlab.config import ALL_METHODS, CHECKPOINTING_METHODS, PAIRWISE_METHODS, VERIFIABLE_METHODS, LabConfig
 from alignlab.data.templates import render_alpaca_prompt
 from alignlab.errors import AlignlabError
 from alignlab.lab import stages
@@ -39,6 +44,8 @@ def run_lab(cfg: LabConfig) -> Path:
     if unknown:
         raise AlignlabError(f"unknown methods {unknown} (choose from {', '.join(ALL_METHODS)})", field="methods")
     task = load_task(cfg.task, prompts_file=cfg.prompts or None, n_eval=cfg.n_eval, seed=cfg.seed)
+    if task.reward is not None and cfg.methods == ALL_METHODS:  # a checked reward: the RL methods and the samplers
+        cfg.methods = list(VERIFIABLE_METHODS)
     if cfg.curve_points < 0:
         raise AlignlabError(f"curve_points must be >= 0, got {cfg.curve_points}", field="curve_points")
     if len(task.train_prompts) < cfg.n_train:
@@ -63,9 +70,13 @@ def run_lab(cfg: LabConfig) -> Path:
     ppo_params = {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr,
                   "epochs": cfg.ppo_epochs, "share_backbone": cfg.ppo_share_backbone,
                   "responses_per_prompt": cfg.ppo_responses_per_prompt}
+    grpo_params = {"iterations": cfg.grpo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.grpo_lr,
+                   "epochs": cfg.grpo_epochs, "group_size": cfg.grpo_group_size, "beta": cfg.grpo_beta}
     method_params = {
         "ppo": {**ppo_params, "kl_coef": cfg.ppo_kl_coef},
         "ppo_nokl": {**ppo_params, "kl_coef": 0.0},
+        "grpo": {**grpo_params, "advantage": "grpo"},
+        "rloo": {**grpo_params, "advantage": "rloo"},
         "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta,
                 "rankings_per_step": cfg.dpo_batch_size},
         "ipo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.ipo_beta,
@@ -76,6 +87,8 @@ def run_lab(cfg: LabConfig) -> Path:
     }
     for method in cfg.methods:
         params = {**common, **method_params[method]}
+        if task.reward is not None and method not in PAIRWISE_METHODS:
+            params["reward"] = "verifiable"  # trained on the task's checked reward, not the reward model
         if method in CHECKPOINTING_METHODS:  # the trainer keeps the checkpoints the evaluation along training reads
             params["curve_points"] = cfg.curve_points
         # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)

@@ -18,9 +18,11 @@ from alignlab.config import MODELS_IN_MEMORY  # noqa: E402
 from alignlab.lab.cache import Lab  # noqa: E402
 from alignlab.tasks import Task  # noqa: E402
 
-LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "dpo": "DPO", "ipo": "IPO",
+LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "grpo": "GRPO", "rloo": "RLOO",
+          "dpo": "DPO", "ipo": "IPO",
           "simpo": "SimPO", "rs": "Rejection sampling", "bon": "Best-of-n"}
-COLORS = {"sft": "#444444", "ppo": "#1f77b4", "ppo_nokl": "#d62728", "dpo": "#2ca02c", "ipo": "#9467bd",
+COLORS = {"sft": "#444444", "ppo": "#1f77b4", "ppo_nokl": "#d62728", "grpo": "#bcbd22", "rloo": "#e377c2",
+          "dpo": "#2ca02c", "ipo": "#9467bd",
           "simpo": "#8c564b", "rs": "#ff7f0e", "bon": "#17becf"}
 
 
@@ -72,7 +74,7 @@ def plot_frontier(lab: Lab, rows: list[dict], path: Path) -> Path:
         if curve:
             ax.plot([0.0, *[c["kl"] for c in curve]], [sft_gold, *[c["gold"] for c in curve]], "o-", alpha=0.45,
                     ms=3, lw=1, color=COLORS[r["method"]])
-    for method in ("ppo", "ppo_nokl"):
+    for method in ("ppo", "ppo_nokl", "grpo", "rloo"):
         curve = lab.results.get(method, {}).get("curve") or []
         if curve and not held_out_curve(lab, method):
             ax.plot([c["kl"] for c in curve], [c["gold"] for c in curve], "o--", alpha=0.5, ms=3,
@@ -133,12 +135,12 @@ def plot_training(lab: Lab, path: Path) -> Path:
     axes[1].set_title("implicit reward margin (chosen - rejected)")
     axes[1].set_xlabel("step")
     axes[1].legend(fontsize=7)
-    for method in ("ppo", "ppo_nokl"):
+    for method in ("ppo", "ppo_nokl", "grpo", "rloo"):
         curve = lab.results.get(method, {}).get("curve") or []
         if curve:
             axes[2].plot([c["iteration"] for c in curve], [c["proxy"] for c in curve], color=COLORS[method],
                          label=LABELS[method])
-    axes[2].set_title("PPO: mean reward-model score of rollouts")
+    axes[2].set_title("online RL: mean reward of rollouts")
     axes[2].set_xlabel("iteration")
     axes[2].legend(fontsize=7)
     for ax in axes:
@@ -271,7 +273,12 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"whole rankings (all their pairs, each answer encoded once), lr {cfg.dpo_lr:g}; DPO beta {cfg.dpo_beta:g}, "
         f"IPO tau {cfg.ipo_beta:g}, SimPO beta 2 and gamma 1. PPO: "
         f"{cfg.ppo_iterations} rollouts of {cfg.ppo_rollout} responses ({cfg.ppo_responses_per_prompt} per prompt) "
-        f"on the same training prompts, {cfg.ppo_epochs} epochs over each. Rejection "
+        f"on the same training prompts, {cfg.ppo_epochs} epochs over each. GRPO / RLOO: {cfg.grpo_iterations} "
+        f"rollouts of {cfg.ppo_rollout} responses in groups of {cfg.grpo_group_size} (the group is the baseline; no "
+        f"value model), {cfg.grpo_epochs} epochs over each, lr {cfg.grpo_lr:g}, beta {cfg.grpo_beta:g}. "
+        + ("The RL methods, rejection sampling and best-of-n optimise the task's verifiable reward itself (the "
+           "checked answer), not the reward model. " if task.reward is not None else "")
+        + "Rejection "
         f"sampling: {cfg.rs_rounds} round(s), each {cfg.rs_n} samples per training prompt from the current policy, "
         f"the best by the reward model kept (one cut at the limit is learned without EOS), then {cfg.rs_steps} SFT "
         f"steps on them, lr {cfg.rs_lr:g}{_rs_by_round(lab)}. "

@@ -63,6 +63,17 @@ class Context:
     def rm_path(self) -> str:
         return self.result("reward_model")["model"]
 
+    @property
+    def method_reward(self) -> str:
+        """What the reward-driven methods (PPO, GRPO, RLOO, rejection sampling, best-of-n) optimise: the task's
+        verifiable reward (``module:function``) when it has one, else the reward model learned from the rankings."""
+        fn = self.task.reward
+        return f"{fn.__module__}:{fn.__qualname__}" if fn is not None else self.rm_path
+
+    def reward_options(self) -> dict[str, Any]:
+        """A trainer's reward options for :attr:`method_reward`."""
+        return {"reward": self.method_reward} if self.task.reward is not None else {"reward_model": self.rm_path}
+
     def sampling(self, seed: int) -> SamplingConfig:
         # temperature 1: samples from the policy itself, so the KL estimate is unbiased
         return SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0,
@@ -222,8 +233,12 @@ class Context:
             return [(c.rs_steps * r, lambda r=r: load_model(str(run / f"round-{r}" / "sft" / "final")))
                     for r in range(1, len(trained["rounds"]))]
         run = Path(trained["model"]).parent  # run/final
+        from alignlab.config import GRPOConfig
+
         cls, prefix, per_step = ((PPOConfig, "policy.", self.ppo_steps_per_iteration)
-                                 if method in ("ppo", "ppo_nokl") else (DPOConfig, "", 1))
+                                 if method in ("ppo", "ppo_nokl") else
+                                 (GRPOConfig, "policy.", self.grpo_steps_per_iteration)
+                                 if method in ("grpo", "rloo") else (DPOConfig, "", 1))
         cfg = run_config(run, cls)
         tokenizer = load_tokenizer(self.sft_model)
         out = []
@@ -238,6 +253,17 @@ class Context:
         """PPO's optimizer steps per rollout: epochs x minibatches of ``batch_size``."""
         return self.cfg.ppo_epochs * max(1, self.cfg.ppo_rollout // self.cfg.batch_size)
 
+    @property
+    def grpo_steps_per_iteration(self) -> int:
+        """GRPO's and RLOO's optimizer steps per rollout: epochs x minibatches (of ``batch_size`` responses, whole
+        groups)."""
+        return self.cfg.grpo_epochs * self.grpo_mini_batches
+
+    @property
+    def grpo_mini_batches(self) -> int:
+        c = self.cfg
+        return max(1, min(c.ppo_rollout // c.batch_size, c.ppo_rollout // c.grpo_group_size))
+
     def checkpointing(self, total: int) -> dict[str, int]:
         """A trainer's checkpoint settings for ``curve_points`` evenly spaced checkpoints before its end."""
         points = self.cfg.curve_points
@@ -247,6 +273,7 @@ class Context:
 
     def method(self, name: str) -> Callable[[Path], dict[str, Any]]:
         return {"ppo": lambda f: self.ppo(f, self.cfg.ppo_kl_coef), "ppo_nokl": lambda f: self.ppo(f, 0.0),
+                "grpo": lambda f: self.grpo(f, "grpo"), "rloo": lambda f: self.grpo(f, "rloo"),
                 "dpo": lambda f: self.dpo(f, "dpo"), "ipo": lambda f: self.dpo(f, "ipo"),
                 "simpo": lambda f: self.dpo(f, "simpo"), "rs": self.rs, "bon": self.bon}[name]
 
@@ -256,12 +283,13 @@ class Context:
 
         c = self.cfg
         cfg = PPOConfig(model=self.sft_model, prompts=self.prompts_file(folder), eval_fraction=0.0,
-                        reward_model=self.rm_path, kl_coef=kl_coef, iterations=c.ppo_iterations,
+                        **self.reward_options(), kl_coef=kl_coef, iterations=c.ppo_iterations,
                         num_mini_batches=max(1, c.ppo_rollout // c.batch_size), ppo_epochs=c.ppo_epochs,
                         share_backbone=c.ppo_share_backbone, responses_per_prompt=c.ppo_responses_per_prompt,
                         max_new_tokens=c.max_new_tokens, template="none", lr=c.ppo_lr,
                         log_samples=c.ppo_rollout, generation_batch_size=c.gen_batch_size,
-                        reward_normalization="stats", **{**self.train_common(folder),
+                        reward_normalization="none" if self.task.reward else "stats",
+                        **{**self.train_common(folder),
                                                          "batch_size": min(c.batch_size, c.ppo_rollout),
                                                          **self.checkpointing(c.ppo_iterations)})
         run = train_ppo(cfg)
@@ -277,6 +305,37 @@ class Context:
         return {"model": str(run / "final"), "optimizer_steps": c.ppo_iterations * self.ppo_steps_per_iteration,
                 "samples": c.ppo_iterations * c.ppo_rollout,
                 "curve": curve}
+
+    def grpo(self, folder: Path, advantage: str) -> dict[str, Any]:
+        """GRPO or RLOO (``alignlab grpo``): PPO's prompts and rollout size, ``grpo_group_size`` responses per
+        prompt, no value model."""
+        from alignlab.config import GRPOConfig
+        from alignlab.train.grpo import train_grpo
+
+        c = self.cfg
+        cfg = GRPOConfig(model=self.sft_model, prompts=self.prompts_file(folder), eval_fraction=0.0,
+                         **self.reward_options(), advantage=advantage, beta=c.grpo_beta,
+                         iterations=c.grpo_iterations, group_size=c.grpo_group_size,
+                         prompts_per_iteration=max(1, c.ppo_rollout // c.grpo_group_size),
+                         num_mini_batches=self.grpo_mini_batches, update_epochs=c.grpo_epochs,
+                         max_new_tokens=c.max_new_tokens, template="none", lr=c.grpo_lr,
+                         log_samples=c.ppo_rollout, generation_batch_size=c.gen_batch_size,
+                         **{**self.train_common(folder), "batch_size": min(c.batch_size, c.ppo_rollout),
+                            **self.checkpointing(c.grpo_iterations)})
+        run = train_grpo(cfg)
+        metrics = [m for m in _read_jsonl(run / "metrics.jsonl") if "score" in m]
+        rollouts = [r for r in _read_jsonl(run / "samples.jsonl") if r.get("split") == "train"]
+        curve = []
+        for m in metrics:  # gold along training, from the rollouts the policy actually produced
+            rows = [r for r in rollouts if r["step"] == m["step"]]
+            if rows:
+                gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
+                curve.append({"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
+                              "kl": m.get("kl", 0.0), "length": m.get("response_length"),
+                              "dropped_groups": m.get("dropped_groups")})
+        return {"model": str(run / "final"), "optimizer_steps": c.grpo_iterations * self.grpo_steps_per_iteration,
+                "samples": c.grpo_iterations * cfg.prompts_per_iteration * c.grpo_group_size,
+                "dropped_groups": sum(m.get("dropped_groups", 0) for m in metrics), "curve": curve}
 
     def dpo(self, folder: Path, loss: str) -> dict[str, Any]:
         from alignlab.config import DPOConfig
@@ -304,7 +363,7 @@ class Context:
         from alignlab.train.rejection import run_rs
 
         c = self.cfg
-        cfg = RSConfig(model=self.sft_model, prompts=self.prompts_file(folder), reward_model=self.rm_path,
+        cfg = RSConfig(model=self.sft_model, prompts=self.prompts_file(folder), **self.reward_options(),
                        n=c.rs_n, rounds=c.rs_rounds, template="none", temperature=1.0, max_new_tokens=c.max_new_tokens,
                        gen_batch_size=c.gen_batch_size, max_steps=c.rs_steps, lr=c.rs_lr, eval_fraction=0.0,
                        max_length=256, **{**self.train_common(folder), "output_dir": str(folder / "run")})
@@ -319,7 +378,7 @@ class Context:
 
         n = self.cfg.bon_n
         groups = self.sample(self.sft_model, self.eval_prompts, n, seed=self.cfg.seed + 11)
-        scorer = load_scorer(self.rm_path, precision="auto")
+        scorer = load_scorer(self.method_reward, precision="auto")
         curve, chosen = [], []
         proxy = [scorer.score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
         gold = [self.task.gold_score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
