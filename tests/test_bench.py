@@ -295,3 +295,21 @@ def test_stopped_worker_that_never_started_its_loop(tmp_path):
     warm = stopped_worker(progress, launched=100.0, stopped=160.0, time_limit=60.0, max_step_tokens=1000,
                           warmup_steps=3)
     assert warm["bound_from_warmup"] and warm["tokens_per_s_upper_bound"] == 40.0
+
+
+def test_bench_grpo_against_trl(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("vaderSentiment")
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Write a short review of movie {i}." for i in range(10)))
+    report = _run("grpo", str(path), warmup_steps=0, extra={"max_new_tokens": "6", "num_generations": "2"})
+    ours, trl = _check_both(report)
+    for result in (ours, trl):
+        assert result["responses_per_step"] == 4
+        assert 0 < result["tokens_per_step"] <= 4 * 6
+        parts = sum(result[f"time_{k}"] for k in ("generation", "scoring", "forward", "update"))
+        assert parts == pytest.approx(result["s_per_step"], rel=0.05)  # the split adds up to the iteration
+        assert -1 <= result["final_score"] <= 1
+    assert trl["notes"]["prompt_ids_identical_to_ours"] == trl["notes"]["prompts_compared"] == 2
+    assert trl["settings"]["loss_type"] == "grpo" and ours["settings"]["loss_aggregation"] == "sequence_mean"
+    assert trl["settings"]["num_generations"] == ours["settings"]["num_generations"] == 2
