@@ -104,7 +104,9 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0
     root = tmp_path / "quick"
     rows = json.loads((root / "summary.json").read_text())
-    assert [r["method"] for r in rows] == ["sft", "ppo", "ppo_nokl", "dpo", "ipo", "simpo", "rs", "bon"]
+    assert [r["method"] for r in rows] == ["sft", "ppo", "ppo_nokl", "grpo", "rloo", "dpo", "ipo", "simpo", "rs",
+                                          "bon"]
+    assert "no value model" in rows[3]["models"] and "value" in rows[1]["models"]  # the critic GRPO does without
     for png in ("frontier.png", "reward_hacking.png", "training.png", "costs.png"):
         assert (root / png).stat().st_size > 10_000
     html = (root / "report.html").read_text()

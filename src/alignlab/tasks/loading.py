@@ -49,9 +49,10 @@ def load_prompts(source: str | Path, *, limit: int | None = None) -> list[Any]:
 
 def _task_prompts(source: str) -> list[Any]:
     parts = source.split(":")
-    if len(parts) != 3 or parts[2] not in ("train", "eval"):
-        raise AlignlabError("a task prompt source is task:NAME:train or task:NAME:eval", file=source)
-    task = load_task(parts[1])
+    if len(parts) not in (3, 4) or parts[2] not in ("train", "eval") or (len(parts) == 4 and not parts[3].isdigit()):
+        raise AlignlabError("a task prompt source is task:NAME:train or task:NAME:eval, optionally with the "
+                            "held-out size: task:NAME:train:N (default 64)", file=source)
+    task = load_task(parts[1], n_eval=int(parts[3]) if len(parts) == 4 else 64)
     return [task.as_prompt(p) for p in (task.train_prompts if parts[2] == "train" else task.eval_prompts)]
 
 
