@@ -299,3 +299,19 @@ def test_weighted_rewards_from_files(tmp_path, prompts_file):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["score"] == pytest.approx(prefers_e([s["prompt"]], [s["response"]])[0])
                            for s in samples)
+
+
+def test_the_lab_on_the_verifiable_task(tmp_path):
+    """``demo --task arithmetic``: the RL methods and best-of-n run on the checked reward; gold = accuracy."""
+    from alignlab.config import VERIFIABLE_METHODS, quick_config
+    from alignlab.lab.pipeline import run_lab
+
+    cfg = quick_config(task="arithmetic", output_root=str(tmp_path), curve_points=0, progress=False)
+    report = run_lab(cfg)
+    assert cfg.methods == VERIFIABLE_METHODS == ["ppo", "grpo", "rloo", "rs", "bon"]
+    rows = json.loads((report.parent / "summary.json").read_text())
+    assert [r["method"] for r in rows] == ["sft", *VERIFIABLE_METHODS]
+    assert all(r["gold"] in {i / 8 for i in range(9)} for r in rows)  # accuracy on 8 held-out problems
+    grpo = json.loads((report.parent / "grpo" / "stage.json").read_text())
+    assert grpo["params"]["reward"] == "verifiable"
+    assert "verifiable reward itself" in report.read_text()

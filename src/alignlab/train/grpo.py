@@ -120,6 +120,7 @@ class GroupRollout:
     advantages: torch.Tensor | None = None
     train_rows: list[int] | None = None
     counts: Counter | None = None
+    update_logps: torch.Tensor | None = None  # old_logps None: the update's own, detached (trained rows only)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -185,15 +186,23 @@ def rollout_logps(model: torch.nn.Module, reference: torch.nn.Module | None, sam
                   pad: int, cfg: GRPOConfig, run: Run, layout: dict[str, Any] | None, need_old: bool) -> None:
     """Step 3: the log-probs the advantages and the update need, no gradient; stored on ``ro``."""
     policy = run.accelerator.unwrap_model(model).policy
-    args = (ro.prompt_ids, ro.response_ids, pad, cfg.batch_size, cfg.temperature, run, layout)
+    rows = [i for i, r in enumerate(ro.response_ids) if r]  # an empty response has no token to score
+    args = ([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad, cfg.batch_size,
+            cfg.temperature, run, layout)
+
+    def all_rows(logps: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(ro.mask.shape, dtype=logps.dtype, device=logps.device)
+        out[rows, : logps.shape[1]] = logps
+        return out
+
     proposal = sampler.proposal_model() if hasattr(sampler, "proposal_model") else None
     if cfg.importance_correction == "auto" and proposal is not None:  # the bf16 copy sampled: its own log-probs
-        ro.sampler_logps = response_logps(proposal, *args)
-    if need_old or ro.sampler_logps is not None:
-        ro.old_logps = response_logps(policy, *args)
+        ro.sampler_logps = all_rows(response_logps(proposal, *args))
+    if need_old:  # else the single update's own log-probs, detached, are the rollout policy's (kept for the log)
+        ro.old_logps = all_rows(response_logps(policy, *args))
     if cfg.beta > 0:  # the reference: a frozen model, or the LoRA policy with its adapter off
-        ro.ref_logps = response_logps(reference if reference is not None else policy, *args,
-                                      adapter_off=reference is None)
+        ro.ref_logps = all_rows(response_logps(reference if reference is not None else policy, *args,
+                                               adapter_off=reference is None))
 
 
 def grpo_advantages(ro: GroupRollout, cfg: GRPOConfig, run: Run) -> None:
@@ -281,6 +290,9 @@ def grpo_micro_batch(model: torch.nn.Module, ro: GroupRollout, rows: list[int], 
         with run.accelerator.autocast():
             logits = model(**batch.inputs, keep=k, predictors=batch.predictors)
         logps = token_logps(logits, batch, cfg.temperature)
+        if ro.old_logps is None:  # one update per rollout: the policy has not moved since it sampled
+            ro.update_logps = ro.update_logps if ro.update_logps is not None else torch.zeros_like(ro.mask)
+            ro.update_logps[rows, :k] = logps.detach()
         old_logps = old(ro.old_logps) if ro.old_logps is not None else logps.detach()
         weights = (truncated_importance_weights(old_logps, old(ro.sampler_logps), mask, cfg.importance_cap)
                    if ro.sampler_logps is not None else None)
@@ -329,8 +341,14 @@ def grpo_metrics(ro: GroupRollout, sums: Counter, norms: list[float], cfg: GRPOC
             ro.old_logps, ro.ref_logps, "k1"), 0.0).sum())) / n  # nats per response
     if cfg.beta > 0 and resolved_kl_in(cfg) == "loss":
         metrics["kl_loss"] = sums["kl_loss"] / updated
-    if ro.sampler_logps is not None:
-        gap = (ro.old_logps - ro.sampler_logps)[ro.mask.bool()]
+    trainer_logps = ro.old_logps if ro.old_logps is not None else ro.update_logps
+    if ro.sampler_logps is not None and trainer_logps is not None:
+        measured = ro.mask.bool()
+        if ro.old_logps is None:  # the update's log-probs cover the trained rows only
+            trained = torch.zeros(len(ro.response_ids), dtype=torch.bool, device=measured.device)
+            trained[ro.train_rows] = True
+            measured = measured & trained[:, None]
+        gap = (trainer_logps - ro.sampler_logps)[measured]
         ratio = gap.exp()
         metrics.update({"mismatch/logp_gap_mean": float(gap.abs().mean()),
                         "mismatch/logp_gap_max": float(gap.abs().max()),
