@@ -1,5 +1,6 @@
-"""What online RL trainers share (PPO now, the critic-free family next): the rollout and its batches, prompts
-encoded for sampling, rewards scored and checked, and the statistics of a rollout gathered over processes.
+"""What online RL trainers share (PPO, and the critic-free family of :mod:`alignlab.train.grpo`): the rollout and
+its batches, prompts encoded for sampling, the reference, the sampling and scoring steps, rewards scored, combined
+and checked, log-probs of responses under any model, and the statistics of a rollout gathered over processes.
 
 A rollout's rows are "aligned" batches (:mod:`alignlab.train.forward`): prompts left-padded so every response
 starts at column 0 of the kept columns; per-token tensors are ``(b, t)`` with
