@@ -57,9 +57,12 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for name, typ, default, help_text, choices in config_fields(cls):
         flag = "--" + name.replace("_", "-")
         kind = getattr(typ, "__name__", str(typ))
-        metavar = "BOOL" if typ is bool or kind == "bool" else name.upper()
+        if typ is bool or kind == "bool":  # `--lora` alone means true; `--lora false` also works
+            parser.add_argument(flag, dest=name, default=None, metavar="BOOL", nargs="?", const="true",
+                                help=f"{help_text} (default: {default!r})")
+            continue
         parser.add_argument(
-            flag, dest=name, default=None, metavar=metavar, choices=choices,
+            flag, dest=name, default=None, metavar=name.upper(), choices=choices,
             help=f"{help_text} (default: {default!r})",
         )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more options as key=value")
@@ -68,12 +71,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Defaults < YAML < --options < key=value words."""
     overrides: dict[str, Any] = {}
-    for name, *_ in config_fields(cls):
+    words = list(getattr(args, "overrides", []) or [])
+    for name, typ, *_ in config_fields(cls):
         value = getattr(args, name, None)
+        if typ is bool and isinstance(value, str) and "=" in value:  # `--lora max_steps=3`: a bare flag, then a word
+            words.insert(0, value)
+            value = "true"
         if value is not None:
             overrides[name] = value
     yaml_file = getattr(args, "config", None)
-    for word in getattr(args, "overrides", []) or []:
+    for word in words:
         if "=" not in word and word.endswith((".yaml", ".yml")) and yaml_file is None:
             yaml_file = word  # `alignlab lab run CONFIG.yaml`
             continue
@@ -269,10 +276,23 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
                                truncation=args.truncation, skip_invalid=not args.strict, n=args.n))
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` words wherever they stand: argparse collects the positional words only
+    up to the first ``--option``, so words after it come back unparsed and join the overrides here."""
+    args, extra = parser.parse_known_args(argv)
+    words = [w for w in extra if "=" in w and not w.startswith("-")]
+    unknown = [w for w in extra if w not in words]
+    if unknown or (words and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or words)}")
+    if words:
+        args.overrides = list(args.overrides or []) + words
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``alignlab`` command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.offline:
         from alignlab.models import set_offline
 
@@ -288,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         print("alignlab: interrupted", file=sys.stderr)
         return 130
     finally:
+        from alignlab.train.run_folder import release_all
+
+        release_all()  # a run stopped by an error releases its folder at once
         _leave_process_group()
     return 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab import __version__
-from alignlab.config import opt
+from alignlab.config import Checked, opt
 from alignlab.data.templates import render_alpaca_prompt
 from alignlab.errors import AlignlabError
 
@@ -53,7 +53,7 @@ MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the ref
 
 
 @dataclass
-class LabConfig:
+class LabConfig(Checked):
     """One lab run: a task, a base model, the methods and their budgets."""
 
     name: str = opt("demo", "run name: the report goes to OUTPUT_ROOT/NAME/report.md")
@@ -64,50 +64,52 @@ class LabConfig:
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
                                metadata={"help": f"methods to compare (comma list of {', '.join(ALL_METHODS)})"})
     seed: int = opt(0, "one seed for everything")
-    n_eval: int = opt(32, "held-out prompts for evaluation")
-    n_train: int = opt(48, "training prompts used by every method")
+    n_eval: int = opt(32, "held-out prompts for evaluation", ge=1)
+    n_train: int = opt(48, "training prompts used by every method", ge=1)
     lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
-    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
+    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)", ge=1)
     gen_batch_size: int = opt(144, "sequences generated together (PPO: at most its rollout); larger batches decode "
-                              "more tokens per pass over the weights (144 against 48: 1.61x, BENCHMARKS.md, fp32)")
+                              "more tokens per pass over the weights (144 against 48: 1.61x, BENCHMARKS.md, fp32)",
+                              ge=1)
     # SFT
-    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
-    sft_lr: float = opt(5e-4, "SFT learning rate")
+    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations", ge=1)
+    sft_lr: float = opt(5e-4, "SFT learning rate", gt=0)
     # preference data
-    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank")
-    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
+    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank", ge=2)
+    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score", gt=0)
     # reward model
-    rm_steps: int = opt(48, "reward-model optimizer steps")
-    rm_lr: float = opt(3e-3, "reward-model learning rate")
-    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
+    rm_steps: int = opt(48, "reward-model optimizer steps", ge=1)
+    rm_lr: float = opt(3e-3, "reward-model learning rate", gt=0)
+    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step", ge=1)
     # DPO family
-    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo")
-    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
-    dpo_beta: float = opt(0.15, "DPO's beta")
+    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo", ge=1)
+    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo", gt=0)
+    dpo_beta: float = opt(0.15, "DPO's beta", gt=0)
     ipo_beta: float = opt(0.5, "IPO's beta (tau): it pulls the log-ratio margin to 1/(2 tau), so a small tau lets it "
-                          "drift far (0.15: 17.6 nats on seed 0)")
+                          "drift far (0.15: 17.6 nats on seed 0)", gt=0)
     dpo_batch_size: int = opt(3, "rankings per dpo, ipo and simpo step, each with all its pairs (15 for 6 answers, "
-                              "each answer encoded once): about the sequences of 8 separate pairs")
+                              "each answer encoded once): about the sequences of 8 separate pairs", ge=1)
     # PPO
-    ppo_iterations: int = opt(8, "PPO iterations (rollouts)")
-    ppo_rollout: int = opt(48, "responses per PPO rollout")
-    ppo_lr: float = opt(1e-3, "PPO learning rate")
-    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
-    ppo_epochs: int = opt(2, "PPO passes over each rollout")
-    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
+    ppo_iterations: int = opt(8, "PPO iterations (rollouts)", ge=1)
+    ppo_rollout: int = opt(48, "responses per PPO rollout", ge=1)
+    ppo_lr: float = opt(1e-3, "PPO learning rate", gt=0)
+    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)", ge=0)
+    ppo_epochs: int = opt(2, "PPO passes over each rollout", ge=1)
+    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for "
+                                        "them)", ge=1)
     ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
                                    "model (about half the update's compute)")
     # rejection sampling / best-of-n
     rs_rounds: int = opt(2, "rejection-sampling rounds: sample from the current policy, keep the best, fine-tune "
-                            "(the next round samples from the fine-tuned model)")
-    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round")
-    rs_steps: int = opt(8, "SFT steps on each round's kept samples")
-    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
-    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
-    batch_size: int = opt(16, "training micro-batch size for every method")
+                            "(the next round samples from the fine-tuned model)", ge=1)
+    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round", ge=1)
+    rs_steps: int = opt(8, "SFT steps on each round's kept samples", ge=1)
+    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate", gt=0)
+    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)", ge=1)
+    batch_size: int = opt(16, "training micro-batch size for every method", ge=1)
     curve_points: int = opt(2, "checkpoints along each method's training (evenly spaced, besides its end) evaluated "
                             "on the held-out prompts like the final models: the frontier plot's lines "
-                            "(rejection sampling: the ends of its rounds); 0 = final models only")
+                            "(rejection sampling: the ends of its rounds); 0 = final models only", ge=0)
     progress: bool = opt(True, "show progress bars")
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from alignlab.config import SFTConfig, TrainConfig, opt
+from alignlab.config import Checked, SFTConfig, TrainConfig, opt
 from alignlab.data.prompts import load_prompts
 from alignlab.data.templates import render_prompt
 from alignlab.errors import AlignlabError
@@ -146,22 +146,22 @@ def score_samples(scorer: Any, prompts: Sequence[Any], groups: Sequence[Sequence
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Checked):
     """What to sample from and how to score it (shared by ``bon`` and ``rs``)."""
 
     prompts: str = opt("", "prompts: .txt (one per line) or any instruction/preference file")
     reward_model: str = opt("", "reward model folder (from alignlab rm train)")
     reward: str = opt("", "or a Python reward function module:function(prompts, responses) -> scores")
-    n: int = opt(4, "samples per prompt")
+    n: int = opt(4, "samples per prompt", ge=1)
     template: str = opt("chat", "how prompts are rendered", choices=["chat", "alpaca", "none"])
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = opt(64, "tokens generated per sample")
-    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)")
-    gen_batch_size: int = opt(32, "sequences generated together")
+    temperature: float = opt(1.0, "sampling temperature", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
+    max_new_tokens: int = opt(64, "tokens generated per sample", ge=1)
+    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)", ge=1)
+    gen_batch_size: int = opt(32, "sequences generated together", ge=1)
     backend: str = opt("hf", "generation: hf (Hugging Face generate) or vllm (GPU, needs vllm)",
                        choices=["hf", "vllm"])
-    limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
+    limit_prompts: int = opt(0, "use at most N prompts (0 = all)", ge=0)
     on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
                             choices=["stop", "skip"])
     gold: str = opt("", "optional second scorer module:function that judges the results (e.g. a gold score "
@@ -183,9 +183,9 @@ class RSConfig(SampleConfig, SFTConfig):
     """Rejection-sampling fine-tuning: the SFT options apply to every round's fine-tuning."""
 
     output_dir: str = opt("runs/rs", "run folder: round-N/{samples,kept}.jsonl, round-N/sft/, final/")
-    rounds: int = opt(2, "rounds of sample -> select -> fine-tune")
+    rounds: int = opt(2, "rounds of sample -> select -> fine-tune", ge=1)
     select: str = opt("best", "which samples to keep per prompt", choices=["best", "top_k", "threshold"])
-    top_k: int = opt(1, "with select=top_k: how many to keep per prompt")
+    top_k: int = opt(1, "with select=top_k: how many to keep per prompt", ge=1)
     threshold: float = opt(0.0, "with select=threshold: keep samples scoring at least this")
     data: str = opt("", "(unused: rejection sampling makes its own data)")
     eval_prompts: str = opt("", "held-out prompts: the start and every round's policy answer them once, scored "
