@@ -356,3 +356,49 @@ def test_python_api_checks_ranges_too():
     with pytest.raises(AlignlabError, match="field 'grad_accum'.*>= 1"):
         SFTConfig(grad_accum=0)
     assert {name for name, *_ in config_fields(SFTConfig)} >= {"overwrite", "resume"}
+
+
+def test_duplicates_and_held_out_overlap_are_counted_and_deduped(tmp_path, capsys):
+    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+            for i in range(1, 11)]
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(rows + rows[:3]))  # 3 exact duplicates
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps(rows[3:5] + [{"instruction": "New one.", "input": "", "output": "yes"}]))
+    common = ["--eval-data", str(held), "max_steps=1", "eval_fraction=0"]
+    code, text = _run(_sft(train, tmp_path / "keep", *common), capsys)
+    assert code == 0
+    assert "hygiene: 3 exact duplicates" in text and "(records 11, 12, 13)" in text
+    assert "hygiene: 2 held-out examples identical to a training example" in text
+    assert "13 train / 3 eval examples" in text
+
+    code, text = _run(_sft(train, tmp_path / "dedupe", *common, "--dedupe"), capsys)
+    assert code == 0 and "dedupe dropped 5 of them" in text and "10 train / 1 eval examples" in text
+
+    code, text = _run(["data", "inspect", str(train)], capsys)
+    assert code == 0 and "hygiene: 3 exact duplicates" in text
+
+
+def test_contradictory_feedback_and_pairs_are_flagged(tmp_path, capsys):
+    from alignlab.data.hygiene import check_hygiene
+    from alignlab.data.preference import FeedbackRecord, PreferenceRecord
+
+    feedback = tmp_path / "kto.jsonl"
+    rows = [{"prompt": f"Q{i}?", "completion": "yes" if i % 2 else "no", "label": bool(i % 2)} for i in range(8)]
+    rows.append({"prompt": "Q1?", "completion": "yes", "label": False})  # Q1 "yes" was desirable
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, text = _run(["data", "inspect", str(feedback)], capsys)
+    assert code == 0 and "hygiene: 2 examples with contradictory labels" in text and "(records 2, 9)" in text
+    code, text = _run(["dpo", "--data", str(feedback), "--output-dir", str(tmp_path / "kto"), *FAST, "loss=kto",
+                       "max_steps=1", "--dedupe"], capsys)
+    assert code == 0 and "hygiene: 2 examples with contradictory labels" in text and "dedupe dropped 2" in text
+    assert "7 train / 0 eval examples" in text
+
+    pairs = [PreferenceRecord(prompt="Q", responses=["a", "b"], record=1),
+             PreferenceRecord(prompt="Q", responses=["b", "a"], record=2),
+             PreferenceRecord(prompt="R", responses=["a", "b"], record=3)]
+    _, _, report = check_hygiene(pairs, [PreferenceRecord(prompt="R", responses=["a", "b"], record=1)])
+    assert (report.contradictory, report.duplicates, report.overlap) == (2, 0, 1)
+    kept, held, report = check_hygiene([FeedbackRecord(prompt="Q", completion="a", label=True, record=1)] * 2,
+                                       dedupe=True)
+    assert (len(kept), report.duplicates, report.dropped) == (1, 1, 1)

@@ -173,6 +173,8 @@ class DataConfig(Checked):
                           choices=["right", "drop"])
     skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
     limit: int = opt(0, "read at most N records (0 = all)", ge=0)
+    dedupe: bool = opt(False, "drop exact duplicate examples, held-out examples identical to training ones, and "
+                       "contradictory labels (all are counted in the data report either way)")
 
 
 @dataclass

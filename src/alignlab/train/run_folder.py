@@ -40,7 +40,7 @@ NOT_TRAINING = frozenset({
     "output_dir", "resume", "overwrite", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
     "save_final", "merge_lora", "on_nan", "offline", "allow_pickle", "trust_remote_code", "max_tokens",
     "gradient_checkpointing", "precompute_ref", "ref_cache_dir", "eval_data", "eval_prompts", "eval_greedy",
-    "log_samples", "stats_samples", "reward_batch_size", "eval_seed", "gold", "dedupe",
+    "log_samples", "stats_samples", "reward_batch_size", "eval_seed", "gold",
 })
 
 # What a run writes into its folder (removed by overwrite; nothing else in the folder is touched).
