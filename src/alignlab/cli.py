@@ -9,6 +9,7 @@ defaults < YAML < ``--option`` < ``key=value``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -139,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE", help="file of prompts: .txt (one per line) or a data file")
     g.add_argument("--template", default="chat", choices=["chat", "alpaca", "none"],
                    help="how a prompt is rendered before generation")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt; range: >= 1")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy); range: >= 0")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold; range: 0 < x <= 1")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together; range: >= 1")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--output", metavar="FILE", help="also write prompts and responses as JSONL")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weights (unsafe)")
@@ -179,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt template")
     di.add_argument("--columns", default="", help="rename columns, e.g. instruction=Q,output=A")
     di.add_argument("--model", default="tiny-random", help="model whose tokenizer counts the tokens")
-    di.add_argument("--max-length", type=int, default=512, help="maximum tokens per example")
+    di.add_argument("--max-length", type=int, default=512, help="maximum tokens per example; range: >= 1")
     di.add_argument("--truncation", default="right", choices=["right", "drop"], help="over-length policy")
     di.add_argument("--strict", action="store_true",
                     help="stop at the first invalid record (default: count and report invalid records)")
-    di.add_argument("-n", type=int, default=3, help="examples to show")
+    di.add_argument("-n", type=int, default=3, help="examples to show; range: >= 0")
     di.set_defaults(func=cmd_data_inspect)
     return parser
 
@@ -209,8 +210,20 @@ def read_prompt_file(path: str) -> list[Any]:
     return prompts
 
 
+def check_ranges(args: argparse.Namespace, ranges: dict[str, dict[str, float]]) -> None:
+    """The range checks of the config options (:func:`alignlab.config.check_value`) for a plain argparse command."""
+    from alignlab.config import check_value
+
+    for name, bounds in ranges.items():
+        value = getattr(args, name)
+        check_value(name, value, type(value), {"range": bounds})
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import json
+
+    check_ranges(args, {"max_new_tokens": {"ge": 1}, "temperature": {"ge": 0}, "top_p": {"gt": 0, "le": 1},
+                        "batch_size": {"ge": 1}})
 
     from alignlab.generation import SamplingConfig, generate
     from alignlab.models import load_model, load_tokenizer
@@ -251,6 +264,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from alignlab.config import parse_columns
+
+    check_ranges(args, {"max_length": {"ge": 1}, "n": {"ge": 0}})
     from alignlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -289,9 +304,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The parser, built once per process (in-process callers such as the tests call :func:`main` many times)."""
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``alignlab`` command."""
-    parser = build_parser()
+    parser = _parser()
     args = parse_args(parser, argv)
     if args.offline:
         from alignlab.models import set_offline

@@ -273,7 +273,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
 
 def build_config(cls: type[T], *, yaml_file: str | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Build ``cls`` from defaults, then a YAML file, then overrides (later wins). Unknown keys are errors."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if yaml_file:
@@ -305,7 +305,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_fields(cls: type) -> list[tuple[str, Any, Any, str, list | None]]:
     """(name, type, default, help, choices) for each field, in declaration order, for the CLI; the help ends with
     the field's allowed range when it declares one."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -257,20 +257,10 @@ class Run:
     def _open_folder(self) -> None:
         """Lock the run folder and check it holds this run or none (:mod:`alignlab.train.run_folder`); the main
         process decides and every process raises the same error, so no process is left waiting."""
-        from alignlab.train.run_folder import open_run_folder
+        from alignlab.train.run_folder import open_run_folder_everywhere
 
-        error = None
-        if self.is_main:
-            try:
-                self._lock = open_run_folder(self.cfg, self.stage, note=self.print)
-            except AlignlabError as e:
-                error = str(e)
-        if self.world_size > 1:
-            from accelerate.utils import broadcast_object_list
-
-            error = broadcast_object_list([error])[0]
-        if error is not None:
-            raise AlignlabError(error)
+        self._lock = open_run_folder_everywhere(self.cfg, self.stage, is_main=self.is_main,
+                                                world_size=self.world_size, note=self.print)
 
     @property
     def engine(self) -> str:
@@ -373,7 +363,7 @@ class Run:
     def _last_finite(self) -> str:
         """Names the newest whole checkpoint: only finite states are ever checkpointed (:meth:`save_checkpoint`)."""
         last = find_valid_checkpoint(self.out / "checkpoints", warn=lambda *_: None)
-        return f"the last finite checkpoint is {last}" if last else "no checkpoint was written before it"
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
 
     def count_nonfinite(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
         """How many trainable tensors (and, given ``optimizer``, optimizer-state tensors) hold a NaN or inf, summed

@@ -96,24 +96,31 @@ def read_identity(folder: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def holds_a_run(folder: Path) -> bool:
-    """True when ``folder`` holds what a run leaves behind: checkpoints, a final model or a metrics log."""
+def holds_a_run(folder: Path, parts: tuple[str, ...] = ()) -> bool:
+    """True when ``folder`` holds what a run leaves behind: checkpoints, a final model, a metrics log, or a name
+    matching one of ``parts`` (glob patterns of a stage's own outputs, e.g. rejection sampling's ``round-*``)."""
     checkpoints = folder / "checkpoints"
     return ((checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()))
-            or (folder / "final").exists() or (folder / "metrics.jsonl").exists())
+            or (folder / "final").exists() or (folder / "metrics.jsonl").exists()
+            or any(any(folder.glob(pattern)) for pattern in parts))
 
 
-def clear_run(folder: Path) -> list[str]:
-    """Remove what a run wrote into ``folder`` (only the names in ``RUN_FILES``/``RUN_DIRS``); returns them."""
+def clear_run(folder: Path, parts: tuple[str, ...] = ()) -> list[str]:
+    """Remove what a run wrote into ``folder`` (only the names in ``RUN_FILES``/``RUN_DIRS`` and matching
+    ``parts``); returns them."""
     removed = []
     for name in RUN_FILES:
         if (folder / name).exists():
             (folder / name).unlink()
             removed.append(name)
-    for name in RUN_DIRS:
-        if (folder / name).exists():
-            shutil.rmtree(folder / name)
-            removed.append(name + "/")
+    doomed = [folder / name for name in RUN_DIRS] + [p for pattern in parts for p in sorted(folder.glob(pattern))]
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path.name + "/")
+        elif path.exists():
+            path.unlink()
+            removed.append(path.name)
     return removed
 
 
@@ -203,7 +210,7 @@ def release_all() -> None:
 # ----------------------------------------------------------------------------------------------- opening a folder
 
 
-def open_run_folder(cfg: Any, stage: str, note: Callable[[str], Any] = print) -> RunLock:
+def open_run_folder(cfg: Any, stage: str, note: Callable[[str], Any] = print, parts: tuple[str, ...] = ()) -> RunLock:
     """Lock ``cfg.output_dir`` and check it may hold this run, then record the run's identity.
 
     * an empty folder, or one holding the same run (stage, data, training options): go on (``resume=auto``
@@ -211,6 +218,8 @@ def open_run_folder(cfg: Any, stage: str, note: Callable[[str], Any] = print) ->
     * ``overwrite=true`` or ``resume=never``: the folder's earlier run is removed first (said, not silent);
     * ``resume=latest`` or a checkpoint path: an explicit resume, allowed across differences (they are listed);
     * otherwise a folder holding another run is an error that lists the differences and the ways out.
+
+    ``parts``: glob patterns of the stage's own outputs besides the usual ones (see :func:`holds_a_run`).
     """
     folder = Path(cfg.output_dir)
     lock = RunLock.acquire(folder)
@@ -219,12 +228,12 @@ def open_run_folder(cfg: Any, stage: str, note: Callable[[str], Any] = print) ->
             note(f"note: {folder} was locked by pid {lock.stale_pid}, which is no longer running (a killed run); "
                  "the stale lock is taken over")
         identity = run_identity(cfg, stage)
-        if holds_a_run(folder):
+        if holds_a_run(folder, parts):
             old = read_identity(folder)
             differences = identity_differences(old, identity) if old is not None else \
                 ["it holds a run with no run.json (another tool or an older alignlab), whose identity is unknown"]
             if getattr(cfg, "overwrite", False) or cfg.resume == "never":
-                removed = clear_run(folder)
+                removed = clear_run(folder, parts)
                 why = "overwrite=true" if getattr(cfg, "overwrite", False) else "resume=never"
                 note(f"{why}: starting afresh in {folder} (removed the earlier run's {', '.join(removed)})")
             elif differences and cfg.resume == "auto":
@@ -242,4 +251,25 @@ def open_run_folder(cfg: Any, stage: str, note: Callable[[str], Any] = print) ->
     except BaseException:
         lock.release()
         raise
+    return lock
+
+
+def open_run_folder_everywhere(cfg: Any, stage: str, *, is_main: bool, world_size: int,
+                               note: Callable[[str], Any] = print, parts: tuple[str, ...] = ()) -> RunLock | None:
+    """:func:`open_run_folder` on the main process (returns its lock; None elsewhere); under several processes its
+    verdict is broadcast, so every process raises the same error and none is left waiting for the others."""
+    error, lock = None, None
+    if is_main:
+        try:
+            lock = open_run_folder(cfg, stage, note=note, parts=parts)
+        except AlignlabError as e:
+            error = str(e)
+    if world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise AlignlabError(error)
     return lock
