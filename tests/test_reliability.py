@@ -11,8 +11,10 @@ import errno
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,24 +148,40 @@ def test_resume_refuses_a_non_finite_checkpoint(tmp_path, capsys):
 def test_a_second_run_into_a_busy_folder_is_refused_with_the_holders_pid(tmp_path, capsys):
     data = _sft_data(tmp_path / "a.json")
     out = tmp_path / "busy"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from alignlab.train.run_folder import RunLock; RunLock.acquire(Path(sys.argv[1])); "
-         "print('held', flush=True); "
-         "time.sleep(120)", str(out)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    argv = _sft(data, out, "max_steps=100000", "save_every=2", "lr=1e-3")
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:  # a file, not a pipe nobody reads
+        first = subprocess.Popen([sys.executable, "-m", "alignlab.cli", *argv], stdout=sink, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
-        assert holder.stdout.readline().strip() == "held"
-        code, text = _run(_sft(data, out, "max_steps=2"), capsys)
-        assert code == 2 and f"pid {holder.pid}" in text and "Traceback" not in text
-        assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+        start = time.time()
+        while not list(out.glob("checkpoints/step-*/manifest.json")):
+            assert first.poll() is None and time.time() - start < 300, log.read_text()[-2000:]
+            time.sleep(0.1)
+        config = (out / "config.yaml").read_text()
+        # the same command again, while the first still runs: refused at once, naming the first's pid (a run
+        # that went ahead instead would train for ever: the alarm ends it)
+        def too_long(*_):
+            raise TimeoutError("the second run was not refused")
+
+        previous = signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(120)
+        try:
+            code, text = _run(argv, capsys)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert code == 2 and f"pid {first.pid}" in text and "Traceback" not in text, text
+        assert "resumed from" not in text and (out / "config.yaml").read_text() == config
     finally:
-        holder.kill()
-        holder.wait()
-    # the holder died without releasing: its lock is stale, the next run goes ahead and says so
-    code, text = _run(_sft(data, out, "max_steps=2"), capsys)
-    assert code == 0 and f"pid {holder.pid}, which is no longer running" in text
+        first.kill()  # kill -9: the lock is never released by the process itself
+        first.wait()
+    # the first died holding the lock: it is stale, so the next run goes ahead and says whose it was
+    code, text = _run(_sft(data, out, "--overwrite", "max_steps=2"), capsys)
+    assert code == 0 and f"pid {first.pid}, which is no longer running" in text
     assert (out / ".lock").read_text() == ""  # released at the end
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------- 4. option checking
@@ -375,14 +393,14 @@ def test_duplicates_and_held_out_overlap_are_counted_and_deduped(tmp_path, capsy
     train.write_text(json.dumps(rows + rows[:3]))  # 3 exact duplicates
     held = tmp_path / "held.json"
     held.write_text(json.dumps(rows[3:5] + [{"instruction": "New one.", "input": "", "output": "yes"}]))
-    common = ["--eval-data", str(held), "max_steps=1", "eval_fraction=0"]
+    common = [f"eval_data={held}", "max_steps=1", "eval_fraction=0"]
     code, text = _run(_sft(train, tmp_path / "keep", *common), capsys)
     assert code == 0
     assert "hygiene: 3 exact duplicates" in text and "(records 11, 12, 13)" in text
     assert "hygiene: 2 held-out examples identical to a training example" in text
     assert "13 train / 3 eval examples" in text
 
-    code, text = _run(_sft(train, tmp_path / "dedupe", *common, "--dedupe"), capsys)
+    code, text = _run(_sft(train, tmp_path / "dedupe", *common, "dedupe=true"), capsys)
     assert code == 0 and "dedupe dropped 5 of them" in text and "10 train / 1 eval examples" in text
 
     code, text = _run(["data", "inspect", str(train)], capsys)
@@ -400,7 +418,7 @@ def test_contradictory_feedback_and_pairs_are_flagged(tmp_path, capsys):
     code, text = _run(["data", "inspect", str(feedback)], capsys)
     assert code == 0 and "hygiene: 2 examples with contradictory labels" in text and "(records 2, 9)" in text
     code, text = _run(["dpo", "--data", str(feedback), "--output-dir", str(tmp_path / "kto"), *FAST, "loss=kto",
-                       "max_steps=1", "--dedupe"], capsys)
+                       "max_steps=1", "dedupe=true"], capsys)
     assert code == 0 and "hygiene: 2 examples with contradictory labels" in text and "dedupe dropped 2" in text
     assert "7 train / 0 eval examples" in text
 
