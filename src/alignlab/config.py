@@ -131,7 +131,7 @@ class TrainConfig(ModelConfig):
     max_tokens: int = opt(2048, "most tokens one forward pass may hold: a longer micro-batch is cut into pieces "
                           "whose gradients accumulate (the same update, less activation memory; not for KTO, "
                           "DeepSpeed); 0 = no limit", ge=0)
-    lr: float = opt(2e-5, "peak learning rate (AdamW)", gt=0)
+    lr: float = opt(2e-5, "peak learning rate (AdamW); 0 leaves the weights as they are", ge=0)
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)", ge=0)
     adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW beta2", ge=0, lt=1)
@@ -192,7 +192,7 @@ class DPOConfig(DataConfig, TrainConfig):
     """Preference optimisation from pairs (the DPO family) or unpaired feedback (KTO)."""
 
     output_dir: str = opt("runs/dpo", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
-    lr: float = opt(1e-6, "peak learning rate (AdamW); preference losses want a small one", gt=0)
+    lr: float = opt(1e-6, "peak learning rate (AdamW); preference losses want a small one", ge=0)
     format: str = opt("auto", "record format: auto, explicit, implicit, sharegpt, ranking, oasst (pairs; rankings "
                       "become all their pairs) or unpaired (kto)")
     template: str = opt("auto", "prompt template: auto (chat for message prompts, none for text), chat, alpaca, none")
@@ -383,7 +383,7 @@ class PPOConfig(TrainConfig):
 
     output_dir: str = opt("runs/ppo", "run folder: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/")
     policy: str = opt("", "the policy to train (an alias of --model; the SFT model, a folder or a built-in)")
-    lr: float = opt(1e-5, "peak learning rate (AdamW) of the policy and the value model; LoRA wants ~1e-4", gt=0)
+    lr: float = opt(1e-5, "peak learning rate (AdamW) of the policy and the value model; LoRA wants ~1e-4", ge=0)
     schedule: str = opt("linear", "learning-rate decay over the run's optimizer steps",
                         choices=["cosine", "linear", "constant"])
     warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent in linear warmup", ge=0, le=1)

@@ -70,13 +70,17 @@ def run_identity(cfg: Any, stage: str) -> dict[str, Any]:
     return {"stage": stage, "options": options, "files": files}
 
 
-def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between two identities, in words (empty when they match)."""
+def identity_differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+                         ) -> list[str]:
+    """What differs between two identities, in words (empty when they match). An option missing from ``old`` (one
+    added to alignlab since that run) matches its value in ``defaults``."""
     if old.get("stage") != new.get("stage"):
         return [f"it holds a {old.get('stage')} run, this is {new.get('stage')}"]
     out = []
     a, b = old.get("options", {}), new.get("options", {})
     for key in sorted(set(a) | set(b)):
+        if key not in a and defaults is not None and key in defaults and b.get(key) == defaults[key]:
+            continue
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append(f"{key}: {a.get(key, '<unset>')!r} there, {b.get(key, '<unset>')!r} now")
     fa, fb = old.get("files", {}), new.get("files", {})
@@ -230,7 +234,8 @@ def open_run_folder(cfg: Any, stage: str, note: Callable[[str], Any] = print, pa
         identity = run_identity(cfg, stage)
         if holds_a_run(folder, parts):
             old = read_identity(folder)
-            differences = identity_differences(old, identity) if old is not None else \
+            defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+            differences = identity_differences(old, identity, defaults) if old is not None else \
                 ["it holds a run with no run.json (another tool or an older alignlab), whose identity is unknown"]
             if getattr(cfg, "overwrite", False) or cfg.resume == "never":
                 removed = clear_run(folder, parts)
