@@ -352,6 +352,21 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert code == 0 and "step-0000001 (step 1)" in text
 
 
+def test_disk_full_while_saving_the_final_model(tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def full(self, folder, *a, **k):
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    out = tmp_path / "run"
+    code, text = _run(_sft(_sft_data(tmp_path / "a.json"), out, "max_steps=1"), capsys)
+    assert code == 2 and "Traceback" not in text and "could not save the model" in text and "MiB are free" in text
+    assert not (out / "final.tmp").exists() and not (out / "final").exists()
+    assert verify_checkpoint(out / "checkpoints" / "step-0000001") is None  # the run's state is safe
+
+
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path, capsys):
     data = _sft_data(tmp_path / "a.json")
     out = tmp_path / "run"

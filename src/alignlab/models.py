@@ -566,12 +566,22 @@ def save_model(
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for fname, text in (extra_files or {}).items():
-        (tmp / fname).write_text(text)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    except Exception as e:  # a full disk or a quota: nothing half-written is left, the error says what is needed
+        shutil.rmtree(tmp, ignore_errors=True)
+        tensors = state_dict.values() if state_dict else model.state_dict().values()
+        need = sum(t.numel() * t.element_size() for t in tensors)
+        free = shutil.disk_usage(out.parent).free if out.parent.exists() else 0
+        raise AlignlabError(f"could not save the model ({type(e).__name__}: {str(e)[:200]}); it needs about "
+                            f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free there; the partial copy was "
+                            "removed. Free some space and rerun (a run resumes from its last checkpoint)",
+                            file=str(out)) from e
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

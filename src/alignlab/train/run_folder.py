@@ -46,7 +46,7 @@ NOT_TRAINING = frozenset({
 # What a run writes into its folder (removed by overwrite; nothing else in the folder is touched).
 RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "eval_scores.jsonl", "eval_stats.json",
              "reward_hist.png")
-RUN_DIRS = ("checkpoints", "final", "tensorboard")
+RUN_DIRS = ("checkpoints", "final", "final.tmp", "tensorboard")
 
 
 def file_fingerprint(path: Path) -> str:
