@@ -278,6 +278,7 @@ def test_resume_continues_exactly(tmp_path, prompts_file):
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000002", resumed_dir / "checkpoints" / "step-0000002")
+    shutil.copy(full / "run.json", resumed_dir / "run.json")  # the same run (a folder without one is refused)
     resumed = train_ppo(_cfg(tmp_path, "resumed", prompts_file, **kw), reward=frac_e)
 
     def comparable(rows: list[dict]) -> list[dict]:

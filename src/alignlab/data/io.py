@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,16 @@ def count_records(source: str | Path, *, split: str = "train") -> int:
 
 
 def _read_bytes(path: Path) -> bytes:
+    compressed = str(path).lower().endswith(".gz")
     try:
-        if str(path).lower().endswith(".gz"):
+        if compressed:
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError; a bad body is a zlib.error
+        if compressed and not isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise AlignlabError(f"the gzip file is corrupt or cut short ({type(error).__name__}: {error}); "
+                                "download or compress it again", file=str(path)) from error
         raise AlignlabError(f"could not read the file: {error}", file=str(path)) from error
 
 

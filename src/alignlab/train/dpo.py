@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from alignlab.config import DPOConfig, parse_columns
+from alignlab.data.hygiene import check_hygiene
 from alignlab.data.preference import (
     FeedbackRecord,
     PreferenceRecord,
@@ -375,6 +376,8 @@ def load_examples(path: str, tokenizer: Any, cfg: DPOConfig, run: Run) -> tuple[
         train_records, eval_records = records, read(cfg.eval_data)
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.seed)
+    train_records, eval_records, hygiene = check_hygiene(train_records, eval_records, dedupe=cfg.dedupe)
+    run.print(hygiene.summary())
     sets = []
     for part, name in ((train_records, path), (eval_records, cfg.eval_data or f"{path} (held out)")):
         if kto:
