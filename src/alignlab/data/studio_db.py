@@ -370,14 +370,12 @@ def ranking_records(db: StudioDB, *, labellers: Sequence[str] | None = None,
             report.skipped["all answers tied and no better answer written"] += 1
             continue
 
-        def text(position: int) -> tuple[str, bool]:
-            if position < 0:
-                return judgement["better"].strip(), False
-            return item.answers[position], item.unfinished[position]
+        better = judgement["better"].strip()
+        texts = {i: (a, u) for i, (a, u) in enumerate(zip(item.answers, item.unfinished))} | {-1: (better, False)}
 
         extra = {"labeller": judgement["labeller"], "item": item.id}
         if all(len(group) == 1 for group in ordered):
-            chosen = [text(group[0]) for group in ordered]
+            chosen = [texts[group[0]] for group in ordered]
             report.rankings += len(chosen) >= 3
             report.pairs += len(chosen) == 2
             yield judgement["id"], {"prompt": item.prompt, "responses": [t for t, _ in chosen],
@@ -387,7 +385,7 @@ def ranking_records(db: StudioDB, *, labellers: Sequence[str] | None = None,
             for lower in ordered[i + 1:]:
                 for a in upper:
                     for b in lower:
-                        pair = [text(a), text(b)]
+                        pair = [texts[a], texts[b]]
                         if pair[0][0] == pair[1][0]:
                             report.skipped["identical answers in a pair"] += 1
                             continue

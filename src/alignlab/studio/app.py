@@ -130,31 +130,30 @@ class Security:
         if length is not None and (not length.isdigit() or int(length) > s.max_body):
             await _deny(send, 413, f"request body over {s.max_body} bytes")
             return
-        seen = 0
+        seen, refused = 0, False
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
+            # a body without Content-Length (chunked) is counted as it arrives: past the limit the client gets
+            # 413 at once and the application sees a disconnect (whatever it answers then is dropped)
+            nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > s.max_body:
-                    raise _TooLarge()
+                if seen > s.max_body and not refused:
+                    refused = True
+                    await _deny(send, 413, f"request body over {s.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        async def send_with_cookie(message: dict[str, Any]) -> None:
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if refused:
+                return
             if set_cookie and message["type"] == "http.response.start":
                 cookie = f"studio_token={s.token}; HttpOnly; SameSite=Strict; Path=/"
                 message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_with_cookie)
-        except _TooLarge:
-            await _deny(send, 413, f"request body over {s.max_body} bytes")
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def _cookie(headers: dict[str, str]) -> str | None:
@@ -201,6 +200,7 @@ def _check_tab(tab: str) -> str:
 def create_app(db: StudioDB, sampler: Sampler, jobs: JobRunner, settings: StudioSettings) -> FastAPI:
     """The studio's application around its store, sampler and job runner."""
     app = FastAPI(title="alignlab studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Security, settings=settings)
     static = resources.files("alignlab.studio") / "static"
     files = {name: (static / name).read_bytes() for name in [*_STATIC, "studio.html"]}
 
@@ -248,8 +248,8 @@ def create_app(db: StudioDB, sampler: Sampler, jobs: JobRunner, settings: Studio
         if db.ab_round(round) is None:
             raise AlignlabError(f"no A/B round {round}", field="round")
         item = db.claim_next(name, _check_tab(tab), kind="ab", ab_round=round)
-        return {"item": None if item is None else _item_json(item), "status": sampler.ab_status.get(round, "ready"),
-                "result": ab_result(db, round)}
+        return {"item": None if item is None else _item_json(item),
+                "status": sampler.ab_status.get(round, "ready"), "result": ab_result(db, round)}
 
     @app.post("/api/judge")
     def judge(body: Judgement) -> dict[str, Any]:
@@ -267,10 +267,11 @@ def create_app(db: StudioDB, sampler: Sampler, jobs: JobRunner, settings: Studio
             rows = trl_records(db, labellers=names)
         else:
             rows = sft_records(db, labellers=names)
-        suffix = "" if not names else "-" + "-".join(re.sub(r"[^\w-]", "_", n) for n in names)
+        suffix = "" if not names else "-" + "-".join(re.sub(r"[^A-Za-z0-9_-]", "_", n) for n in names)
+        filename = f"studio-{format}{suffix}.jsonl"
         return StreamingResponse((json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                  media_type="application/x-ndjson",
-                                 headers={"Content-Disposition": f'attachment; filename="studio-{format}{suffix}.jsonl"'})
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.post("/api/train")
     def train(body: TrainRequest) -> dict[str, Any]:

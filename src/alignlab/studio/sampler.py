@@ -142,6 +142,8 @@ class Sampler:
 
     def _prompt(self, index: int) -> Any:
         prompt = self.prompts[index % len(self.prompts)]
+        if isinstance(prompt, dict):  # an Alpaca mapping (a task's prompts): its text, as the trainers read it
+            prompt = str(prompt.get("instruction", "")) + (f"\n\n{prompt['input']}" if prompt.get("input") else "")
         if self._chat and isinstance(prompt, str):
             return [{"role": "user", "content": prompt}]
         return prompt

@@ -28,7 +28,8 @@ def add_studio_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but 127.0.0.1/localhost/::1 requires a token in the URL "
                         "(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8765, help="port, 0-65535; 0 = any free port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8765,
+                        help="port, 0-65535; 0 = any free port (default: %(default)s)")
     parser.add_argument("--token", default=None,
                         help="the token a non-local bind requires (default: a random one, printed with the URL)")
     parser.add_argument("--k", type=int, default=2, help="answers per prompt to rank, 2-4 (default: %(default)s)")
@@ -36,7 +37,8 @@ def add_studio_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest sampled answer in tokens, 1-2048 (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature, > 0 and <= 5 (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, > 0 and <= 1 (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="nucleus sampling, > 0 and <= 1 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, >= 0 (default: %(default)s)")
     parser.add_argument("--ahead", type=int, default=3,
                         help="items kept sampled ahead of each active labeller, 1-50 (default: %(default)s)")
