@@ -199,6 +199,10 @@ def test_export_endpoints_filter_by_labeller(studio):
 
 def test_train_from_the_page_then_a_blind_ab_round(studio):
     client, csrf = studio["client"], studio["settings"].csrf
+    for _ in range(2):  # this test's own labels (the other tests' come on top when they ran first)
+        item = next_item(client, "trainer", "t1")
+        assert post(client, "/api/judge", {"item": item["id"], "labeller": "trainer", "tiers": [1, 2]},
+                    csrf).status_code == 200
     started = post(client, "/api/train", {"kind": "dpo", "steps": 2}, csrf)
     assert started.status_code == 200, started.text
     job = started.json()["job"]["id"]
@@ -282,3 +286,12 @@ def test_a_non_local_bind_needs_the_token(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_finished_runs_of_an_earlier_session_are_listed(studio):
+    runs = studio["jobs"].runs_dir
+    done = [j for j in studio["jobs"].list() if j["state"] == "done"]
+    assert done, "the training test runs first and leaves a finished run"
+    again = JobRunner(runs).list()
+    assert [(j["id"], j["kind"], j["state"], j["model_ready"]) for j in again] == \
+        [(j["id"], j["kind"], j["state"], j["model_ready"]) for j in studio["jobs"].list()]

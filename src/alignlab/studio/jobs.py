@@ -139,6 +139,19 @@ class JobRunner:
         self.command = command or [sys.executable, "-m", "alignlab.cli"]
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._load_finished()
+
+    def _load_finished(self) -> None:
+        """The runs of an earlier session (their folders), so their models can still be A/B-checked."""
+        for folder in sorted(self.runs_dir.glob("job-[0-9]*")):
+            kind = "rm_ppo" if (folder / "ppo").is_dir() else "dpo" if (folder / "dpo").is_dir() else None
+            if kind is None:
+                continue
+            stages = JOB_KINDS[kind][1](JobSettings(model="", db=Path()), folder)
+            job = Job(folder.name, kind, folder, stages, data="(an earlier session)", stage=len(stages) - 1)
+            job.state = "done" if job.final_model.is_dir() else "stopped"
+            job.started = job.finished = folder.stat().st_mtime
+            self.jobs[job.id] = job
 
     def start(self, kind: str, settings: JobSettings) -> Job:
         """Start a job of ``kind`` on what has been labelled so far.
