@@ -160,12 +160,12 @@ def test_label_reload_export_train_and_ab(server, browser):
     steps.clear()
     steps.send_keys("2")
     d.find_element(By.ID, "start-train").click()
-    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]"))
-    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#jobs tr[data-job]").get_attribute("data-state") != "running",
-         timeout=240)
-    row = d.find_element(By.CSS_SELECTOR, "#jobs tr[data-job]")
-    assert row.get_attribute("data-state") == "done", d.find_element(By.ID, "jobs").text
-    assert "step 2/2" in row.text and "loss" in row.text
+    # the table is rebuilt on every refresh: read a row in one script call, never through a stale element
+    job_row = "const r = document.querySelector('#jobs tr[data-job]'); return r && [r.dataset.state, r.innerText];"
+    wait(d, lambda d: (d.execute_script(job_row) or ["running"])[0] != "running", timeout=240)
+    state, text = d.execute_script(job_row)
+    assert state == "done", d.find_element(By.ID, "jobs").text
+    assert "step 2/2" in text and "loss" in text
 
     # the blind A/B round: three pairs judged by keyboard and mouse, then the win rate with its interval
     d.find_element(By.CSS_SELECTOR, 'nav button[data-view="ab"]').click()

@@ -110,7 +110,7 @@ class Job:
         fraction = min(1.0, (done_stages + (0 if self.state == "done" else min(step / max(stage.total, 1), 1.0)))
                        / len(self.stages))
         shown = {k: v for k, v in last.items() if isinstance(v, (int, float)) and k in
-                 ("loss", "reward_acc", "accuracy", "rewards/accuracy", "score", "kl", "reward", "margin")}
+                 ("loss", "accuracy", "rewards/accuracies", "rewards/margins", "score", "reward", "kl")}
         return {"id": self.id, "kind": self.kind, "title": JOB_KINDS[self.kind][0], "state": self.state,
                 "stage": stage.name, "stage_index": min(self.stage, len(self.stages) - 1) + 1,
                 "stages": len(self.stages), "step": step, "total": stage.total, "fraction": round(fraction, 4),

@@ -106,7 +106,9 @@ function renderRanking() {
   else {
     text = state.order.map((tier) => tier.map((p) => LETTERS[p].toUpperCase()).join(" = ")).join(" > ");
     const rest = item.answers.map((_, i) => i).filter((i) => rankOf(i) === null);
-    if (rest.length) text += ` > ${rest.map((p) => LETTERS[p].toUpperCase()).join(" = ")} (unranked, tied last)`;
+    if (rest.length) {
+      text += ` > ${rest.map((p) => LETTERS[p].toUpperCase()).join(" = ")} (unranked: ${rest.length > 1 ? "tied " : ""}last)`;
+    }
   }
   if (state.tiePending) text += "  (next one ties)";
   $("ranking").textContent = text;
@@ -227,8 +229,19 @@ function renderJobs(jobs) {
   const body = $("jobs");
   body.replaceChildren();
   const select = $("ab-job");
-  const chosen = select.value;
-  select.replaceChildren();
+  const ready = jobs.filter((job) => job.model_ready);
+  const key = ready.map((job) => job.id).join(",");
+  if (select.dataset.key !== key) {  // rebuilt only when the list changes, so an open dropdown stays open
+    const chosen = select.value;
+    select.replaceChildren();
+    for (const job of ready) {
+      const option = el("option", "", `${job.id}: ${job.title}`);
+      option.value = job.id;
+      select.append(option);
+    }
+    if (chosen && ready.some((job) => job.id === chosen)) select.value = chosen;
+    select.dataset.key = key;
+  }
   for (const job of jobs) {
     const row = el("tr");
     row.dataset.job = job.id;
@@ -253,13 +266,7 @@ function renderJobs(jobs) {
       logRow.append(cell);
       body.append(logRow);
     }
-    if (job.model_ready) {
-      const option = el("option", "", `${job.id}: ${job.title}`);
-      option.value = job.id;
-      select.append(option);
-    }
   }
-  if (chosen) select.value = chosen;
   $("start-ab").disabled = !select.options.length;
 }
 
