@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -179,3 +180,23 @@ def test_kendall_tau_wilson_agreement_and_ab_result(tmp_path):
     assert result["win_rate"] == pytest.approx(2.5 / 3)
     assert (result["low"], result["high"]) == pytest.approx(wilson_interval(2.5, 3))
     assert len(list(ranking_records(db))) == 4  # the four label judgements; A/B votes are not training data
+
+
+def test_cli_export_writes_each_format_and_filters(tmp_path, capsys):
+    from alignlab.cli import main
+
+    db = StudioDB(tmp_path / "s.sqlite")
+    db.add_item("q", ["x", "y"], [False, True], ["m", "m"], model="m", sampling={})
+    db.judge(1, "ann", [2, 1], better="z")
+    db.judge(1, "bob", [1, 1])  # all tied: skipped, and counted
+    out = tmp_path / "ranking.jsonl"
+    assert main(["studio", "--db", str(db.path), "--export", "ranking", "--output", str(out)]) == 0
+    assert [json.loads(line)["responses"] for line in out.read_text().splitlines()] == [["z", "y", "x"]]
+    err = capsys.readouterr().err
+    assert "1 all answers tied and no better answer written" in err and "wrote 1 ranking records" in err
+    assert main(["studio", "--db", str(db.path), "--export", "trl", "--only", "bob"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["studio", "--db", str(db.path), "--export", "sft", "--only", "ann"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "q", "completion": "z"}
+    assert main(["studio", "--db", str(tmp_path / "none.sqlite"), "--export", "trl"]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -293,5 +293,5 @@ def test_finished_runs_of_an_earlier_session_are_listed(studio):
     done = [j for j in studio["jobs"].list() if j["state"] == "done"]
     assert done, "the training test runs first and leaves a finished run"
     again = JobRunner(runs).list()
-    assert [(j["id"], j["kind"], j["state"], j["model_ready"]) for j in again] == \
-        [(j["id"], j["kind"], j["state"], j["model_ready"]) for j in studio["jobs"].list()]
+    assert [(j["id"], j["kind"], j["state"], j["model_ready"], j["step"], j["total"]) for j in again] == \
+        [(j["id"], j["kind"], j["state"], j["model_ready"], j["step"], j["total"]) for j in studio["jobs"].list()]

@@ -212,7 +212,7 @@ def create_app(db: StudioDB, sampler: Sampler, jobs: JobRunner, settings: Studio
     def page() -> HTMLResponse:
         values = {"csrf": settings.csrf, "labeller": settings.labeller, "k": str(sampler.settings.k),
                   "model": sampler.model_name, "kinds": json.dumps({k: v[0] for k, v in JOB_KINDS.items()}),
-                  "steps": str(settings.train_steps)}
+                  "steps": str(settings.train_steps), "lr": f"{settings.train_lr:g}"}
         text = files["studio.html"].decode()
         for key, value in values.items():
             text = text.replace("{{" + key + "}}", html.escape(value, quote=True))

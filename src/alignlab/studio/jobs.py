@@ -97,15 +97,8 @@ class Job:
         """The state, the current stage and its last logged step and metrics, and the log's last lines."""
         stage = self.stages[min(self.stage, len(self.stages) - 1)]
         step, last = 0, {}
-        metrics = stage.output_dir / "metrics.jsonl"
-        if metrics.exists():
-            for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line being written
-                    continue
-                if isinstance(record.get("step"), int) and "split" not in record:
-                    step, last = max(step, record["step"]), record
+        for record in _metrics(stage.output_dir / "metrics.jsonl"):
+            step, last = max(step, record["step"]), record
         done_stages = self.stage + (self.state == "done")
         fraction = min(1.0, (done_stages + (0 if self.state == "done" else min(step / max(stage.total, 1), 1.0)))
                        / len(self.stages))
@@ -124,6 +117,25 @@ class Job:
         if not log.exists():
             return ""
         return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """The training records of a run's metrics.jsonl (lines with a step and no ``split``), in order."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "split" not in record:
+            out.append(record)
+    return out
+
+
+def _logged_steps(path: Path) -> list[int]:
+    return [record["step"] for record in _metrics(path)]
 
 
 class JobRunner:
@@ -150,6 +162,8 @@ class JobRunner:
             stages = JOB_KINDS[kind][1](JobSettings(model="", db=Path()), folder)
             job = Job(folder.name, kind, folder, stages, data="(an earlier session)", stage=len(stages) - 1)
             job.state = "done" if job.final_model.is_dir() else "stopped"
+            for stage in stages:  # the step count each stage reached (its settings are not kept)
+                stage.total = max(_logged_steps(stage.output_dir / "metrics.jsonl"), default=0)
             job.started = job.finished = folder.stat().st_mtime
             self.jobs[job.id] = job
 

@@ -56,6 +56,13 @@ def add_studio_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batch size of a training run, 1-256 (default: %(default)s)")
     parser.add_argument("--max-body", type=int, default=65536,
                         help="largest request body in bytes, 1024-10485760 (default: %(default)s)")
+    parser.add_argument("--export", choices=["ranking", "trl", "sft"], default=None,
+                        help="instead of serving: write --db's judgements as the project's ranking JSONL, TRL's "
+                        "preference JSONL, or the written better answers as SFT JSONL, to --output")
+    parser.add_argument("--output", default="-", metavar="FILE",
+                        help="where --export writes (default: - = standard output)")
+    parser.add_argument("--only", action="append", default=[], metavar="LABELLER",
+                        help="--export only this labeller's judgements (repeat for several; default: everyone)")
 
 
 def _check(ok: bool, option: str, message: str) -> None:
@@ -92,12 +99,54 @@ def run_studio(args: argparse.Namespace) -> None:
     _check(1 <= args.train_batch_size <= 256, "--train-batch-size", f"must be 1-256, got {args.train_batch_size}")
     _check(1024 <= args.max_body <= 10 * 1024 * 1024, "--max-body", f"must be 1024-10485760, got {args.max_body}")
     _check(args.token is None or len(args.token) >= 8, "--token", "must be at least 8 characters")
+    if args.export:
+        export(args.db, args.export, args.output, args.only)
+        return
     try:
         import uvicorn  # noqa: F401
     except ImportError as error:
         raise AlignlabError("the studio needs fastapi and uvicorn: pip install fastapi uvicorn") from error
     prompts = load_studio_prompts(args.prompts)
     serve(args, prompts)
+
+
+def export(db_path: str, kind: str, output: str, labellers: list[str]) -> int:
+    """Write a studio database's judgements as JSONL (``ranking``, ``trl`` or ``sft``); returns the line count.
+
+    Raises:
+        AlignlabError: a missing or foreign database, or an output that cannot be written.
+    """
+    import json
+    import sys
+
+    from alignlab.data.studio_db import StudioDB, StudioReport, ranking_records, sft_records, trl_records
+
+    db = StudioDB(db_path, create=False)
+    names = labellers or None
+    report = StudioReport()
+    if kind == "ranking":
+        rows: Any = (record for _, record in ranking_records(db, labellers=names, report=report))
+    elif kind == "trl":
+        rows = trl_records(db, labellers=names)
+    else:
+        rows = sft_records(db, labellers=names)
+    try:
+        sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
+    except OSError as error:
+        raise AlignlabError(f"cannot write: {error.strerror}", file=output) from error
+    count = 0
+    try:
+        for row in rows:
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    if kind == "ranking":
+        print(report.summary(db_path), file=sys.stderr)
+    print(f"alignlab studio: wrote {count} {kind} records to {output if output != '-' else 'standard output'}",
+          file=sys.stderr)
+    return count
 
 
 def serve(args: argparse.Namespace, prompts: list[Any]) -> None:

@@ -213,6 +213,7 @@ function fillKinds() {
     $("kind").append(option);
   }
   $("steps").value = meta("train-steps");
+  $("lr").placeholder = `${meta("train-lr")} (default)`;
 }
 
 async function startTrain() {
