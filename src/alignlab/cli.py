@@ -159,16 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=lambda a: _import("alignlab.demo:run_demo")(a))
 
-    st = sub.add_parser("studio", help="a local web page where people rank the model's answers, train on them "
-                        "(DPO, or a reward model + PPO) and check the result in a blind A/B round",
-                        description="Start the preference studio: a web server (127.0.0.1 by default) that samples "
-                        "answers from --model for --prompts, stores every judgement in --db (SQLite; trainers read "
-                        "it with --data), trains in the background and runs blind A/B rounds. Prints the URL.")
-    from alignlab.studio.server import add_studio_arguments
-
-    add_studio_arguments(st)
-    st.set_defaults(func=lambda a: _import("alignlab.studio.server:run_studio")(a))
-
     d = sub.add_parser("data", help="look at data before training on it")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     di = dsub.add_parser("inspect", help="show how a data file renders, which tokens carry loss, and what "
@@ -188,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop at the first invalid record (default: count and report invalid records)")
     di.add_argument("-n", type=int, default=3, help="examples to show")
     di.set_defaults(func=cmd_data_inspect)
+
+    st = sub.add_parser("studio", help="a local web page where people rank the model's answers, train on them "
+                        "(DPO, or a reward model + PPO) and check the result in a blind A/B round",
+                        description="Start the preference studio: a web server (127.0.0.1 by default) that samples "
+                        "answers from --model for --prompts, stores every judgement in --db (SQLite; trainers read "
+                        "it with --data), trains in the background and runs blind A/B rounds. Prints the URL.")
+    from alignlab.studio.server import add_studio_arguments
+
+    add_studio_arguments(st)
+    st.set_defaults(func=lambda a: _import("alignlab.studio.server:run_studio")(a))
     return parser
 
 
