@@ -54,8 +54,8 @@ class StudioSettings:
     max_body: int = 64 * 1024
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     model: str = "smollm2-135m-instruct"
-    train_steps: int = 20
-    train_lr: float = 5e-6
+    train_steps: int = 10
+    train_lr: float = 5e-5
     train_batch_size: int = 4
 
 

@@ -39,8 +39,8 @@ class JobSettings:
 
     model: str
     db: Path
-    steps: int = 20
-    lr: float = 5e-6
+    steps: int = 10
+    lr: float = 5e-5
     batch_size: int = 4
     max_new_tokens: int = 64
 

@@ -47,10 +47,10 @@ def add_studio_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labeller", default="me",
                         help="default labeller name (each person sets their own on the page), 1-40 letters, digits, "
                         "spaces, . _ @ - (default: %(default)s)")
-    parser.add_argument("--train-steps", type=int, default=20,
+    parser.add_argument("--train-steps", type=int, default=10,
                         help="default optimizer steps (PPO: iterations) of a training run, 1-1000 (default: "
                         "%(default)s)")
-    parser.add_argument("--train-lr", type=float, default=5e-6,
+    parser.add_argument("--train-lr", type=float, default=5e-5,
                         help="default learning rate of a training run, > 0 and <= 0.01 (default: %(default)s)")
     parser.add_argument("--train-batch-size", type=int, default=4,
                         help="micro-batch size of a training run, 1-256 (default: %(default)s)")
