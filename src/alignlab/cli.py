@@ -189,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop at the first invalid record (default: count and report invalid records)")
     di.add_argument("-n", type=int, default=3, help="examples to show; range: >= 0")
     di.set_defaults(func=cmd_data_inspect)
+
+    st = sub.add_parser("studio", help="a local web page where people rank the model's answers, train on them "
+                        "(DPO, or a reward model + PPO) and check the result in a blind A/B round",
+                        description="Start the preference studio: a web server (127.0.0.1 by default) that samples "
+                        "answers from --model for --prompts, stores every judgement in --db (SQLite; trainers read "
+                        "it with --data), trains in the background and runs blind A/B rounds. Prints the URL.")
+    from alignlab.studio.server import add_studio_arguments
+
+    add_studio_arguments(st)
+    st.set_defaults(func=lambda a: _import("alignlab.studio.server:run_studio")(a))
     return parser
 
 
