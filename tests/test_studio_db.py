@@ -10,10 +10,10 @@ import pytest
 
 from alignlab.data.io import read_records
 from alignlab.data.preference import load_preferences
-from alignlab.tasks.loading import load_prompts
 from alignlab.data.studio_db import SCHEMA_VERSION, StudioDB, StudioReport, ranking_records, sft_records, trl_records
 from alignlab.errors import AlignlabError
 from alignlab.studio.stats import ab_result, agreement, kendall_tau_b, wilson_interval
+from alignlab.tasks.loading import load_prompts
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
