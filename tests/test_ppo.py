@@ -18,8 +18,9 @@ from alignlab.generation import cut_response
 from alignlab.losses.ppo import kl_penalty
 from alignlab.models import load_model
 from alignlab.train import ppo as ppo_module
+from alignlab.train.checkpoints import list_checkpoints
 from alignlab.train.forward import aligned_logits
-from alignlab.train.loop import NonFiniteError, list_checkpoints
+from alignlab.train.loop import NonFiniteError
 from alignlab.train.ppo import (
     PolicyAndValue,
     RunningMoments,

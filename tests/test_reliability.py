@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from alignlab.cli import STAGES, _import, main
 from alignlab.config import SFTConfig, build_config, config_fields
 from alignlab.errors import AlignlabError
-from alignlab.train.loop import list_checkpoints, verify_checkpoint
+from alignlab.train.checkpoints import list_checkpoints, verify_checkpoint
 
 FAST = ["--model", "tiny-random", "batch_size=2", "eval_fraction=0", "progress=false", "precision=fp32"]
 
@@ -129,7 +129,7 @@ def test_resume_refuses_a_non_finite_checkpoint(tmp_path, capsys):
     weights = load_file(str(newest / "trainable.safetensors"))
     save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, str(newest / "trainable.safetensors"))
     manifest = json.loads((newest / "manifest.json").read_text())
-    from alignlab.train.loop import _sha256
+    from alignlab.train.checkpoints import _sha256
 
     manifest["files"]["trainable.safetensors"] = _sha256(newest / "trainable.safetensors")
     (newest / "manifest.json").write_text(json.dumps(manifest))
