@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   runs the main job on the built-in default
 #   make test   runs the test suite
+#   make studio starts the preference studio (a web page to rank answers, train and A/B-check) on the built-in model
 # Each creates (or reuses) the virtualenv .venv and installs what it needs, the real model included.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo studio test lint bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/alignlab demo
+
+studio: venv
+	$(BIN)/alignlab studio
 
 test: venv
 	$(BIN)/python -m pytest --durations=15

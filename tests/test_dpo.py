@@ -17,8 +17,9 @@ from alignlab.data.preference import PreferenceRecord
 from alignlab.data.tokenize import LONGER_THAN_MAX_LENGTH, PROMPT_FILLS_MAX_LENGTH, encode_prompt_completion
 from alignlab.errors import AlignlabError
 from alignlab.models import load_model, load_tokenizer, save_model
+from alignlab.train.checkpoints import list_checkpoints
 from alignlab.train.forward import collate_aligned, completion_logps
-from alignlab.train.loop import NonFiniteError, Run, list_checkpoints
+from alignlab.train.loop import NonFiniteError, Run
 
 GOOD = ["great", "lovely", "happy", "wonderful", "good", "beautiful", "delightful"]
 BAD = ["terrible", "boring", "awful", "hated", "long", "bad", "dull"]

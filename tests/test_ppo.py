@@ -18,8 +18,9 @@ from alignlab.generation import cut_response
 from alignlab.losses.ppo import kl_penalty
 from alignlab.models import load_model
 from alignlab.train import ppo as ppo_module
+from alignlab.train.checkpoints import list_checkpoints
 from alignlab.train.forward import aligned_logits
-from alignlab.train.loop import NonFiniteError, list_checkpoints
+from alignlab.train.loop import NonFiniteError
 from alignlab.train.ppo import (
     PolicyAndValue,
     RunningMoments,
@@ -278,6 +279,7 @@ def test_resume_continues_exactly(tmp_path, prompts_file):
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000002", resumed_dir / "checkpoints" / "step-0000002")
+    shutil.copy(full / "run.json", resumed_dir / "run.json")  # the same run (a folder without one is refused)
     resumed = train_ppo(_cfg(tmp_path, "resumed", prompts_file, **kw), reward=frac_e)
 
     def comparable(rows: list[dict]) -> list[dict]:

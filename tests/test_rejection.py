@@ -123,6 +123,9 @@ def test_two_rounds_raise_the_reward_and_resume(tmp_path, reward_file):
     again = run_rs(build_config(RSConfig, overrides=overrides))
     assert again == final
     assert (tmp_path / "rs" / "round-1" / "samples.jsonl").stat().st_mtime_ns == stamp
+    # ... but another run into the folder is refused, not handed the finished rounds
+    with pytest.raises(AlignlabError, match="holds another run.*lr"):
+        run_rs(build_config(RSConfig, overrides={**overrides, "lr": 1e-3}))
     # the SFT data marks the kept samples cut at max_new_tokens, which it trains without EOS
     samples = [json.loads(x) for x in (tmp_path / "rs" / "round-1" / "samples.jsonl").read_text().splitlines()]
     kept = [json.loads(x) for x in (tmp_path / "rs" / "round-1" / "kept.jsonl").read_text().splitlines()]

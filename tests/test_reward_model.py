@@ -26,7 +26,7 @@ from alignlab.scoring import (
     prepare_reward_tokenizer,
     score_last_token,
 )
-from alignlab.train.loop import list_checkpoints
+from alignlab.train.checkpoints import list_checkpoints
 from alignlab.train.reward_model import (
     collate_rankings,
     encode_preferences,

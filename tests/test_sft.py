@@ -11,7 +11,8 @@ import torch
 
 from alignlab.config import SFTConfig
 from alignlab.errors import AlignlabError
-from alignlab.train.loop import find_valid_checkpoint, list_checkpoints, lr_lambda, run_config, verify_checkpoint
+from alignlab.train.checkpoints import find_valid_checkpoint, list_checkpoints, run_config, verify_checkpoint
+from alignlab.train.loop import lr_lambda
 from alignlab.train.sft import train_sft
 
 

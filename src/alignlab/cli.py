@@ -9,6 +9,7 @@ defaults < YAML < ``--option`` < ``key=value``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,9 +62,12 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for name, typ, default, help_text, choices in config_fields(cls):
         flag = "--" + name.replace("_", "-")
         kind = getattr(typ, "__name__", str(typ))
-        metavar = "BOOL" if typ is bool or kind == "bool" else name.upper()
+        if typ is bool or kind == "bool":  # `--lora` alone means true; `--lora false` also works
+            parser.add_argument(flag, dest=name, default=None, metavar="BOOL", nargs="?", const="true",
+                                help=f"{help_text} (default: {default!r})")
+            continue
         parser.add_argument(
-            flag, dest=name, default=None, metavar=metavar, choices=choices,
+            flag, dest=name, default=None, metavar=name.upper(), choices=choices,
             help=f"{help_text} (default: {default!r})",
         )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more options as key=value")
@@ -72,12 +76,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Defaults < YAML < --options < key=value words."""
     overrides: dict[str, Any] = {}
-    for name, *_ in config_fields(cls):
+    words = list(getattr(args, "overrides", []) or [])
+    for name, typ, *_ in config_fields(cls):
         value = getattr(args, name, None)
+        if typ is bool and isinstance(value, str) and "=" in value:  # `--lora max_steps=3`: a bare flag, then a word
+            words.insert(0, value)
+            value = "true"
         if value is not None:
             overrides[name] = value
     yaml_file = getattr(args, "config", None)
-    for word in getattr(args, "overrides", []) or []:
+    for word in words:
         if "=" not in word and word.endswith((".yaml", ".yml")) and yaml_file is None:
             yaml_file = word  # `alignlab lab run CONFIG.yaml`
             continue
@@ -136,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE", help="file of prompts: .txt (one per line) or a data file")
     g.add_argument("--template", default="chat", choices=["chat", "alpaca", "none"],
                    help="how a prompt is rendered before generation")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt; range: >= 1")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy); range: >= 0")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold; range: 0 < x <= 1")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together; range: >= 1")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--output", metavar="FILE", help="also write prompts and responses as JSONL")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weights (unsafe)")
@@ -178,12 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt template")
     di.add_argument("--columns", default="", help="rename columns, e.g. instruction=Q,output=A")
     di.add_argument("--model", default="tiny-random", help="model whose tokenizer counts the tokens")
-    di.add_argument("--max-length", type=int, default=512, help="maximum tokens per example")
+    di.add_argument("--max-length", type=int, default=512, help="maximum tokens per example; range: >= 1")
     di.add_argument("--truncation", default="right", choices=["right", "drop"], help="over-length policy")
     di.add_argument("--strict", action="store_true",
                     help="stop at the first invalid record (default: count and report invalid records)")
-    di.add_argument("-n", type=int, default=3, help="examples to show")
+    di.add_argument("-n", type=int, default=3, help="examples to show; range: >= 0")
     di.set_defaults(func=cmd_data_inspect)
+
+    st = sub.add_parser("studio", help="a local web page where people rank the model's answers, train on them "
+                        "(DPO, or a reward model + PPO) and check the result in a blind A/B round",
+                        description="Start the preference studio: a web server (127.0.0.1 by default) that samples "
+                        "answers from --model for --prompts, stores every judgement in --db (SQLite; trainers read "
+                        "it with --data), trains in the background and runs blind A/B rounds. Prints the URL.")
+    from alignlab.studio.server import add_studio_arguments
+
+    add_studio_arguments(st)
+    st.set_defaults(func=lambda a: _import("alignlab.studio.server:run_studio")(a))
     return parser
 
 
@@ -228,8 +246,20 @@ def cmd_demo(args: argparse.Namespace) -> Path:
     return run_lab(cfg)
 
 
+def check_ranges(args: argparse.Namespace, ranges: dict[str, dict[str, float]]) -> None:
+    """The range checks of the config options (:func:`alignlab.config.check_value`) for a plain argparse command."""
+    from alignlab.config import check_value
+
+    for name, bounds in ranges.items():
+        value = getattr(args, name)
+        check_value(name, value, type(value), {"range": bounds})
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import json
+
+    check_ranges(args, {"max_new_tokens": {"ge": 1}, "temperature": {"ge": 0}, "top_p": {"gt": 0, "le": 1},
+                        "batch_size": {"ge": 1}})
 
     from alignlab.generation import SamplingConfig, generate
     from alignlab.models import load_model, load_tokenizer
@@ -270,6 +300,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from alignlab.config import parse_columns
+
+    check_ranges(args, {"max_length": {"ge": 1}, "n": {"ge": 0}})
     from alignlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -295,10 +327,29 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
                                truncation=args.truncation, skip_invalid=not args.strict, n=args.n))
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` words wherever they stand: argparse collects the positional words only
+    up to the first ``--option``, so words after it come back unparsed and join the overrides here."""
+    args, extra = parser.parse_known_args(argv)
+    words = [w for w in extra if "=" in w and not w.startswith("-")]
+    unknown = [w for w in extra if w not in words]
+    if unknown or (words and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or words)}")
+    if words:
+        args.overrides = list(args.overrides or []) + words
+    return args
+
+
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The parser, built once per process (in-process callers such as the tests call :func:`main` many times)."""
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``alignlab`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = _parser()
+    args = parse_args(parser, argv)
     if args.offline:
         from alignlab.models import set_offline
 
@@ -314,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         print("alignlab: interrupted", file=sys.stderr)
         return 130
     finally:
+        from alignlab.train.run_folder import release_all
+
+        release_all()  # a run stopped by an error releases its folder at once
         _leave_process_group()
     return 0
 

@@ -8,6 +8,8 @@ dataclasses, so ``--help`` documents every option and a YAML file can set any of
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from alignlab.errors import AlignlabError
 __all__ = [
     "ALL_METHODS",
     "BoNConfig",
+    "Checked",
     "DPOConfig",
     "DataConfig",
     "GROUP_METHODS",
@@ -44,20 +47,94 @@ __all__ = [
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with its help text (and optional ``choices``)."""
-    return field(default=default, metadata={"help": help, **kw})
+def opt(default: Any, help: str, *, choices: list | None = None, ge: float | None = None,  # noqa: A002
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its help text, and what values it allows: ``choices``, or a range (``ge``/``gt``:
+    at least / above, ``le``/``lt``: at most / below). One declaration feeds the CLI, ``--help`` (the range is
+    shown), YAML and the Python API: :class:`Checked` configs reject a value outside it when they are built."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        metadata["range"] = bounds
+    return field(default=default, metadata=metadata)
+
+
+def describe_range(bounds: dict[str, float] | None) -> str:
+    """``{'ge': 0, 'lt': 1}`` -> ``'0 <= x < 1'``; ``{'gt': 0}`` -> ``'> 0'``; empty -> ``''``."""
+    if not bounds:
+        return ""
+    lower = f"{_num(bounds['ge'])} <= " if "ge" in bounds else f"{_num(bounds['gt'])} < " if "gt" in bounds else ""
+    upper = f" <= {_num(bounds['le'])}" if "le" in bounds else f" < {_num(bounds['lt'])}" if "lt" in bounds else ""
+    if lower and upper:
+        return f"{lower}x{upper}"
+    if lower:
+        return (">= " if "ge" in bounds else "> ") + lower.split(" ")[0]
+    return upper.strip()
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def check_value(name: str, value: Any, typ: Any, metadata: Any) -> None:
+    """Raise an :class:`AlignlabError` naming option ``name`` when ``value`` is not of type ``typ`` (after
+    :func:`_coerce`), is a NaN/inf number, or lies outside the field's declared choices or range."""
+    origin = get_origin(typ)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return
+        typ = [a for a in get_args(typ) if a is not type(None)][0]
+    if typ is bool and not isinstance(value, bool):
+        raise AlignlabError(f"expected true/false, got {value!r}", field=name)
+    if typ in (int, float):
+        wrong_type = not isinstance(value, int if typ is int else (int, float))
+        if isinstance(value, bool) or wrong_type:
+            raise AlignlabError(f"expected {'an integer' if typ is int else 'a number'}, got {value!r}", field=name)
+        if not math.isfinite(value):
+            raise AlignlabError(f"expected a finite number, got {value!r}", field=name)
+        bounds = metadata.get("range")
+        if bounds and not (value >= bounds.get("ge", -math.inf) and value > bounds.get("gt", -math.inf)
+                           and value <= bounds.get("le", math.inf) and value < bounds.get("lt", math.inf)):
+            raise AlignlabError(f"{_num(value)} is out of range: the allowed range is {describe_range(bounds)}",
+                                field=name)
+    if typ is str and not isinstance(value, str):
+        raise AlignlabError(f"expected a string, got {value!r}", field=name)
+    choices = metadata.get("choices")
+    if choices and value not in choices:
+        raise AlignlabError(f"'{value}' is not one of {choices}", field=name)
+
+
+def validate_config(cfg: Any) -> None:
+    """Check every field of a config dataclass against its declared type, choices and range (see :func:`opt`)."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        check_value(f.name, getattr(cfg, f.name), hints[f.name], f.metadata)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+class Checked:
+    """Base of the config dataclasses: a config is validated when it is built, whichever way (CLI, YAML,
+    ``SFTConfig(lr=...)`` in Python), so a bad value fails at once with the same message everywhere."""
+
+    def __post_init__(self) -> None:
+        validate_config(self)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Which model to start from and how to adapt it."""
 
     model: str = opt("tiny-random", "checkpoint folder, hub id, or built-in: smollm2-135m-instruct, tiny-random")
     lora: bool = opt(False, "train a LoRA adapter instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_r: int = opt(16, "LoRA rank", ge=1)
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1)
     lora_targets: str = opt("all-linear", "modules LoRA adapts: 'all-linear' or a comma list, e.g. q_proj,v_proj")
     merge_lora: bool = opt(True, "merge the adapter into full weights when saving the final model")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
@@ -73,49 +150,57 @@ class TrainConfig(ModelConfig):
 
     output_dir: str = opt("runs/sft", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
     seed: int = opt(0, "one seed for data order, initialisation and sampling")
-    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = opt(0, "optimizer steps to run; 0 = derived from epochs")
-    batch_size: int = opt(8, "examples per micro-batch on each process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x accum x processes)")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", gt=0)
+    max_steps: int = opt(0, "optimizer steps to run; 0 = derived from epochs", ge=0)
+    batch_size: int = opt(8, "examples per micro-batch on each process", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x accum x processes)", ge=1)
     max_tokens: int = opt(2048, "most tokens one forward pass may hold: a longer micro-batch is cut into pieces "
                           "whose gradients accumulate (the same update, less activation memory; not for KTO, "
-                          "DeepSpeed); 0 = no limit")
-    lr: float = opt(2e-5, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
-    warmup_ratio: float = opt(0.03, "fraction of steps spent in linear warmup")
+                          "DeepSpeed); 0 = no limit", ge=0)
+    lr: float = opt(2e-5, "peak learning rate (AdamW); 0 leaves the weights as they are", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2", ge=0, lt=1)
+    warmup_ratio: float = opt(0.03, "fraction of steps spent in linear warmup", ge=0, le=1)
     schedule: str = opt("cosine", "learning-rate decay after warmup", choices=["cosine", "linear", "constant"])
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
     precision: str = opt("auto", "compute dtype: auto (bf16 where the hardware has it), bf16 or fp32",
                          choices=["auto", "bf16", "fp32"])
     group_by_length: bool = opt(True, "batch examples of similar length together to cut padding")
-    log_every: int = opt(1, "log metrics every N optimizer steps")
-    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    resume: str = opt("auto", "auto (continue from the newest valid checkpoint), never, or a checkpoint path")
-    on_nan: str = opt("stop", "a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the step",
-                      choices=["stop", "skip"])
+    log_every: int = opt(1, "log metrics every N optimizer steps", ge=1)
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)", ge=0)
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)", ge=0)
+    resume: str = opt("auto", "auto (continue from the newest valid checkpoint when OUTPUT_DIR holds the same run: "
+                      "stage, data files and training options; another run there is an error), latest (the newest "
+                      "valid checkpoint even if the run differs), never (start afresh, removing the folder's earlier "
+                      "run), or a checkpoint path")
+    overwrite: bool = opt(False, "start afresh in an OUTPUT_DIR that holds another run: its checkpoints, logs and "
+                          "final model are deleted first")
+    on_nan: str = opt("stop", "a NaN/inf loss, gradient or weight after the update: stop (naming the last finite "
+                      "checkpoint) or skip the step (the weights and optimizer state before it are restored; keeps a "
+                      "copy of them during each step)", choices=["stop", "skip"])
     save_final: bool = opt(True, "save the final model (Hugging Face format) to OUTPUT_DIR/final")
     progress: bool = opt(True, "show a progress bar")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the examples come from and how they become tokens."""
 
     data: str = opt("", "training data: .json/.jsonl/.csv/.parquet file (gz ok) or a hub dataset id")
     eval_data: str = opt("", "held-out data file; empty = split eval_fraction off the training data")
-    eval_fraction: float = opt(0.05, "fraction of the training data held out when eval_data is empty")
+    eval_fraction: float = opt(0.05, "fraction of the training data held out when eval_data is empty", ge=0, lt=1)
     format: str = opt("auto", "record format: auto, alpaca, messages, sharegpt, prompt_completion, text")
     template: str = opt("auto", "prompt template: auto, alpaca, chat (the model's chat template), none")
     columns: str = opt("", "rename columns, e.g. 'instruction=Q,output=A'")
-    max_length: int = opt(512, "maximum tokens per example")
+    max_length: int = opt(512, "maximum tokens per example", ge=1)
     truncation: str = opt("right", "over-long examples: right (cut the end, counted) or drop (counted)",
                           choices=["right", "drop"])
     skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
-    limit: int = opt(0, "read at most N records (0 = all)")
+    limit: int = opt(0, "read at most N records (0 = all)", ge=0)
+    dedupe: bool = opt(False, "drop exact duplicate examples, held-out examples identical to training ones, and "
+                       "contradictory labels (all are counted in the data report either way)")
 
 
 @dataclass
@@ -133,24 +218,24 @@ class DPOConfig(DataConfig, TrainConfig):
     """Preference optimisation from pairs (the DPO family) or unpaired feedback (KTO)."""
 
     output_dir: str = opt("runs/dpo", "run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
-    lr: float = opt(1e-6, "peak learning rate (AdamW); preference losses want a small one")
+    lr: float = opt(1e-6, "peak learning rate (AdamW); preference losses want a small one", ge=0)
     format: str = opt("auto", "record format: auto, explicit, implicit, sharegpt, ranking, oasst (pairs; rankings "
                       "become all their pairs) or unpaired (kto)")
     template: str = opt("auto", "prompt template: auto (chat for message prompts, none for text), chat, alpaca, none")
-    max_length: int = opt(512, "maximum tokens of prompt + response")
+    max_length: int = opt(512, "maximum tokens of prompt + response", ge=1)
     truncation: str = opt("right", "over-long pairs: right (prompt cut to max_prompt_length from the left, responses "
                           "cut at the end; counted) or drop (counted)", choices=["right", "drop"])
     loss: str = opt("dpo", "preference loss: dpo, cdpo, robust, ipo, hinge (with a reference), simpo, orpo "
                     "(reference-free), kto (unpaired feedback, or pairs split into both kinds)",
                     choices=list(DPO_LOSSES))
     beta: float = opt(0.0, "the loss's beta; 0 = its usual value: 0.1 (dpo, cdpo, robust, ipo, hinge, kto; orpo's "
-                      "lambda), 2.0 (simpo)")
-    label_smoothing: float = opt(0.0, "label-flip probability: cdpo (needs > 0), robust, simpo")
-    simpo_gamma: float = opt(1.0, "SimPO's target reward margin")
+                      "lambda), 2.0 (simpo)", ge=0)
+    label_smoothing: float = opt(0.0, "label-flip probability: cdpo (needs > 0), robust, simpo", ge=0, le=0.5)
+    simpo_gamma: float = opt(1.0, "SimPO's target reward margin", ge=0)
     rpo_alpha: float | None = opt(None, "weight of an NLL term on the chosen responses added to the loss (RPO); "
-                                  "none = 1 for orpo (its SFT term), 0 otherwise")
-    desirable_weight: float = opt(1.0, "KTO: weight of the desirable examples' losses")
-    undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable examples' losses")
+                                  "none = 1 for orpo (its SFT term), 0 otherwise", ge=0)
+    desirable_weight: float = opt(1.0, "KTO: weight of the desirable examples' losses", ge=0)
+    undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable examples' losses", ge=0)
     reference: str = opt("", "reference model (folder or built-in name); empty = the starting model, and with LoRA "
                          "the base weights with the adapter disabled (no second model in memory)")
     precompute_ref: bool = opt(False, "score the data with the reference once before training and cache the "
@@ -158,7 +243,7 @@ class DPOConfig(DataConfig, TrainConfig):
     ref_cache_dir: str = opt("", "folder of cached reference log-probs; empty = the user cache (ALIGNLAB_CACHE)/"
                              "ref-logps")
     max_prompt_length: int = opt(0, "maximum prompt tokens (0 = only max_length limits); longer prompts keep their "
-                                 "end (truncation=right) or are dropped (truncation=drop)")
+                                 "end (truncation=right) or are dropped (truncation=drop)", ge=0)
     group_rankings: bool = opt(True, "keep each ranking's pairs together in one micro-batch, each answer encoded once "
                                "for all its pairs (the K-wise batching of the reward model); batch_size then "
                                "counts records, a ranking of K answers bringing its K(K-1)/2 pairs")
@@ -214,7 +299,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
 
 def build_config(cls: type[T], *, yaml_file: str | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Build ``cls`` from defaults, then a YAML file, then overrides (later wins). Unknown keys are errors."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if yaml_file:
@@ -234,12 +319,8 @@ def build_config(cls: type[T], *, yaml_file: str | None = None, overrides: dict[
         key = key.replace("-", "_")
         if key not in names:
             raise AlignlabError(f"unknown option '{key}' for {cls.__name__}", file=yaml_file, field=key)
-        value = _coerce(value, hints[key], key)
-        choices = names[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise AlignlabError(f"'{value}' is not one of {choices}", file=yaml_file, field=key)
-        out[key] = value
-    return cls(**out)
+        out[key] = _coerce(value, hints[key], key)
+    return cls(**out)  # validates every value (Checked.__post_init__), with the same message as the Python API
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -248,12 +329,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_fields(cls: type) -> list[tuple[str, Any, Any, str, list | None]]:
-    """(name, type, default, help, choices) for each field, in declaration order, for the CLI."""
-    hints = get_type_hints(cls)
+    """(name, type, default, help, choices) for each field, in declaration order, for the CLI; the help ends with
+    the field's allowed range when it declares one."""
+    hints = _hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append((f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("choices")))
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("range"):
+            help_text += f"; range: {describe_range(f.metadata['range'])}"
+        out.append((f.name, hints[f.name], default, help_text, f.metadata.get("choices")))
     return out
 
 
@@ -275,15 +360,15 @@ class RewardConfig(DataConfig, TrainConfig):
     margin: str = opt("none", "Llama-2 margin in the loss: none; 'margin' (the record's margin column); "
                       "'scores' (differences of the responses' score columns)",
                       choices=["none", "margin", "scores"])
-    margin_scale: float = opt(1.0, "multiply every margin by this")
+    margin_scale: float = opt(1.0, "multiply every margin by this", ge=0)
     center_rewards_coef: float = opt(0.0, "reward centring: add coef x mean(r^2) (Eisenstein et al. 2023; "
-                                     "TRL suggests 0.01)")
+                                     "TRL suggests 0.01)", ge=0)
     stats_samples: int = opt(2000, "training responses scored after training for reward_stats.json (a seeded "
-                             "random sample when there are more; 0 = all)")
+                             "random sample when there are more; 0 = all)", ge=0)
 
 
 @dataclass
-class RewardScoreConfig:
+class RewardScoreConfig(Checked):
     """Score a data file with a reward model or a Python function (``alignlab rm score``)."""
 
     model: str = opt("", "reward model folder (from alignlab rm train), or module:function / file.py:function")
@@ -293,11 +378,11 @@ class RewardScoreConfig:
     columns: str = opt("", "rename columns, e.g. 'prompt=question,chosen=good'")
     template: str = opt("", "prompt template; empty = the one the reward model was trained with",
                         choices=["", "auto", "chat", "alpaca", "none"])
-    max_length: int = opt(0, "tokens per prompt+response; 0 = the reward model's training max_length")
-    batch_size: int = opt(16, "sequences per forward pass")
+    max_length: int = opt(0, "tokens per prompt+response; 0 = the reward model's training max_length", ge=0)
+    batch_size: int = opt(16, "sequences per forward pass", ge=1)
     normalize: bool = opt(False, "report (score - mean) / std with the model's reward_stats.json")
     skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
-    limit: int = opt(0, "read at most N records (0 = all)")
+    limit: int = opt(0, "read at most N records (0 = all)", ge=0)
     allow_pickle: bool = opt(False, "allow pickle-based .bin/.pt weights (unsafe with untrusted files)")
 
 
@@ -311,30 +396,31 @@ class PPOConfig(TrainConfig):
 
     output_dir: str = opt("runs/ppo", "run folder: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/")
     policy: str = opt("", "the policy to train (an alias of --model; the SFT model, a folder or a built-in)")
-    lr: float = opt(1e-5, "peak learning rate (AdamW) of the policy and the value model; LoRA wants ~1e-4")
+    lr: float = opt(1e-5, "peak learning rate (AdamW) of the policy and the value model; LoRA wants ~1e-4", ge=0)
     schedule: str = opt("linear", "learning-rate decay over the run's optimizer steps",
                         choices=["cosine", "linear", "constant"])
-    warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent in linear warmup")
-    batch_size: int = opt(8, "responses per forward/backward micro-batch on each process")
-    max_tokens: int = opt(0, "not used by PPO: its micro-batches hold batch_size responses")
+    warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent in linear warmup", ge=0, le=1)
+    batch_size: int = opt(8, "responses per forward/backward micro-batch on each process", ge=1)
+    max_tokens: int = opt(0, "not used by PPO: its micro-batches hold batch_size responses", ge=0)
     # -- prompts
     prompts: str = opt("", "training prompts: .txt (one per line), a JSON/JSONL list, or any instruction or "
                        "preference file (its prompts)")
     eval_prompts: str = opt("", "held-out prompts (same formats); empty = eval_fraction of --prompts")
-    eval_fraction: float = opt(0.1, "fraction of --prompts held out when --eval-prompts is empty (0 = none)")
-    limit: int = opt(0, "read at most N prompts (0 = all)")
+    eval_fraction: float = opt(0.1, "fraction of --prompts held out when --eval-prompts is empty (0 = none)",
+                               ge=0, lt=1)
+    limit: int = opt(0, "read at most N prompts (0 = all)", ge=0)
     template: str = opt("auto", "how a prompt is rendered: auto (the tokenizer's chat template when it has one, "
                         "else alpaca for instruction records and none for text), chat, alpaca, none",
                         choices=["auto", "chat", "alpaca", "none"])
     max_prompt_length: int = opt(512, "longest prompt in tokens (prompt + max_new_tokens must also fit the model's "
-                                 "context)")
+                                 "context)", ge=1)
     long_prompts: str = opt("error", "a prompt that does not fit: error (naming it) or drop (counted)",
                             choices=["error", "drop"])
     # -- roles
     reward_model: str = opt("", "reward: a reward-model folder (alignlab rm train), or module:function")
     reward: str = opt("", "reward: a Python function module:function or file.py:function, "
                       "f(prompts, responses) -> list[float] (e.g. alignlab.reward_functions:sentiment)")
-    reward_batch_size: int = opt(16, "sequences per reward-model forward pass")
+    reward_batch_size: int = opt(16, "sequences per reward-model forward pass", ge=1)
     reference: str = opt("", "reference model; empty = the starting policy (with LoRA: the policy with its adapter "
                          "disabled, no second model)")
     value_model: str = opt("", "value model (critic) initialisation: empty = the reward model when --reward-model "
@@ -343,19 +429,19 @@ class PPOConfig(TrainConfig):
                                "states (saves a model's memory and compute; the value loss then also shapes the "
                                "policy's features)")
     # -- rollout
-    iterations: int = opt(20, "PPO iterations (rollout -> score -> advantages -> update)")
-    num_mini_batches: int = opt(1, "optimizer steps per PPO epoch over the rollout")
-    ppo_epochs: int = opt(4, "passes over each rollout")
+    iterations: int = opt(20, "PPO iterations (rollout -> score -> advantages -> update)", ge=1)
+    num_mini_batches: int = opt(1, "optimizer steps per PPO epoch over the rollout", ge=1)
+    ppo_epochs: int = opt(4, "passes over each rollout", ge=1)
     responses_per_prompt: int = opt(1, "responses sampled per prompt in a rollout (> 1: the rollout holds "
                                     "rollout/k prompts, and each prompt is encoded once for its k responses in the "
-                                    "forward passes)")
-    max_new_tokens: int = opt(64, "longest response in tokens")
-    temperature: float = opt(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
-    top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
+                                    "forward passes)", ge=1)
+    max_new_tokens: int = opt(64, "longest response in tokens", ge=1)
+    temperature: float = opt(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
     stop_strings: list[str] = field(default_factory=list, metadata={
         "help": "comma-separated strings that end a response (like EOS; \\n escapes are decoded)"})
-    generation_batch_size: int = opt(0, "prompts sampled together (0 = the whole rollout at once)")
+    generation_batch_size: int = opt(0, "prompts sampled together (0 = the whole rollout at once)", ge=0)
     backend: str = opt("hf", "rollout generation: hf (Hugging Face generate) or vllm (GPU, needs vllm; the "
                        "policy's weights are copied into it every iteration)", choices=["hf", "vllm"])
     unfinished_penalty: float = opt(0.0, "subtracted from the score of a response that ends neither with EOS nor "
@@ -363,27 +449,27 @@ class PPOConfig(TrainConfig):
     # -- rewards
     kl_estimator: str = opt("k1", "per-token KL penalty estimator: k1 (log ratio, unbiased, the classic RLHF "
                             "penalty) or k3 (unbiased and >= 0, lower variance)", choices=["k1", "k3"])
-    kl_coef: float = opt(0.05, "KL penalty coefficient beta (the starting value when target_kl > 0)")
+    kl_coef: float = opt(0.05, "KL penalty coefficient beta (the starting value when target_kl > 0)", ge=0)
     target_kl: float = opt(0.0, "adaptive KL controller (Ziegler et al. 2019): steer the KL per response (nats) "
-                           "to this target; 0 = a fixed kl_coef")
-    kl_horizon: float = opt(10000, "adaptive KL controller horizon, in responses")
+                           "to this target; 0 = a fixed kl_coef", ge=0)
+    kl_horizon: float = opt(10000, "adaptive KL controller horizon, in responses", gt=0)
     reward_normalization: str = opt("none", "normalise scores: none; running (running mean/std of the scores "
                                     "seen so far); stats (the reward model's reward_stats.json)",
                                     choices=["none", "running", "stats"])
-    reward_clip: float = opt(0.0, "clip (normalised) scores to [-c, c] (0 = off)")
+    reward_clip: float = opt(0.0, "clip (normalised) scores to [-c, c] (0 = off)", ge=0)
     whiten_rewards: bool = opt(False, "rescale the per-token rewards to unit variance before GAE")
     # -- update
-    gamma: float = opt(1.0, "discount")
-    lam: float = opt(0.95, "GAE lambda")
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
     whiten_advantages: bool = opt(True, "normalise advantages to zero mean, unit variance over real tokens")
-    clip_range: float = opt(0.2, "PPO policy ratio clip epsilon")
-    clip_range_value: float = opt(0.2, "value clip around the rollout-time values (0 = no clipping)")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    entropy_coef: float = opt(0.0, "weight of the entropy bonus (0 = off; entropy is still logged)")
+    clip_range: float = opt(0.2, "PPO policy ratio clip epsilon", gt=0)
+    clip_range_value: float = opt(0.2, "value clip around the rollout-time values (0 = no clipping)", ge=0)
+    vf_coef: float = opt(0.1, "weight of the value loss", ge=0)
+    entropy_coef: float = opt(0.0, "weight of the entropy bonus (0 = off; entropy is still logged)", ge=0)
     # -- evaluation and logging
     eval_greedy: bool = opt(False, "held-out generations by greedy decoding (default: sampled at the rollout "
                             "temperature with a fixed seed, so the KL estimate is unbiased)")
-    log_samples: int = opt(4, "sample responses written to samples.jsonl each iteration (and at each evaluation)")
+    log_samples: int = opt(4, "sample responses written to samples.jsonl each iteration (and at each evaluation)", ge=0)
 
 
 @dataclass
@@ -480,22 +566,22 @@ class GRPOConfig(TrainConfig):
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Checked):
     """What to sample from and how to score it (shared by ``bon`` and ``rs``)."""
 
     prompts: str = opt("", "prompts: .txt (one per line) or any instruction/preference file")
     reward_model: str = opt("", "reward model folder (from alignlab rm train)")
     reward: str = opt("", "or a Python reward function module:function(prompts, responses) -> scores")
-    n: int = opt(4, "samples per prompt")
+    n: int = opt(4, "samples per prompt", ge=1)
     template: str = opt("chat", "how prompts are rendered", choices=["chat", "alpaca", "none"])
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = opt(64, "tokens generated per sample")
-    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)")
-    gen_batch_size: int = opt(32, "sequences generated together")
+    temperature: float = opt(1.0, "sampling temperature", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
+    max_new_tokens: int = opt(64, "tokens generated per sample", ge=1)
+    max_prompt_tokens: int = opt(512, "prompts longer than this are skipped (counted)", ge=1)
+    gen_batch_size: int = opt(32, "sequences generated together", ge=1)
     backend: str = opt("hf", "generation: hf (Hugging Face generate) or vllm (GPU, needs vllm)",
                        choices=["hf", "vllm"])
-    limit_prompts: int = opt(0, "use at most N prompts (0 = all)")
+    limit_prompts: int = opt(0, "use at most N prompts (0 = all)", ge=0)
     on_bad_score: str = opt("stop", "a sample whose reward fails or is NaN: stop, or skip it (counted)",
                             choices=["stop", "skip"])
     gold: str = opt("", "optional second scorer module:function that judges the results (e.g. a gold score "
@@ -517,9 +603,9 @@ class RSConfig(SampleConfig, SFTConfig):
     """Rejection-sampling fine-tuning: the SFT options apply to every round's fine-tuning."""
 
     output_dir: str = opt("runs/rs", "run folder: round-N/{samples,kept}.jsonl, round-N/sft/, final/")
-    rounds: int = opt(2, "rounds of sample -> select -> fine-tune")
+    rounds: int = opt(2, "rounds of sample -> select -> fine-tune", ge=1)
     select: str = opt("best", "which samples to keep per prompt", choices=["best", "top_k", "threshold"])
-    top_k: int = opt(1, "with select=top_k: how many to keep per prompt")
+    top_k: int = opt(1, "with select=top_k: how many to keep per prompt", ge=1)
     threshold: float = opt(0.0, "with select=threshold: keep samples scoring at least this")
     data: str = opt("", "(unused: rejection sampling makes its own data)")
     eval_prompts: str = opt("", "held-out prompts: the start and every round's policy answer them once, scored "
@@ -553,7 +639,7 @@ MODELS_IN_MEMORY = {  # what each method holds while training (with LoRA the ref
 
 
 @dataclass
-class LabConfig:
+class LabConfig(Checked):
     """One lab run: a task, a base model, the methods and their budgets."""
 
     name: str = opt("demo", "run name: the report goes to OUTPUT_ROOT/NAME/report.md")
@@ -566,37 +652,39 @@ class LabConfig:
                                        "task with a verifiable reward (arithmetic) the default is "
                                        f"{', '.join(VERIFIABLE_METHODS)}"})
     seed: int = opt(0, "one seed for everything")
-    n_eval: int = opt(32, "held-out prompts for evaluation")
-    n_train: int = opt(48, "training prompts used by every method")
+    n_eval: int = opt(32, "held-out prompts for evaluation", ge=1)
+    n_train: int = opt(48, "training prompts used by every method", ge=1)
     lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
-    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)")
+    max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)", ge=1)
     gen_batch_size: int = opt(144, "sequences generated together (PPO: at most its rollout); larger batches decode "
-                              "more tokens per pass over the weights (measured in BENCHMARKS.md)")
+                              "more tokens per pass over the weights (measured in BENCHMARKS.md)",
+                              ge=1)
     # SFT
-    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations")
-    sft_lr: float = opt(5e-4, "SFT learning rate")
+    sft_steps: int = opt(8, "SFT optimizer steps on the task demonstrations", ge=1)
+    sft_lr: float = opt(5e-4, "SFT learning rate", gt=0)
     # preference data
-    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank")
-    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score")
+    k_annotate: int = opt(6, "answers sampled per training prompt for the annotators to rank", ge=2)
+    annotator_temperature: float = opt(0.1, "annotator noise: Plackett-Luce temperature on the gold score", gt=0)
     # reward model
-    rm_steps: int = opt(48, "reward-model optimizer steps")
-    rm_lr: float = opt(3e-3, "reward-model learning rate")
-    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step")
+    rm_steps: int = opt(48, "reward-model optimizer steps", ge=1)
+    rm_lr: float = opt(3e-3, "reward-model learning rate", gt=0)
+    rm_batch_size: int = opt(4, "rankings (prompts with all their answers) per reward-model step", ge=1)
     # DPO family
-    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo")
-    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo")
-    dpo_beta: float = opt(0.15, "DPO's beta")
+    dpo_steps: int = opt(24, "optimizer steps for dpo, ipo and simpo", ge=1)
+    dpo_lr: float = opt(1e-3, "learning rate for dpo, ipo and simpo", gt=0)
+    dpo_beta: float = opt(0.15, "DPO's beta", gt=0)
     ipo_beta: float = opt(0.5, "IPO's beta (tau): it pulls the log-ratio margin to 1/(2 tau), so a small tau lets it "
-                          "drift far (docs/lab.md)")
+                          "drift far (docs/lab.md)", gt=0)
     dpo_batch_size: int = opt(3, "rankings per dpo, ipo and simpo step, each with all its pairs (15 for 6 answers, "
-                              "each answer encoded once): about the sequences of 8 separate pairs")
+                              "each answer encoded once): about the sequences of 8 separate pairs", ge=1)
     # PPO
-    ppo_iterations: int = opt(8, "PPO iterations (rollouts)")
-    ppo_rollout: int = opt(48, "responses per PPO rollout")
-    ppo_lr: float = opt(1e-3, "PPO learning rate")
-    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)")
-    ppo_epochs: int = opt(2, "PPO passes over each rollout")
-    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for them)")
+    ppo_iterations: int = opt(8, "PPO iterations (rollouts)", ge=1)
+    ppo_rollout: int = opt(48, "responses per PPO rollout", ge=1)
+    ppo_lr: float = opt(1e-3, "PPO learning rate", gt=0)
+    ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)", ge=0)
+    ppo_epochs: int = opt(2, "PPO passes over each rollout", ge=1)
+    ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for "
+                                        "them)", ge=1)
     ppo_share_backbone: bool = opt(True, "PPO value head on the policy's backbone instead of a separate value "
                                    "model (about half the update's compute)")
     # GRPO / RLOO (critic-free; the same rollout size and prompts as PPO)
@@ -608,15 +696,15 @@ class LabConfig:
     grpo_epochs: int = opt(2, "GRPO and RLOO passes over each rollout (the ratio clipped after the first), >= 1")
     # rejection sampling / best-of-n
     rs_rounds: int = opt(2, "rejection-sampling rounds: sample from the current policy, keep the best, fine-tune "
-                            "(the next round samples from the fine-tuned model)")
-    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round")
-    rs_steps: int = opt(8, "SFT steps on each round's kept samples")
-    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate")
-    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)")
-    batch_size: int = opt(16, "training micro-batch size for every method")
+                            "(the next round samples from the fine-tuned model)", ge=1)
+    rs_n: int = opt(6, "samples per prompt in each rejection-sampling round", ge=1)
+    rs_steps: int = opt(8, "SFT steps on each round's kept samples", ge=1)
+    rs_lr: float = opt(2e-3, "rejection-sampling fine-tuning learning rate", gt=0)
+    bon_n: int = opt(8, "largest n of best-of-n (the curve covers 1, 2, 4, ... n)", ge=1)
+    batch_size: int = opt(16, "training micro-batch size for every method", ge=1)
     curve_points: int = opt(2, "checkpoints along each method's training (evenly spaced, besides its end) evaluated "
                             "on the held-out prompts like the final models: the frontier plot's lines "
-                            "(rejection sampling: the ends of its rounds); 0 = final models only")
+                            "(rejection sampling: the ends of its rounds); 0 = final models only", ge=0)
     progress: bool = opt(True, "show progress bars")
 
 

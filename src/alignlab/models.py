@@ -293,6 +293,10 @@ def _hub_error(name: str, err: Exception) -> AlignlabError:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "special_tokens_map.json")
+
+
 def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a model (see :func:`load_model` for the accepted names). A pad token is always
     set (to the EOS token when the checkpoint has none)."""
@@ -303,9 +307,36 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False) 
         if Path(ref).exists():
             raise AlignlabError(f"cannot load tokenizer: {e}", file=ref) from e
         raise (_offline_hub_error(ref) if offline_mode() else _hub_error(ref, e)) from e
+    except Exception as e:  # a local folder without (whole) tokenizer files: transformers raises ValueError & co.
+        if not Path(ref).is_dir():
+            raise
+        present = sorted(p.name for p in Path(ref).iterdir() if p.name in TOKENIZER_FILES)
+        what = f"its tokenizer files ({', '.join(present)}) do not load" if present else \
+            f"it holds no tokenizer files (one of {', '.join(TOKENIZER_FILES[:4])})"
+        raise AlignlabError(f"cannot load the tokenizer: {what} ({type(e).__name__}: {str(e)[:160]}); copy them "
+                            "from the model this one was trained from", file=ref) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def broken_weight_files(folder: str | os.PathLike) -> list[tuple[str, str]]:
+    """(name, what is wrong) for each ``*.safetensors`` file in ``folder`` whose header or size does not hold up
+    (a truncated copy, a full disk while saving); empty for a hub id or when all are whole."""
+    from safetensors import safe_open
+
+    path = Path(folder)
+    if not path.is_dir():
+        return []
+    bad = []
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    handle.get_slice(key)
+        except Exception as e:  # SafetensorError, OSError
+            bad.append((f.name, f"{type(e).__name__}: {str(e)[:160]}"))
+    return bad
 
 
 def _check_no_pickle(ref: str, allow_pickle: bool) -> None:
@@ -387,6 +418,12 @@ def load_model(
         if Path(ref).exists():
             raise AlignlabError(f"cannot load model: {e}", file=ref) from e
         raise (_offline_hub_error(ref) if offline_mode() else _hub_error(ref, e)) from e
+    except Exception as e:  # safetensors' SafetensorError and friends: a weights file cut short or damaged
+        bad = broken_weight_files(ref)
+        if not bad:
+            raise
+        raise AlignlabError(f"cannot load model: {bad[0][0]} is incomplete or corrupt ({bad[0][1]}); copy the folder "
+                            "again, or retrain it", file=ref) from e
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -547,12 +584,22 @@ def save_model(
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for fname, text in (extra_files or {}).items():
-        (tmp / fname).write_text(text)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    except Exception as e:  # a full disk or a quota: nothing half-written is left, the error says what is needed
+        shutil.rmtree(tmp, ignore_errors=True)
+        tensors = state_dict.values() if state_dict else model.state_dict().values()
+        need = sum(t.numel() * t.element_size() for t in tensors)
+        free = shutil.disk_usage(out.parent).free if out.parent.exists() else 0
+        raise AlignlabError(f"could not save the model ({type(e).__name__}: {str(e)[:200]}); it needs about "
+                            f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free there; the partial copy was "
+                            "removed. Free some space and rerun (a run resumes from its last checkpoint)",
+                            file=str(out)) from e
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

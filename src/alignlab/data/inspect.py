@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.data.formats import default_template, detect_format, load_sft_dataset
+from alignlab.data.hygiene import check_hygiene
 from alignlab.data.io import read_records
 from alignlab.data.tokenize import IGNORE_INDEX, TokenizedExample
 
@@ -101,4 +102,5 @@ def inspect_sft_file(
             f"tokens per example: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}"
         )
     lines.append(report.summary())
+    lines.append(check_hygiene(examples)[2].summary())
     return "\n".join(lines)

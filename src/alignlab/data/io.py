@@ -8,6 +8,8 @@
   exactly one list, e.g. ``{"data": [...]}``); a ``.json`` file that is really JSON lines is read as such;
 - CSV (``.csv``, ``.csv.gz``): the data row (the header is not counted); every value is a string;
 - Parquet (``.parquet``): the row index + 1;
+- a studio database (``.sqlite``, ``.db``): its judgements as ranking records, numbered by judgement id
+  (:mod:`alignlab.data.studio_db`);
 - a hub dataset id (``owner/name``, when no such local path exists): the row index + 1 of ``split``.
 
 Text is decoded strictly as UTF-8 (a leading byte-order mark is dropped). Every problem (missing file,
@@ -22,6 +24,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,14 @@ _KINDS = {
     ".csv": "csv",
     ".csv.gz": "csv",
     ".parquet": "parquet",
+    ".sqlite": "sqlite",
+    ".sqlite3": "sqlite",
+    ".db": "sqlite",
 }
 
 
 def detect_kind(path: str | Path) -> str | None:
-    """The file kind (``"jsonl"``, ``"json"``, ``"csv"``, ``"parquet"``) from the name, or ``None``."""
+    """The file kind (``"jsonl"``, ``"json"``, ``"csv"``, ``"parquet"``, ``"sqlite"``) from the name, or ``None``."""
     name = str(path).lower()
     for suffix in sorted(_KINDS, key=len, reverse=True):
         if name.endswith(suffix):
@@ -84,9 +90,15 @@ def read_records(source: str | Path, *, split: str = "train") -> Iterator[tuple[
             "is a directory; pass a data file (.json, .jsonl, .csv, .parquet)", file=str(path)
         )
     kind = detect_kind(path)
+    if kind == "sqlite":  # the studio's database: its judgements as ranking records
+        from alignlab.data.studio_db import read_studio_records
+
+        yield from read_studio_records(path)
+        return
     if kind is None:
         raise AlignlabError(
-            "unknown file type; expected .json, .jsonl, .json.gz, .jsonl.gz, .csv, .csv.gz or .parquet",
+            "unknown file type; expected .json, .jsonl, .json.gz, .jsonl.gz, .csv, .csv.gz, .parquet or a "
+            "studio database (.sqlite, .db)",
             file=str(path),
         )
     count = 0
@@ -116,12 +128,16 @@ def count_records(source: str | Path, *, split: str = "train") -> int:
 
 
 def _read_bytes(path: Path) -> bytes:
+    compressed = str(path).lower().endswith(".gz")
     try:
-        if str(path).lower().endswith(".gz"):
+        if compressed:
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError; a bad body is a zlib.error
+        if compressed and not isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise AlignlabError(f"the gzip file is corrupt or cut short ({type(error).__name__}: {error}); "
+                                "download or compress it again", file=str(path)) from error
         raise AlignlabError(f"could not read the file: {error}", file=str(path)) from error
 
 

@@ -327,6 +327,9 @@ def inspect_preference_file(
         lines.append(f"... {len(records) - n} more records")
         lines.append("")
     lines.append(report.summary())
+    from alignlab.data.hygiene import check_hygiene
+
+    lines.append(check_hygiene(records)[2].summary())
     return "\n".join(lines)
 
 

@@ -222,7 +222,7 @@ class Context:
         the trainer's checkpoints (``curve_points`` of them, saved by the method's stage), or rejection
         sampling's earlier rounds."""
         from alignlab.config import DPOConfig, PPOConfig
-        from alignlab.train.loop import list_checkpoints, run_config
+        from alignlab.train.checkpoints import list_checkpoints, run_config
         from alignlab.train.policy import policy_from_checkpoint
 
         trained, c = self.result(method), self.cfg

@@ -9,12 +9,10 @@ checkpoint semantics changed between versions; ours are small enough to read and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,11 +24,19 @@ import numpy as np
 import psutil
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from alignlab.config import TrainConfig, config_to_dict
 from alignlab.errors import AlignlabError
 from alignlab.models import resolve_precision
+from alignlab.train.checkpoints import (
+    find_valid_checkpoint,
+    list_checkpoints,
+    load_trainable_weights,
+    rng_state,
+    set_rng_state,
+    verify_checkpoint,
+    write_checkpoint,
+)
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -214,12 +220,14 @@ class Run:
         self.started = time.time()
         self._bar: Any = None
         self._tb: Any = None
+        self._lock: Any = None
+        self._undo: Any = None
         if self.engine == "DEEPSPEED" and getattr(cfg, "max_tokens", 0):
             # DeepSpeed steps its optimizer inside every backward: a micro-batch must be one forward
             self.print(f"note: max_tokens={cfg.max_tokens} is off under DeepSpeed (one forward per micro-batch)")
             cfg.max_tokens = 0
+        self._open_folder()
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "checkpoints").mkdir(exist_ok=True)
             with open(self.out / "config.yaml", "w") as f:
                 yaml.safe_dump({"stage": stage, **config_to_dict(cfg)}, f, sort_keys=False)
@@ -232,6 +240,14 @@ class Run:
             raise AlignlabError("under DeepSpeed keep grad_accum=1 and raise batch_size instead", field="grad_accum")
         seed_everything(cfg.seed)
         self._install_signal_handlers()
+
+    def _open_folder(self) -> None:
+        """Lock the run folder and check it holds this run or none (:mod:`alignlab.train.run_folder`); the main
+        process decides and every process raises the same error, so no process is left waiting."""
+        from alignlab.train.run_folder import open_run_folder_everywhere
+
+        self._lock = open_run_folder_everywhere(self.cfg, self.stage, is_main=self.is_main,
+                                                world_size=self.world_size, note=self.print)
 
     @property
     def engine(self) -> str:
@@ -328,9 +344,48 @@ class Run:
             self.skipped_steps += 1
             self.print(f"step {step}: {what}; skipping this step ({self.skipped_steps} skipped so far)")
             return False
-        last = latest_checkpoint(self.out / "checkpoints")
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteError(f"{what} at step {step}; the run stops and {kept} (use on_nan=skip to skip)")
+        raise NonFiniteError(f"{what} at step {step}; the run stops: {self._last_finite()} (use on_nan=skip to skip "
+                             "such steps, or a smaller lr)")
+
+    def _last_finite(self) -> str:
+        """Names the newest whole checkpoint: only finite states are ever checkpointed (:meth:`save_checkpoint`)."""
+        last = find_valid_checkpoint(self.out / "checkpoints", warn=lambda *_: None)
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+
+    def count_nonfinite(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """How many trainable tensors (and, given ``optimizer``, optimizer-state tensors) hold a NaN or inf, summed
+        over processes (so every process takes the same decision, sharded engines included)."""
+        tensors = [p.detach() for p in model.parameters() if p.requires_grad]
+        if optimizer is not None:
+            state = getattr(optimizer, "optimizer", optimizer).state
+            tensors += [v for per_param in state.values() for v in per_param.values()
+                        if torch.is_tensor(v) and v.is_floating_point()]
+        flags = [~torch.isfinite(t).all() for t in tensors if t.numel()]
+        bad = int(torch.stack(flags).sum()) if flags else 0
+        return int(self.all_reduce_sum(bad))
+
+    def _remember(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """With ``on_nan=skip``: a copy of the trainable weights and the optimizer state, to undo a step whose
+        update leaves them non-finite."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._undo = (
+            [(p, p.detach().clone()) for p in params],
+            {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in inner.state[p].items()}
+             for p in params if p in inner.state},
+        )
+
+    @torch.no_grad()
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        weights, state = self._undo
+        for p, saved in weights:
+            p.copy_(saved)
+            if p in state:
+                inner.state[p] = state[p]
+            else:
+                inner.state.pop(p, None)
+        self._undo = None
 
     def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                        step: int) -> float | None:
@@ -344,7 +399,21 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
             if not self._nonfinite(f"gradient norm is {norm_value}", step):
                 return None
+        if self.cfg.on_nan == "skip":
+            self._remember(model, optimizer)
         optimizer.step()
+        # finite loss and gradients can still make non-finite weights (a huge lr, an overflow in the update):
+        # checked after every step, so no later step or checkpoint builds on them
+        bad = self.count_nonfinite(model)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            if self.cfg.on_nan == "skip":
+                self._restore(optimizer)
+            self._nonfinite(f"the update left {bad} weight tensor(s) non-finite", step)
+            if self.cfg.on_nan == "skip":
+                self.print("  (the weights and optimizer state before the step are restored)")
+            return None
+        self._undo = None
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return norm_value
@@ -382,6 +451,10 @@ class Run:
         """Write ``checkpoints/step-N`` atomically: trainable weights (safetensors), optimizer, scheduler,
         RNG states, ``extra`` (trainer state such as a KL controller) and a manifest of checksums."""
         self.accelerator.wait_for_everyone()
+        bad = self.count_nonfinite(model, optimizer)
+        if bad:  # never write a checkpoint a resume would build on, nor name it "last good"
+            raise NonFiniteError(f"step {step + 1}: {bad} weight or optimizer-state tensor(s) are non-finite, so no "
+                                 f"checkpoint is written; {self._last_finite()}")
         path = None
         weights = self._trainable_weights(model)
         if self.is_main and weights is not None:
@@ -415,13 +488,18 @@ class Run:
         if self.cfg.resume == "never":
             self._truncate_logs(0)  # a fresh run in a used output_dir: its logs start empty, not appended
             return 0, {}
-        if self.shards_weights and (self.cfg.resume != "auto" or list_checkpoints(self.out / "checkpoints")):
+        explicit_path = self.cfg.resume not in ("auto", "latest")
+        if self.shards_weights and (explicit_path or list_checkpoints(self.out / "checkpoints")):
             # the checkpoint holds full weights and the main process's optimizer state, which sharded
             # optimizers cannot load; stated here rather than resuming into a wrong state
             raise AlignlabError(f"resuming under {self.engine} is not supported yet: start a new output_dir, or "
                                 "resume with DDP (examples/accelerate/ddp.yaml)", field="resume")
-        if self.cfg.resume == "auto":
+        if not explicit_path:
             found = find_valid_checkpoint(self.out / "checkpoints", warn=self.print)
+            if found is None and list_checkpoints(self.out / "checkpoints"):
+                raise AlignlabError("every checkpoint in this folder is unusable (see the warnings above), so the "
+                                    "run cannot resume; to start afresh pass --overwrite true (or resume=never)",
+                                    file=str(self.out / "checkpoints"))
             if found is None:
                 self._truncate_logs(0)
                 return 0, {}
@@ -432,6 +510,10 @@ class Run:
                 raise AlignlabError(f"cannot resume: {problem}", file=str(found))
         load_trainable_weights(self.accelerator.unwrap_model(model), found)
         optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if self.count_nonfinite(model, optimizer):
+            raise AlignlabError("the checkpoint holds non-finite weights or optimizer state (a run that diverged), "
+                                "so it is not resumed; resume from an earlier one (resume=PATH) or start afresh "
+                                "(--overwrite true)", file=str(found))
         state = torch.load(found / "state.pt", weights_only=True)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -449,8 +531,17 @@ class Run:
             path = self.out / name
             if not path.exists():
                 continue
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept, unreadable = [], 0
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:  # a line cut short when a run was killed mid-write
+                    record = None
+                    unreadable += 1
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line + "\n")
+            if unreadable:
+                self.print(f"note: {path}: dropped {unreadable} unreadable line(s) (cut short when a run stopped)")
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
@@ -501,140 +592,11 @@ class Run:
         return psutil.Process().memory_info().rss / 2**20
 
     def close(self) -> None:
+        """Close the progress bar and logs, and release the run folder's lock."""
         if self._bar is not None:
             self._bar.close()
         if self._tb:
             self._tb.close()
-
-
-# --------------------------------------------------------------------------------------------- checkpoint files
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random stream, in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
-                     state: dict, *, keep: int = 2) -> Path:
-    """Write ``root/step-N`` via a temporary folder and a rename, with ``manifest.json`` (checksums) written
-    last, so a reader sees either a whole checkpoint or none. Keeps the ``keep`` newest."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(state, tmp / "state.pt")
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    manifest = tmp / "manifest.json"
-    with open(manifest, "w") as f:
-        json.dump({"step": step, "files": files}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_trainable_weights(model: torch.nn.Module, checkpoint: Path, prefix: str = "") -> None:
-    """Load a checkpoint's ``trainable.safetensors`` into ``model``, whose trainable parameters it must hold,
-    all and only them (a clear error naming the checkpoint otherwise). ``prefix``: the model's name inside the
-    module that was trained (PPO saves its policy as ``policy.`` beside the value head); other weights are left
-    out."""
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
-    if prefix:
-        weights = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        _, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shapes differ (e.g. another LoRA rank)
-        raise AlignlabError(f"the checkpoint does not fit this model: {e}", file=str(checkpoint)) from e
-    if unexpected or not weights or trainable - set(weights):
-        raise AlignlabError(f"the checkpoint does not fit this model (unexpected {sorted(unexpected)[:3]}, missing "
-                            f"{sorted(trainable - set(weights))[:3]})", file=str(checkpoint))
-
-
-def run_config(run_dir: str | Path, cls: type) -> Any:
-    """The config (of dataclass ``cls``) a run was trained with, read back from its ``config.yaml``."""
-    from alignlab.config import build_config
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise AlignlabError("no config.yaml: not a run folder", file=str(path))
-    values = yaml.safe_load(path.read_text()) or {}
-    values.pop("stage", None)
-    return build_config(cls, overrides=values)
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders under ``root``, oldest first."""
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when the checkpoint is whole; otherwise what is wrong with it."""
-    manifest = path / "manifest.json"
-    if not manifest.exists():
-        return "no manifest.json (the checkpoint was not finished)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable manifest.json ({e})"
-    for name, digest in files.items():
-        f = path / name
-        if not f.exists():
-            return f"{name} is missing"
-        if _sha256(f) != digest:
-            return f"{name} is corrupted (checksum mismatch)"
-    return None
-
-
-def find_valid_checkpoint(root: Path, warn: Callable[..., Any] = print) -> Path | None:
-    """The newest checkpoint that verifies; corrupted newer ones are reported and passed over."""
-    for path in reversed(list_checkpoints(root)):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        warn(f"warning: checkpoint {path} is unusable: {problem}; trying the previous one")
-    return None
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint folder (without verifying it)."""
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -12,7 +12,7 @@ import torch
 
 from alignlab.errors import AlignlabError
 from alignlab.models import add_lora, is_peft, load_model
-from alignlab.train.loop import load_trainable_weights, verify_checkpoint
+from alignlab.train.checkpoints import load_trainable_weights, verify_checkpoint
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:

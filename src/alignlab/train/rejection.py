@@ -35,6 +35,7 @@ from alignlab.errors import AlignlabError
 from alignlab.generation import Sample, Sampler, SamplingConfig, check_backend, make_sampler
 from alignlab.models import load_model, load_tokenizer, resolve_model, resolve_precision
 from alignlab.tasks.loading import load_prompts
+from alignlab.train.run_folder import open_run_folder_everywhere
 
 # ----------------------------------------------------------------------------------------------- selection
 
@@ -320,13 +321,26 @@ def run_rs(cfg: RSConfig) -> Path:
     """``alignlab rs``: R rounds of sample -> score -> select -> SFT; finished rounds are reused. Under
     ``torchrun``/``accelerate launch`` the sampling is shared out and the SFT is data-parallel (module
     docstring); only the main process writes files and runs the held-out evaluation."""
-    from alignlab.train.sft import train_sft
-
     check_backend(cfg.backend)
     state = _processes()
     say = print if state.is_main_process else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the folder's identity and lock (as a trainer's run folder): finished rounds are reused only by the same run
+    lock = open_run_folder_everywhere(cfg, "rs", is_main=state.is_main_process, world_size=state.num_processes,
+                                      note=say, parts=RS_PARTS)
+    try:
+        return _run_rs_rounds(cfg, state, say, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+RS_PARTS = ("round-*", "start_eval.json", "rounds.json")  # rejection sampling's own outputs in its folder
+
+
+def _run_rs_rounds(cfg: RSConfig, state: Any, say: Any, out: Path) -> Path:
+    from alignlab.train.sft import train_sft
+
     prompts = _prompts(cfg)
     scorer = _scorer(cfg)
     policy = cfg.model

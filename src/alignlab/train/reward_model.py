@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from alignlab.config import RewardConfig, parse_columns
+from alignlab.data.hygiene import check_hygiene
 from alignlab.data.preference import PreferenceRecord, expand_to_pairs, load_preferences
 from alignlab.data.templates import require_chat_template
 from alignlab.data.tokenize import encode_prompt_completion
@@ -476,6 +477,8 @@ def load_reward_data(cfg: RewardConfig, tokenizer: Any, run: Run) -> tuple[list[
         run.print("eval: " + eval_report.summary())
     else:
         train_records, eval_records = split_by_record(records, cfg.eval_fraction, cfg.seed)
+    train_records, eval_records, hygiene = check_hygiene(train_records, eval_records, dedupe=cfg.dedupe)
+    run.print(hygiene.summary())
     if cfg.expand_pairs:  # the held-out set keeps its rankings, so both ways are measured alike
         train_records = expand_to_pairs(train_records)
     encode = dict(template=cfg.template, max_length=cfg.max_length, truncation=cfg.truncation,

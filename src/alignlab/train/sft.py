@@ -18,6 +18,7 @@ import torch
 
 from alignlab.config import SFTConfig, parse_columns
 from alignlab.data.formats import load_sft_dataset
+from alignlab.data.hygiene import check_hygiene
 from alignlab.data.tokenize import IGNORE_INDEX, SHARED_PREFIX_MIN, TokenizedExample
 from alignlab.models import count_parameters, load_tokenizer
 from alignlab.train.forward import (
@@ -94,6 +95,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         run.print("eval: " + eval_report.summary())
     else:
         train_set, eval_set = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    train_set, eval_set, hygiene = check_hygiene(train_set, eval_set, dedupe=cfg.dedupe)
+    run.print(hygiene.summary())
     lengths = [len(e.input_ids) for e in train_set]
 
     # -- model, optimizer, plan -----------------------------------------------------------------------
