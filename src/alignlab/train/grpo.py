@@ -49,8 +49,9 @@ from alignlab.losses.grpo import (
 from alignlab.losses.ppo import kl_penalty
 from alignlab.models import count_parameters, disable_dropout, load_tokenizer, resolve_model, resolve_precision
 from alignlab.scoring import Scorer
+from alignlab.train.checkpoints import latest_checkpoint
 from alignlab.train.forward import SegmentPlan, shared_prompt_layout
-from alignlab.train.loop import Run, latest_checkpoint
+from alignlab.train.loop import Run
 from alignlab.train.policy import prepare_policy
 from alignlab.train.rollout import (
     PromptSets,
