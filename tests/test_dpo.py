@@ -13,7 +13,7 @@ import torch
 
 import alignlab.train.dpo as dpo
 from alignlab.config import DPOConfig
-from alignlab.data.preference import PreferenceRecord
+from alignlab.data.preference import PreferenceRecord, expand_to_pairs
 from alignlab.data.tokenize import LONGER_THAN_MAX_LENGTH, PROMPT_FILLS_MAX_LENGTH, encode_prompt_completion
 from alignlab.errors import AlignlabError
 from alignlab.models import load_model, load_tokenizer, save_model
@@ -404,11 +404,11 @@ def test_unfinished_responses_are_trained_without_eos(tmp_path):
     ranking = PreferenceRecord("Hi.", [" It was great and", " It was fine.", " It was awful and"], record=1,
                                unfinished=[True, False, True])
     cfg = _cfg(tmp_path, "x", template="none")
-    pairs, _ = dpo.prepare_pairs(dpo.expand_to_pairs([ranking]), tokenizer, cfg)
+    pairs, _ = dpo.prepare_pairs(expand_to_pairs([ranking]), tokenizer, cfg)
     assert [(p.chosen_ids[-1] == eos, p.rejected_ids[-1] == eos) for p in pairs] == [
         (False, True), (False, False), (True, False)
     ]  # fmt: skip
-    plain, _ = dpo.prepare_pairs(dpo.expand_to_pairs([PreferenceRecord("Hi.", ranking.responses, record=1)]),
+    plain, _ = dpo.prepare_pairs(expand_to_pairs([PreferenceRecord("Hi.", ranking.responses, record=1)]),
                                  tokenizer, cfg)
     assert pairs[0].chosen_ids == plain[0].chosen_ids[:-1] and pairs[2].chosen_ids == plain[2].chosen_ids
     feedback, _ = dpo.prepare_feedback(dpo.unpair([ranking]), tokenizer, cfg)
