@@ -40,12 +40,12 @@ STAGES: dict[str, Stage] = {
              "alignlab.config:GRPOConfig", "alignlab.train.grpo:train_grpo"),
     # stages: rejection sampling / best-of-n
     "bon": ("best-of-n: sample n answers per prompt, keep the best by reward, with the KL and reward curve",
-            "alignlab.train.rejection:BoNConfig", "alignlab.train.rejection:run_bon"),
+            "alignlab.config:BoNConfig", "alignlab.train.rejection:run_bon"),
     "rs": ("rejection-sampling fine-tuning: sample, keep the best, fine-tune, repeat",
-           "alignlab.train.rejection:RSConfig", "alignlab.train.rejection:run_rs"),
+           "alignlab.config:RSConfig", "alignlab.train.rejection:run_rs"),
     # stages: lab
     "lab run": ("run the lab: the whole pipeline on one task, every method compared, report.md/html",
-                "alignlab.lab.pipeline:LabConfig", "alignlab.lab.pipeline:run_lab"),
+                "alignlab.config:LabConfig", "alignlab.lab.pipeline:run_lab"),
 }
 
 
