@@ -200,3 +200,23 @@ def test_cli_export_writes_each_format_and_filters(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"prompt": "q", "completion": "z"}
     assert main(["studio", "--db", str(tmp_path / "none.sqlite"), "--export", "trl"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["rm_ppo", "rm_grpo"])
+def test_reward_model_jobs_train_from_the_database(tmp_path, kind):
+    """The page's reward-model jobs: each stage's command runs as given on the tiny model, reading the rankings
+    straight from the database, and the last stage writes the model the A/B round compares."""
+    from alignlab.cli import main
+    from alignlab.studio.jobs import JOB_KINDS, JobSettings
+
+    db = _db(tmp_path, n_items=4, k=3)
+    for item in range(1, 5):
+        db.judge(item, "ann", [1, 2, 3])
+    stages = JOB_KINDS[kind][1](JobSettings(model="tiny-random", db=db.path, steps=2, lr=1e-3, batch_size=4,
+                                            max_new_tokens=8), tmp_path / "run")
+    assert [st.name for st in stages] == ["reward model", kind.split("_")[1]]
+    for stage in stages:
+        assert main(stage.argv) == 0, stage.argv
+        steps = [json.loads(line)["step"] for line in (stage.output_dir / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == stage.total
+    assert (stages[-1].output_dir / "final" / "config.json").exists()

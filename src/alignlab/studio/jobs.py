@@ -2,7 +2,7 @@
 background process, each writing its own run folder; progress is read from the folders' ``metrics.jsonl``.
 
 A job kind is an entry of :data:`JOB_KINDS`: a title and a function that turns the settings into stages. A new
-method (GRPO, say) is one more entry whose last stage writes the model that the A/B round compares.
+method is one more entry whose last stage writes the model that the A/B round compares.
 """
 
 from __future__ import annotations
@@ -52,12 +52,16 @@ def _dpo(s: JobSettings, run: Path) -> list[Stage]:
                           "--eval-fraction", "0", "--progress", "false", "--resume", "never"], out, s.steps)]
 
 
+def _reward_model_stage(s: JobSettings, rm: Path) -> Stage:
+    return Stage("reward model", ["rm", "train", "--model", s.model, "--data", str(s.db), "--output-dir", str(rm),
+                                  "--max-steps", str(s.steps), "--batch-size", str(s.batch_size),
+                                  "--eval-fraction", "0", "--progress", "false", "--resume", "never"], rm, s.steps)
+
+
 def _rm_ppo(s: JobSettings, run: Path) -> list[Stage]:
     rm, ppo = run / "rm", run / "ppo"
     return [
-        Stage("reward model", ["rm", "train", "--model", s.model, "--data", str(s.db), "--output-dir", str(rm),
-                               "--max-steps", str(s.steps), "--batch-size", str(s.batch_size),
-                               "--eval-fraction", "0", "--progress", "false", "--resume", "never"], rm, s.steps),
+        _reward_model_stage(s, rm),
         Stage("ppo", ["ppo", "--policy", s.model, "--reward-model", str(rm / "final"), "--prompts", str(s.db),
                       "--output-dir", str(ppo), "--iterations", str(s.steps), "--lr", str(s.lr),
                       "--batch-size", str(s.batch_size), "--max-new-tokens", str(s.max_new_tokens),
@@ -65,10 +69,24 @@ def _rm_ppo(s: JobSettings, run: Path) -> list[Stage]:
     ]
 
 
+def _rm_grpo(s: JobSettings, run: Path) -> list[Stage]:
+    rm, grpo = run / "rm", run / "grpo"
+    group = 4  # completions per prompt: the group baseline GRPO compares each answer with
+    return [
+        _reward_model_stage(s, rm),
+        Stage("grpo", ["grpo", "--model", s.model, "--reward-model", str(rm / "final"), "--prompts", str(s.db),
+                       "--output-dir", str(grpo), "--iterations", str(s.steps), "--lr", str(s.lr),
+                       "--group-size", str(group), "--prompts-per-iteration", str(max(1, s.batch_size // group)),
+                       "--batch-size", str(s.batch_size), "--max-new-tokens", str(s.max_new_tokens),
+                       "--eval-fraction", "0", "--progress", "false", "--resume", "never"], grpo, s.steps),
+    ]
+
+
 # kind -> (title shown on the page, stages); the last stage's output_dir/final is the trained model
 JOB_KINDS: dict[str, tuple[str, Callable[[JobSettings, Path], list[Stage]]]] = {
     "dpo": ("DPO on the rankings", _dpo),
     "rm_ppo": ("reward model, then PPO against it", _rm_ppo),
+    "rm_grpo": ("reward model, then GRPO against it (no value model)", _rm_grpo),
 }
 
 
