@@ -4,11 +4,10 @@ iteration (generate, score, update), its tokens the generated ones."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from alignlab.bench.measure import clock_seconds, meta_params, stamped_run, step_clock, trainer_params
-from alignlab.bench.ppo import _Quiet, trl_prompt, trl_reward
+from alignlab.bench.ppo import _Quiet, timed_rollouts, trl_prompt, trl_reward
 from alignlab.bench.registry import BenchSpec
 from alignlab.bench.runners import ours_config, ours_settings, raw_result, trl_args, trl_settings
 from alignlab.errors import AlignlabError
@@ -110,32 +109,7 @@ def trl_grpo(spec: BenchSpec) -> dict[str, Any]:
     rows = [{"prompt": trl_prompt(prompts[i], tokenizer, cfg)} for i in chosen]
     scores: list[float] = []
 
-    class MeasuredGRPOTrainer(GRPOTrainer):
-        def __init__(self, *args: Any, **kw: Any) -> None:
-            super().__init__(*args, **kw)
-            self.bench_rollouts: list[dict[str, float]] = []
-            self.bench_split = {"generation": 0.0, "scoring": 0.0}
-
-        def _generate(self, prompts: list[Any]) -> Any:
-            t = time.perf_counter()
-            out = super()._generate(prompts)
-            self.bench_split["generation"] += time.perf_counter() - t
-            return out
-
-        def _calculate_rewards(self, *args: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            out = super()._calculate_rewards(*args, **kw)
-            self.bench_split["scoring"] += time.perf_counter() - t
-            return out
-
-        def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
-            self.bench_split = {"generation": 0.0, "scoring": 0.0}
-            t = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
-            self.bench_rollouts.append({"seconds": time.perf_counter() - t,
-                                        "tokens": float(out["completion_mask"].sum()), "completions": len(inputs),
-                                        **self.bench_split})
-            return out
+    MeasuredGRPOTrainer = timed_rollouts(GRPOTrainer)
 
     args = GRPOConfig(**trl_args(
         spec, matched=dict(num_iterations=1, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="grpo",

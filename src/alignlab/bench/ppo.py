@@ -113,6 +113,44 @@ def trl_prompt(prompt: Any, tokenizer: Any, cfg: Any) -> Any:
     raise AlignlabError(f"bench ppo gives TRL chat or plain-text prompts only (this one renders as {template})")
 
 
+def timed_rollouts(trainer_cls: type, extra: Callable[[Any, float, list[Any]], dict[str, float]] | None = None
+                   ) -> type:
+    """A subclass of a TRL online trainer (``RLOOTrainer``, ``GRPOTrainer``) that records every rollout in
+    ``bench_rollouts``: its seconds, generated tokens, completions, the generation/scoring split, and
+    ``extra(trainer, tokens, inputs)``. TRL's own code runs unchanged; only its three rollout methods are timed."""
+
+    class Timed(trainer_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.bench_rollouts: list[dict[str, float]] = []
+            self.bench_split = {"generation": 0.0, "scoring": 0.0}
+
+        def _generate(self, prompts: list[Any]) -> Any:
+            t = time.perf_counter()
+            out = super()._generate(prompts)
+            self.bench_split["generation"] += time.perf_counter() - t
+            return out
+
+        def _calculate_rewards(self, *args: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            out = super()._calculate_rewards(*args, **kw)
+            self.bench_split["scoring"] += time.perf_counter() - t
+            return out
+
+        def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+            self.bench_split = {"generation": 0.0, "scoring": 0.0}
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            tokens = float(out["completion_mask"].sum())
+            self.bench_rollouts.append({"seconds": time.perf_counter() - t, "tokens": tokens,
+                                        "completions": len(inputs), **(extra(self, tokens, inputs) if extra else {}),
+                                        **self.bench_split})
+            return out
+
+    Timed.__name__ = f"Measured{trainer_cls.__name__}"
+    return Timed
+
+
 def trl_ppo(spec: BenchSpec) -> dict[str, Any]:
     """``trl.RLOOTrainer`` (REINFORCE leave-one-out: TRL's online-RL trainer nearest to PPO) with the same reward
     function, prompts, responses per iteration (``batch_size``) and generation length.
@@ -142,33 +180,11 @@ def trl_ppo(spec: BenchSpec) -> dict[str, Any]:
     rows = [{"prompt": trl_prompt(prompts[i], tokenizer, cfg)} for i in chosen]
     scores: list[float] = []
 
-    class MeasuredRLOOTrainer(RLOOTrainer):
-        def __init__(self, *args: Any, **kw: Any) -> None:
-            super().__init__(*args, **kw)
-            self.bench_rollouts: list[dict[str, float]] = []
-            self.bench_split = {"generation": 0.0, "scoring": 0.0}
+    def kl_per_completion(trainer: Any, tokens: float, inputs: list[Any]) -> dict[str, float]:
+        kl = trainer._metrics["train"]["kl"][-1] * tokens / len(inputs) if trainer.beta else 0.0
+        return {"kl": kl}
 
-        def _generate(self, prompts: list[Any]) -> Any:
-            t = time.perf_counter()
-            out = super()._generate(prompts)
-            self.bench_split["generation"] += time.perf_counter() - t
-            return out
-
-        def _calculate_rewards(self, *args: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            out = super()._calculate_rewards(*args, **kw)
-            self.bench_split["scoring"] += time.perf_counter() - t
-            return out
-
-        def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
-            self.bench_split = {"generation": 0.0, "scoring": 0.0}
-            t = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
-            tokens = float(out["completion_mask"].sum())
-            kl = self._metrics["train"]["kl"][-1] * tokens / len(inputs) if self.beta else 0.0  # per completion
-            self.bench_rollouts.append({"seconds": time.perf_counter() - t, "tokens": tokens, "kl": kl,
-                                        "completions": len(inputs), **self.bench_split})
-            return out
+    MeasuredRLOOTrainer = timed_rollouts(RLOOTrainer, kl_per_completion)
 
     args = RLOOConfig(**trl_args(
         spec, matched=dict(num_iterations=epochs, temperature=1.0, top_p=1.0, top_k=0, beta=0.05,

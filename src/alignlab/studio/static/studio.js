@@ -182,7 +182,7 @@ async function submit() {
       item: item.id, labeller: state.labeller, tiers, all_bad: state.allBad, better: $("better").value,
     });
     store.removeItem(draftKey(item.id));
-    state.item = null;
+    showItem(null);  // the judged item leaves the page at once: keys pressed before the next one arrives do nothing
     showProgress(data.counts);
     await nextItem();
   } catch (error) {
@@ -422,7 +422,7 @@ function init() {
     if (!name) { $("labeller").value = state.labeller; return; }
     state.labeller = name;
     store.setItem("alignlab-studio:labeller", name);
-    state.item = null;
+    showItem(null);  // the judged item leaves the page at once: keys pressed before the next one arrives do nothing
     nextItem(); refresh();
   });
   for (const button of document.querySelectorAll("nav button")) {
