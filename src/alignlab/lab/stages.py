@@ -293,18 +293,25 @@ class Context:
                                                          "batch_size": min(c.batch_size, c.ppo_rollout),
                                                          **self.checkpointing(c.ppo_iterations)})
         run = train_ppo(cfg)
-        metrics = [m for m in _read_jsonl(run / "metrics.jsonl") if "kl" in m and "score" in m]
-        rollouts = [r for r in _read_jsonl(run / "samples.jsonl") if r.get("split") == "train"]
-        curve = []
-        for m in metrics:  # gold along training, from the rollouts the policy actually produced
-            rows = [r for r in rollouts if r["step"] == m["step"]]
-            if rows:
-                gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
-                curve.append({"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
-                              "kl": m["kl"], "length": m.get("response_length")})
         return {"model": str(run / "final"), "optimizer_steps": c.ppo_iterations * self.ppo_steps_per_iteration,
                 "samples": c.ppo_iterations * c.ppo_rollout,
-                "curve": curve}
+                "curve": self.rollout_curve(run)}
+
+    def rollout_curve(self, run: Path) -> list[dict[str, Any]]:
+        """Gold along an online method's training, from the rollouts the policy actually produced (its
+        ``samples.jsonl``), beside each iteration's proxy score, KL and length (and groups dropped, for GRPO)."""
+        rollouts = [r for r in _read_jsonl(run / "samples.jsonl") if r.get("split") == "train"]
+        curve = []
+        for m in _read_jsonl(run / "metrics.jsonl"):
+            rows = [r for r in rollouts if r["step"] == m["step"]]
+            if "score" in m and rows:
+                gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
+                point = {"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
+                         "kl": m.get("kl", 0.0), "length": m.get("response_length")}
+                if "dropped_groups" in m:
+                    point["dropped_groups"] = m["dropped_groups"]
+                curve.append(point)
+        return curve
 
     def grpo(self, folder: Path, advantage: str) -> dict[str, Any]:
         """GRPO or RLOO (``alignlab grpo``): PPO's prompts and rollout size, ``grpo_group_size`` responses per
@@ -323,19 +330,10 @@ class Context:
                          **{**self.train_common(folder), "batch_size": min(c.batch_size, c.ppo_rollout),
                             **self.checkpointing(c.grpo_iterations)})
         run = train_grpo(cfg)
-        metrics = [m for m in _read_jsonl(run / "metrics.jsonl") if "score" in m]
-        rollouts = [r for r in _read_jsonl(run / "samples.jsonl") if r.get("split") == "train"]
-        curve = []
-        for m in metrics:  # gold along training, from the rollouts the policy actually produced
-            rows = [r for r in rollouts if r["step"] == m["step"]]
-            if rows:
-                gold = self.task.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
-                curve.append({"iteration": m["step"], "gold": sum(gold) / len(gold), "proxy": m["score"],
-                              "kl": m.get("kl", 0.0), "length": m.get("response_length"),
-                              "dropped_groups": m.get("dropped_groups")})
+        dropped = sum(m.get("dropped_groups", 0) for m in _read_jsonl(run / "metrics.jsonl") if "score" in m)
         return {"model": str(run / "final"), "optimizer_steps": c.grpo_iterations * self.grpo_steps_per_iteration,
                 "samples": c.grpo_iterations * cfg.prompts_per_iteration * c.grpo_group_size,
-                "dropped_groups": sum(m.get("dropped_groups", 0) for m in metrics), "curve": curve}
+                "dropped_groups": dropped, "curve": self.rollout_curve(run)}
 
     def dpo(self, folder: Path, loss: str) -> dict[str, Any]:
         from alignlab.config import DPOConfig
