@@ -442,9 +442,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                 ok = run.check_finite(loss, step) and ok
                 run.accelerator.backward(loss)
             add_to_sums(sums, terms, nll_weight)
-        grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
-        if not ok:
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(model, optimizer, scheduler, step, finite_loss=ok)
 
         # -- log, evaluate, checkpoint ------------------------------------------------------------------
         seconds = time.perf_counter() - t0

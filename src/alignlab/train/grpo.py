@@ -266,9 +266,7 @@ def grpo_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, ro: Grou
             for j, part in enumerate(micro):
                 ok = grpo_micro_batch(model, ro, part, total, pad, cfg, run, sums, iteration,
                                       last=j == len(micro) - 1, layout=layout) and ok
-            norm = run.optimizer_step(model, optimizer, scheduler, iteration) if ok else None
-            if not ok:
-                optimizer.zero_grad(set_to_none=True)
+            norm = run.optimizer_step(model, optimizer, scheduler, iteration, finite_loss=ok)
             if norm is not None:
                 norms.append(norm)
     return sums, norms

@@ -388,9 +388,13 @@ class Run:
         self._undo = None
 
     def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                       step: int) -> float | None:
+                       step: int, finite_loss: bool = True) -> float | None:
         """Clip, check the gradients are finite, step, zero. Returns the gradient norm, or None when the step
-        was skipped for a non-finite gradient."""
+        was skipped: for a non-finite gradient, or because a micro-batch's loss was not finite (``finite_loss``
+        False, from :meth:`check_finite` with ``on_nan=skip``: the gradients are dropped, nothing steps)."""
+        if not finite_loss:
+            optimizer.zero_grad(set_to_none=True)
+            return None
         params = [p for p in model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(params, max_norm)

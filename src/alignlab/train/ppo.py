@@ -366,9 +366,7 @@ def ppo_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, ro: Rollo
             for j, rows in enumerate(micro):
                 ok = update_micro_batch(model, ro, rows.tolist(), minibatch_tokens, pad, cfg, run, sums, iteration,
                                         last=j == len(micro) - 1, layout=layout) and ok
-            norm = run.optimizer_step(model, optimizer, scheduler, iteration) if ok else None
-            if not ok:
-                optimizer.zero_grad(set_to_none=True)
+            norm = run.optimizer_step(model, optimizer, scheduler, iteration, finite_loss=ok)
             if norm is not None:
                 grad_norms.append(norm)
     return sums, grad_norms

@@ -569,9 +569,7 @@ def train_reward(cfg: RewardConfig) -> Path:
         global_responses = sum(len(train_set[i].sequences) for i in plan[step])
         mine = micro_batches(plan[step], lengths, cfg, run.rank, run.world_size, sizes)
         sums, ok = reward_step(model, train_set, mine, global_prompts, global_responses, pad, layout, cfg, run, step)
-        grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
-        if not ok:
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(model, optimizer, scheduler, step, finite_loss=ok)
         seconds = time.perf_counter() - t0
         metrics = reward_metrics(sums, global_prompts, global_responses, cfg, run)
         metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], tokens_per_s=metrics["tokens"] / seconds,

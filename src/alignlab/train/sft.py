@@ -127,9 +127,7 @@ def train_sft(cfg: SFTConfig) -> Path:
                 run.accelerator.backward(loss)
             step_nll += float(nll.detach())
             step_tokens += tokens
-        grad_norm = run.optimizer_step(model, optimizer, scheduler, step) if ok else None
-        if not ok:
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(model, optimizer, scheduler, step, finite_loss=ok)
 
         # -- log, evaluate, checkpoint ------------------------------------------------------------------
         seconds = time.perf_counter() - t0
