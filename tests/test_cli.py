@@ -107,7 +107,7 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     assert [r["method"] for r in rows] == ["sft", "ppo", "ppo_nokl", "grpo", "rloo", "dpo", "ipo", "simpo", "rs",
                                           "bon"]
     assert "no value model" in rows[3]["models"] and "value" in rows[1]["models"]  # the critic GRPO does without
-    for png in ("frontier.png", "reward_hacking.png", "training.png", "costs.png"):
+    for png in ("frontier.png", "overoptimization.png", "training.png", "costs.png"):
         assert (root / png).stat().st_size > 10_000
     html = (root / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
@@ -125,15 +125,27 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     by_round = ", ".join(f"{r['mean_score']:.2f}" for r in rs["rounds"])
     assert f"samples by round {by_round}, of the kept ones" in report
     # each trained method is also evaluated along training on the held-out prompts: its checkpoints (quick: 2 DPO
-    # steps, 2 PPO iterations of 2 steps each) or rejection sampling's first round, then its final model
+    # steps, 2 PPO iterations of 2 steps each; PPO at beta = 0 runs 3 and is checkpointed at each) or rejection
+    # sampling's first round, then its final model
     for method, steps in (("dpo", [1, 2]), ("ipo", [1, 2]), ("simpo", [1, 2]), ("ppo", [2, 4]),
-                          ("ppo_nokl", [2, 4]), ("rs", [2, 4])):
+                          ("ppo_nokl", [2, 4, 6]), ("rs", [2, 4])):
         final = json.loads((root / f"eval_{method}" / "stage.json").read_text())["result"]
         curve = final["curve"]
         assert [c["step"] for c in curve] == steps, method
         assert all(math.isfinite(c[k]) for c in curve for k in ("gold", "kl", "proxy", "fluency_nll"))
         assert curve[0]["gold"] != final["gold"] or curve[0]["kl"] != final["kl"], method  # another model
         assert f"{steps[0]}: {curve[0]['gold']:.3f} at {curve[0]['kl']:.2f}" in report
+    # Gao et al.'s view: the fitted forms per run and the verdicts, in the report and beside the summary
+    assert "## Reward hacking (overoptimization)" in report and "![overoptimization](overoptimization.png)" in report
+    over = json.loads((root / "overoptimization.json").read_text())
+    assert set(over["runs"]) == {"ppo", "ppo_nokl", "bon"}
+    nokl = over["runs"]["ppo_nokl"]["points"]  # the SFT model, 2 checkpoints, the end
+    assert len(nokl) == 4 and nokl[0]["d"] == 0.0
+    assert isinstance(over["gold_falls_while_proxy_rises"], bool) and isinstance(over["penalty_halves_kl"], bool)
+    assert ("Without the KL penalty the gold turns" if over["gold_falls_while_proxy_rises"]
+            else "this run does not show the fall") in report
+    assert f"ends at KL {over['penalized_kl']:.1f} nats" in report
+    assert json.loads((root / "ppo_nokl" / "stage.json").read_text())["result"]["samples"] == 3 * 8
     # a rerun reuses every stage
     before = (root / "sft" / "stage.json").stat().st_mtime_ns
     assert main(["demo", "--quick", "--output-root", str(tmp_path), "progress=false"]) == 0

@@ -141,5 +141,12 @@ def test_checkpoints_along_training_are_evenly_spaced_and_checked(tmp_path):
     assert settings(2, 24) == {"save_every": 8, "keep_checkpoints": 4}
     assert settings(2, 8)["save_every"] == 3 and settings(1, 24)["save_every"] == 12
     assert settings(0, 24)["save_every"] == 0  # final models only
+    # PPO at beta = 0 runs its own 24 iterations with 5 checkpoints: 4, 8, ..., 20, so its gold's peak and fall show
+    from alignlab.config import LabConfig
+
+    default = Context(cfg=LabConfig(), task=None, lab=None, train_prompts=[], eval_prompts=[])
+    assert (default.ppo_iterations("ppo_nokl"), default.curve_points("ppo_nokl")) == (24, 5)
+    assert (default.ppo_iterations("ppo"), default.curve_points("ppo")) == (8, 2)
+    assert default.checkpointing(24, default.curve_points("ppo_nokl")) == {"save_every": 4, "keep_checkpoints": 7}
     with pytest.raises(AlignlabError, match="curve_points"):
         run_lab(quick_config(curve_points=-1, output_root=str(tmp_path)))

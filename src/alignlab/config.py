@@ -682,6 +682,10 @@ class LabConfig(Checked):
     ppo_rollout: int = opt(48, "responses per PPO rollout", ge=1)
     ppo_lr: float = opt(1e-3, "PPO learning rate", gt=0)
     ppo_kl_coef: float = opt(0.05, "KL penalty coefficient of the 'ppo' method (ppo_nokl uses 0)", ge=0)
+    ppo_nokl_iterations: int = opt(24, "iterations of 'ppo_nokl' (PPO at beta = 0): 3x ppo_iterations, because the "
+                                   "penalized run levels off (11-13 nats in the demo) while the unpenalized one "
+                                   "needs the length to show the gold's fall while the proxy still rises "
+                                   "(reward hacking; at 24 it drifted to 59 nats)", ge=1)
     ppo_epochs: int = opt(2, "PPO passes over each rollout", ge=1)
     ppo_responses_per_prompt: int = opt(4, "PPO responses per prompt in a rollout (each prompt encoded once for "
                                         "them)", ge=1)
@@ -705,6 +709,9 @@ class LabConfig(Checked):
     curve_points: int = opt(2, "checkpoints along each method's training (evenly spaced, besides its end) evaluated "
                             "on the held-out prompts like the final models: the frontier plot's lines "
                             "(rejection sampling: the ends of its rounds); 0 = final models only", ge=0)
+    nokl_curve_points: int = opt(5, "checkpoints along ppo_nokl's training evaluated on the held-out prompts (in "
+                                 "place of curve_points): enough to see the gold's peak and its fall with their "
+                                 "intervals (the overoptimization plot); 0 = final model only", ge=0)
     progress: bool = opt(True, "show progress bars")
 
 
@@ -712,8 +719,7 @@ def quick_config(**overrides: Any) -> LabConfig:
     """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
     base = dict(name="quick", model="tiny-random", n_eval=8, n_train=8, max_new_tokens=8, sft_steps=3,
                 sft_lr=3e-3, k_annotate=3, rm_steps=3, rm_lr=3e-3, dpo_steps=2, dpo_lr=3e-3, ppo_iterations=2,
-                ppo_rollout=8, ppo_lr=3e-3, grpo_iterations=2, grpo_lr=3e-3, rs_n=3, rs_steps=2, rs_lr=3e-3, bon_n=4,
-                batch_size=8,
-                gen_batch_size=48, lora=False)
+                ppo_nokl_iterations=3, ppo_rollout=8, ppo_lr=3e-3, grpo_iterations=2, grpo_lr=3e-3, rs_n=3,
+                rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8, gen_batch_size=48, lora=False)
     base.update(overrides)
     return LabConfig(**base)  # type: ignore[arg-type]

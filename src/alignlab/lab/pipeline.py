@@ -5,10 +5,12 @@
                   annotators who see the gold score through Plackett-Luce noise)
                -> reward model (K-wise loss on those rankings)
                -> methods, each starting from the SFT model:
-                    ppo (KL penalty), ppo_nokl (beta = 0), grpo and rloo (critic-free, group baselines),
+                    ppo (KL penalty), ppo_nokl (beta = 0, longer: ppo_nokl_iterations, evaluated at
+                    nokl_curve_points checkpoints, to show overoptimization), grpo and rloo (critic-free),
                     dpo, ipo, simpo (the preference pairs),
                     rs (rejection sampling with the reward model, in rounds), bon (best-of-n at inference)
-               -> evaluation on held-out prompts -> report (markdown + self-contained html + plots)
+               -> evaluation on held-out prompts -> report (markdown + self-contained html + plots; reward
+                  hacking drawn as Gao et al. 2022 by lab/overoptimization.py)
 
 A task with a verifiable reward (``Task.reward``, e.g. arithmetic: the answer is checked) runs by default
 ppo, grpo, rloo, rs and bon, and those methods optimise the checked reward itself rather than the reward model
@@ -46,8 +48,9 @@ def run_lab(cfg: LabConfig) -> Path:
     task = load_task(cfg.task, prompts_file=cfg.prompts or None, n_eval=cfg.n_eval, seed=cfg.seed)
     if task.reward is not None and cfg.methods == ALL_METHODS:  # a checked reward: the RL methods and the samplers
         cfg.methods = list(VERIFIABLE_METHODS)
-    if cfg.curve_points < 0:
-        raise AlignlabError(f"curve_points must be >= 0, got {cfg.curve_points}", field="curve_points")
+    for points in ("curve_points", "nokl_curve_points"):
+        if getattr(cfg, points) < 0:
+            raise AlignlabError(f"{points} must be >= 0, got {getattr(cfg, points)}", field=points)
     if len(task.train_prompts) < cfg.n_train:
         raise AlignlabError(f"the task has {len(task.train_prompts)} training prompts, fewer than n_train="
                             f"{cfg.n_train}", field="n_train")
@@ -74,7 +77,8 @@ def run_lab(cfg: LabConfig) -> Path:
                    "epochs": cfg.grpo_epochs, "group_size": cfg.grpo_group_size, "beta": cfg.grpo_beta}
     method_params = {
         "ppo": {**ppo_params, "kl_coef": cfg.ppo_kl_coef},
-        "ppo_nokl": {**ppo_params, "kl_coef": 0.0},
+        # beta = 0 runs longer: the penalized run levels off, the unpenalized one needs the length to overoptimize
+        "ppo_nokl": {**ppo_params, "iterations": cfg.ppo_nokl_iterations, "kl_coef": 0.0},
         "grpo": {**grpo_params, "advantage": "grpo"},
         "rloo": {**grpo_params, "advantage": "rloo"},
         "dpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "beta": cfg.dpo_beta,
@@ -90,11 +94,11 @@ def run_lab(cfg: LabConfig) -> Path:
         if task.reward is not None and method not in PAIRWISE_METHODS:
             params["reward"] = "verifiable"  # trained on the task's checked reward, not the reward model
         if method in CHECKPOINTING_METHODS:  # the trainer keeps the checkpoints the evaluation along training reads
-            params["curve_points"] = cfg.curve_points
+            params["curve_points"] = ctx.curve_points(method)
         # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
         needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
         lab.stage(method, params, needs, ctx.method(method))
-        eval_params = {**params, "curve_points": cfg.curve_points} if method != "bon" else params
+        eval_params = {**params, "curve_points": ctx.curve_points(method)} if method != "bon" else params
         lab.stage(f"eval_{method}", eval_params, [method, "eval_sft"], ctx.evaluate_method(method))
     report = write_report(lab, task)
     print(f"[lab] report: {report} (and {report.with_suffix('.html')})")

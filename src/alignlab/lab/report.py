@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from alignlab.config import MODELS_IN_MEMORY  # noqa: E402
 from alignlab.lab.cache import Lab  # noqa: E402
+from alignlab.lab.overoptimization import Fit, analyze, json_safe  # noqa: E402
 from alignlab.tasks import Task  # noqa: E402
 
 LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "grpo": "GRPO", "rloo": "RLOO",
@@ -24,6 +26,7 @@ LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "grpo": "
 COLORS = {"sft": "#444444", "ppo": "#1f77b4", "ppo_nokl": "#d62728", "grpo": "#bcbd22", "rloo": "#e377c2",
           "dpo": "#2ca02c", "ipo": "#9467bd",
           "simpo": "#8c564b", "rs": "#ff7f0e", "bon": "#17becf"}
+TARGET_KL = 10.0  # nats: a method meets the target at no more KL than this
 
 
 def summary_rows(lab: Lab) -> list[dict[str, Any]]:
@@ -41,7 +44,7 @@ def summary_rows(lab: Lab) -> list[dict[str, Any]]:
             "method": method, "gold": ev["gold"], "gold_ci95": ev["gold_ci95"], "proxy": ev.get("proxy"),
             "kl": kl, "fluency_nll": fluency, "distinct_2": ev["distinct_2"],
             "win_rate": ev.get("win_rate", 0.5), "gap_closed": gap,
-            "meets_target": bool(method != "sft" and gap >= 0.5 and kl <= 10 and fluency <= sft_nll + 1.0),
+            "meets_target": bool(method != "sft" and gap >= 0.5 and kl <= TARGET_KL and fluency <= sft_nll + 1.0),
             "wall_s": trained["wall_s"], "peak_rss_mb": trained["peak_rss_mb"],
             "samples": trained.get("samples", trained.get("examples")),
             "optimizer_steps": trained.get("optimizer_steps"), "models": MODELS_IN_MEMORY.get(method, ""),
@@ -97,23 +100,60 @@ def plot_frontier(lab: Lab, rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_hacking(lab: Lab, path: Path) -> Path | None:
-    methods = [m for m in ("ppo", "ppo_nokl") if lab.results.get(m, {}).get("curve")]
-    if not methods:
+def _fit_line(ax: Any, fit: dict[str, Any], d_max: float, style: str, color: str, label: str) -> bool:
+    """Draw a fitted form (:class:`Fit` as a dict) from d = 0 to ``d_max``; False when the fit failed."""
+    if "error" in fit:
+        return False
+    form = Fit(**fit)
+    grid = [d_max * i / 100 for i in range(101)]
+    ax.plot(grid, [form(d) for d in grid], style, color=color, lw=1.8, label=label)
+    return True
+
+
+def plot_overoptimization(lab: Lab, analysis: dict[str, Any], path: Path) -> Path | None:
+    """Gao et al.'s picture: gains over the SFT model against d = sqrt(KL), gold solid and calibrated proxy
+    dashed, each run's points with its fitted form (RL for PPO, best-of-n for best-of-n); on the right the PPO
+    runs' training rollouts per iteration (thin)."""
+    runs = analysis["runs"]
+    if not runs:
         return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        curve = lab.results[method]["curve"]
-        it = [c["iteration"] for c in curve]
-        ax.plot(it, [c["proxy"] for c in curve], "o-", label="proxy (reward model)", color="#1f77b4")
-        ax.plot(it, [c["gold"] for c in curve], "s-", label="gold (simulated user)", color="#2ca02c")
-        ax2 = ax.twinx()
-        ax2.plot(it, [c["kl"] for c in curve], "^:", color="#d62728", label="KL (nats)")
-        ax2.set_ylabel("KL to reference", color="#d62728")
-        ax.set_xlabel("PPO iteration")
-        ax.set_ylabel("score on rollouts")
-        ax.set_title(LABELS[method])
-        ax.legend(fontsize=7, loc="upper left")
+    fig, (held, rollouts) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for run, fits in runs.items():
+        points, color = fits["points"], COLORS[run]
+        d = [p["d"] for p in points]
+        gold, proxy = [p["gold_gain"] for p in points], [p["proxy_gain"] for p in points]
+        ci = [p["gold_ci95"] if p["gold_ci95"] is not None else 0.0 for p in points]
+        marker = "s" if run == "bon" else "o"
+        held.errorbar(d, gold, yerr=ci, fmt=marker, ms=4, capsize=2, color=color)
+        held.plot(d, proxy, "x", ms=6, color=color)
+        form = "best-of-n form" if run == "bon" else "RL form"
+        for key, style, gains, what in (("fit_gold", "-", gold, "gold"), ("fit_proxy", "--", proxy, "proxy")):
+            label = f"{LABELS[run]}: {what} ({form})"
+            if not _fit_line(held, fits[key], max(d) * 1.05, style, color, label):  # too few points: join them
+                held.plot(d, gains, style, lw=1, color=color, label=f"{LABELS[run]}: {what} (no fit)")
+    held.axhline(0.0, color="#999999", lw=0.8)
+    held.set_xlabel("d = sqrt(KL to the SFT model)  (nats^0.5)")
+    held.set_ylabel("gain over the SFT model (gold units)")
+    held.set_title("Held out: gold (solid) and calibrated proxy (dashed)")
+    held.legend(fontsize=7, loc="best")
+    slope = analysis["calibration"]["slope"]
+    for run in ("ppo", "ppo_nokl"):
+        curve = lab.results.get(run, {}).get("curve") or []
+        if not curve:
+            continue
+        d = [math.sqrt(max(c["kl"], 0.0)) for c in curve]
+        rollouts.plot(d, [c["gold"] - curve[0]["gold"] for c in curve], "-", lw=0.9, marker=".", color=COLORS[run],
+                      label=f"{LABELS[run]}: gold")
+        if analysis["proxy_is_reward_model"]:
+            rollouts.plot(d, [slope * (c["proxy"] - curve[0]["proxy"]) for c in curve], "--", lw=0.9,
+                          marker=".", color=COLORS[run], label=f"{LABELS[run]}: proxy")
+    rollouts.axhline(0.0, color="#999999", lw=0.8)
+    rollouts.set_xlabel("d = sqrt(KL of the rollouts)  (nats^0.5)")
+    rollouts.set_ylabel("gain over the first rollout (gold units)")
+    rollouts.set_title("Along training, per iteration (training rollouts)")
+    if rollouts.get_legend_handles_labels()[0]:
+        rollouts.legend(fontsize=7, loc="best")
+    for ax in (held, rollouts):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -216,19 +256,20 @@ def write_report(lab: Lab, task: Task) -> Path:
     """Write report.md, report.html and the PNG plots into the lab's folder."""
     rows = summary_rows(lab)
     root = lab.root
+    analysis = analyze(lab.results, TARGET_KL, proxy_is_reward_model=task.reward is None)
     plots = {
         "frontier": plot_frontier(lab, rows, root / "frontier.png"),
-        "hacking": plot_hacking(lab, root / "reward_hacking.png"),
+        "overoptimization": plot_overoptimization(lab, analysis, root / "overoptimization.png"),
         "training": plot_training(lab, root / "training.png"),
         "costs": plot_costs(rows, root / "costs.png"),
     }
     (root / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
+    (root / "overoptimization.json").write_text(json.dumps(json_safe(analysis), indent=1))
     cfg = lab.cfg
     prefs, rm, sft_eval = lab.results["preferences"], lab.results["reward_model"], lab.results["eval_sft"]
     head, body = _table(rows)
     missed = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
               and not r["meets_target"]]
-    hacking = lab.results.get("eval_ppo_nokl")
     line = sft_eval["gold"] + (1.0 - sft_eval["gold"]) / 2
     # one answer per held-out prompt: a method whose interval straddles the line could fall either side of it
     near = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
@@ -273,7 +314,9 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"whole rankings (all their pairs, each answer encoded once), lr {cfg.dpo_lr:g}; DPO beta {cfg.dpo_beta:g}, "
         f"IPO tau {cfg.ipo_beta:g}, SimPO beta 2 and gamma 1. PPO: "
         f"{cfg.ppo_iterations} rollouts of {cfg.ppo_rollout} responses ({cfg.ppo_responses_per_prompt} per prompt) "
-        f"on the same training prompts, {cfg.ppo_epochs} epochs over each. GRPO / RLOO: {cfg.grpo_iterations} "
+        f"on the same training prompts, {cfg.ppo_epochs} epochs over each; PPO at beta = 0: {cfg.ppo_nokl_iterations} "
+        f"rollouts, evaluated at {cfg.nokl_curve_points} checkpoints along the way (it needs the length to "
+        f"overoptimize). GRPO / RLOO: {cfg.grpo_iterations} "
         f"rollouts of {cfg.ppo_rollout} responses in groups of {cfg.grpo_group_size} (the group is the baseline; no "
         f"value model), {cfg.grpo_epochs} epochs over each, lr {cfg.grpo_lr:g}, beta {cfg.grpo_beta:g}. "
         + ("The RL methods, rejection sampling and best-of-n optimise the task's verifiable reward itself (the "
@@ -296,20 +339,7 @@ def write_report(lab: Lab, task: Task) -> Path:
         "",
         *_along_training(lab, rows),
     ]
-    if plots["hacking"]:
-        intro += [
-            "## Reward hacking: proxy against gold over PPO iterations",
-            "",
-            "![reward hacking](reward_hacking.png)",
-            "",
-            "Without the KL penalty (beta = 0) the policy is free to chase the reward model wherever it is wrong: "
-            "watch the proxy rise faster than the gold score while KL grows."
-            + (f" Held out, PPO at beta = 0 ends at KL {hacking['kl']:.2f}, fluency NLL "
-               f"{hacking['fluency_nll']:.2f} (SFT {sft_eval['fluency_nll']:.2f}), distinct-2 "
-               f"{hacking['distinct_2']:.2f} (SFT {sft_eval['distinct_2']:.2f}), proxy {hacking['proxy']:.3f} "
-               f"against gold {hacking['gold']:.3f}." if hacking else ""),
-            "",
-        ]
+    intro += _overoptimization_section(lab, analysis, plots["overoptimization"] is not None)
     intro += ["## Training curves", "", "![training](training.png)", "", "## Time and memory", "",
               "![costs](costs.png)", "", "## Example generations (held-out prompts)", ""]
     for prompt, answers in _examples(lab):
@@ -323,6 +353,92 @@ def write_report(lab: Lab, task: Task) -> Path:
     report.write_text(md)
     (root / "report.html").write_text(_html(md, root))
     return report
+
+
+def _overoptimization_section(lab: Lab, analysis: dict[str, Any], plotted: bool) -> list[str]:
+    """The report's "Reward hacking (overoptimization)" section: Gao et al.'s plot, the fitted forms per run and
+    the verdicts (the unpenalized run's fall, the penalty's hold on KL, SimPO's drift), each from the numbers."""
+    lines = [line for sentence in (_fall_sentence(lab, analysis), _kl_sentence(analysis),
+                                   _simpo_sentence(lab, analysis)) if sentence for line in (sentence, "")]
+    if not plotted and not lines:
+        return []
+    out = ["## Reward hacking (overoptimization)", ""]
+    if plotted:
+        cal = analysis["calibration"]
+        out += [
+            "![overoptimization](overoptimization.png)", "",
+            "Drawn as Gao et al. 2022 (\"Scaling Laws for Reward Model Overoptimization\"): gains over the SFT "
+            "model against d = sqrt(KL), with their fitted forms, gain = d (a - b ln d) for the RL runs and "
+            "d (a - b d) for best-of-n (least squares in a and b; R² around the mean gain, so a form that explains "
+            "less than a flat line scores below 0). Gold: markers with 95% intervals, the fit solid; proxy: "
+            f"crosses, the fit dashed, the reward model's score put in gold units by a line ({cal['how']}: slope "
+            f"{cal['slope']:.3g}) so the two can be compared. Right: the PPO runs per iteration on their training "
+            "rollouts.", "",
+            _md_table(["run", "score", "form", "a", "b", "R²", "RMSE", "points"], _fit_rows(analysis)), "",
+        ]
+    return out + lines
+
+
+def _fit_rows(analysis: dict[str, Any]) -> list[list[str]]:
+    body = []
+    for run, fits in analysis["runs"].items():
+        form = "best-of-n" if run == "bon" else "RL"
+        for what in ("gold", "proxy"):
+            fit = fits[f"fit_{what}"]
+            if "error" in fit:
+                body.append([LABELS[run], what, form, "-", "-", "-", "-", f"no fit: {fit['error']}"])
+            else:
+                body.append([LABELS[run], what, form, f"{fit['a']:.3g}", f"{fit['b']:.3g}", _fmt(fit["r2"], 2),
+                             f"{fit['rmse']:.3g}", str(fit["n"])])
+    return body
+
+
+def _fall_sentence(lab: Lab, analysis: dict[str, Any]) -> str:
+    """Whether the unpenalized run's held-out gold fell past its interval after its peak while the proxy rose."""
+    run = analysis["runs"].get("ppo_nokl")
+    if not run:
+        return ""
+    onset, points = analysis["onset"], run["points"]
+    if onset:
+        return (f"Without the KL penalty the gold turns: it peaks at {onset['peak_gold']:.3f} at KL "
+                f"{onset['peak_kl']:.1f} nats, then falls to {onset['gold']:.3f} ± {onset['gold_ci95']:.3f} at KL "
+                f"{onset['kl']:.1f} (a drop of {onset['drop']:.3f}, more than that interval) while the proxy still "
+                f"rises, {onset['peak_proxy']:.3f} -> {onset['proxy']:.3f}: the policy is exploiting the reward "
+                "model where it is wrong.")
+    peak = max(points, key=lambda p: p["gold"])
+    end, hacked = points[-1], lab.results.get("eval_ppo_nokl", {})
+    sft = lab.results["eval_sft"]
+    return (f"Without the KL penalty no held-out point after the gold's peak ({peak['gold']:.3f} at KL "
+            f"{peak['kl']:.1f} nats) falls below it by more than its 95% interval while the proxy still rises: "
+            f"this run does not show the fall (it ends at gold {end['gold']:.3f} ± {_fmt(end['gold_ci95'])} at KL "
+            f"{end['kl']:.1f}, proxy {points[0]['proxy']:.3f} -> {end['proxy']:.3f})."
+            + (f" Its final answers: fluency NLL {hacked['fluency_nll']:.2f} (SFT {sft['fluency_nll']:.2f}), "
+               f"distinct-2 {hacked['distinct_2']:.2f} (SFT {sft['distinct_2']:.2f})."
+               if "fluency_nll" in hacked else ""))
+
+
+def _kl_sentence(analysis: dict[str, Any]) -> str:
+    """Whether the penalized PPO run ends at no more than half the unpenalized run's KL."""
+    held, free = analysis["penalized_kl"], analysis["unpenalized_kl"]
+    if analysis["penalty_halves_kl"] is None:
+        return ""
+    ratio = f" ({held / free:.0%} of it)" if free > 0 else ""
+    return (f"The KL penalty {'holds' if analysis['penalty_halves_kl'] else 'does not hold'} the policy: PPO (KL) "
+            f"ends at KL {held:.1f} nats, {'no more than' if analysis['penalty_halves_kl'] else 'more than'} half "
+            f"of PPO at beta = 0's {free:.1f}{ratio}.")
+
+
+def _simpo_sentence(lab: Lab, analysis: dict[str, Any]) -> str:
+    """SimPO past the KL target: the reference-free method's known cost, and the settings that would tame it."""
+    if not analysis["simpo_over_target"]:
+        return ""
+    cfg = lab.cfg
+    return (f"SimPO ends at KL {analysis['simpo_kl']:.1f} nats, above the {analysis['target_kl']:g}-nat target, so "
+            "it misses: that is the reference-free method's known cost. Its loss compares the answers' "
+            "length-normalised log-probabilities with no reference model, so nothing holds it near the SFT model "
+            "(DPO and IPO measure their margins against it). Fewer steps (`dpo_steps`, "
+            f"{cfg.dpo_steps} here, shared with DPO and IPO) or a lower learning rate (`dpo_lr`, {cfg.dpo_lr:g}) "
+            "would tame it, at the price of part of its gain.")
 
 
 def _along_training(lab: Lab, rows: list[dict]) -> list[str]:

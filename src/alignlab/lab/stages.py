@@ -226,7 +226,7 @@ class Context:
         from alignlab.train.policy import policy_from_checkpoint
 
         trained, c = self.result(method), self.cfg
-        if not c.curve_points:
+        if not self.curve_points(method):
             return []
         if method == "rs":
             run = Path(trained["model"]).parents[2]  # run/round-R/sft/final
@@ -264,37 +264,50 @@ class Context:
         c = self.cfg
         return max(1, min(c.ppo_rollout // c.batch_size, c.ppo_rollout // c.grpo_group_size))
 
-    def checkpointing(self, total: int) -> dict[str, int]:
-        """A trainer's checkpoint settings for ``curve_points`` evenly spaced checkpoints before its end."""
-        points = self.cfg.curve_points
+    def curve_points(self, method: str) -> int:
+        """Checkpoints evaluated along the method's training: ``nokl_curve_points`` for the unpenalized PPO run
+        (its gold's peak and fall), ``curve_points`` for the others."""
+        return self.cfg.nokl_curve_points if method == "ppo_nokl" else self.cfg.curve_points
+
+    def ppo_iterations(self, method: str) -> int:
+        """PPO's iterations: ``ppo_nokl_iterations`` for the unpenalized run (long enough to overoptimize),
+        ``ppo_iterations`` for the penalized one."""
+        return self.cfg.ppo_nokl_iterations if method == "ppo_nokl" else self.cfg.ppo_iterations
+
+    def checkpointing(self, total: int, points: int | None = None) -> dict[str, int]:
+        """A trainer's checkpoint settings for ``points`` (default ``curve_points``) evenly spaced checkpoints
+        before its end."""
+        points = self.cfg.curve_points if points is None else points
         return {"save_every": math.ceil(total / (points + 1)) if points else 0, "keep_checkpoints": points + 2}
 
     # -- methods ---------------------------------------------------------------------------------------
 
     def method(self, name: str) -> Callable[[Path], dict[str, Any]]:
-        return {"ppo": lambda f: self.ppo(f, self.cfg.ppo_kl_coef), "ppo_nokl": lambda f: self.ppo(f, 0.0),
+        return {"ppo": lambda f: self.ppo(f, "ppo"), "ppo_nokl": lambda f: self.ppo(f, "ppo_nokl"),
                 "grpo": lambda f: self.grpo(f, "grpo"), "rloo": lambda f: self.grpo(f, "rloo"),
                 "dpo": lambda f: self.dpo(f, "dpo"), "ipo": lambda f: self.dpo(f, "ipo"),
                 "simpo": lambda f: self.dpo(f, "simpo"), "rs": self.rs, "bon": self.bon}[name]
 
-    def ppo(self, folder: Path, kl_coef: float) -> dict[str, Any]:
+    def ppo(self, folder: Path, method: str) -> dict[str, Any]:
+        """``ppo`` (KL penalty ``ppo_kl_coef``) or ``ppo_nokl`` (beta = 0, its own iterations and checkpoints)."""
         from alignlab.config import PPOConfig
         from alignlab.train.ppo import train_ppo
 
         c = self.cfg
+        kl_coef = c.ppo_kl_coef if method == "ppo" else 0.0
+        iterations = self.ppo_iterations(method)
         cfg = PPOConfig(model=self.sft_model, prompts=self.prompts_file(folder), eval_fraction=0.0,
-                        **self.reward_options(), kl_coef=kl_coef, iterations=c.ppo_iterations,
+                        **self.reward_options(), kl_coef=kl_coef, iterations=iterations,
                         num_mini_batches=max(1, c.ppo_rollout // c.batch_size), ppo_epochs=c.ppo_epochs,
                         share_backbone=c.ppo_share_backbone, responses_per_prompt=c.ppo_responses_per_prompt,
                         max_new_tokens=c.max_new_tokens, template="none", lr=c.ppo_lr,
                         log_samples=c.ppo_rollout, generation_batch_size=c.gen_batch_size,
                         reward_normalization="none" if self.task.reward else "stats",
-                        **{**self.train_common(folder),
-                                                         "batch_size": min(c.batch_size, c.ppo_rollout),
-                                                         **self.checkpointing(c.ppo_iterations)})
+                        **{**self.train_common(folder), "batch_size": min(c.batch_size, c.ppo_rollout),
+                           **self.checkpointing(iterations, self.curve_points(method))})
         run = train_ppo(cfg)
-        return {"model": str(run / "final"), "optimizer_steps": c.ppo_iterations * self.ppo_steps_per_iteration,
-                "samples": c.ppo_iterations * c.ppo_rollout,
+        return {"model": str(run / "final"), "optimizer_steps": iterations * self.ppo_steps_per_iteration,
+                "samples": iterations * c.ppo_rollout,
                 "curve": self.rollout_curve(run)}
 
     def rollout_curve(self, run: Path) -> list[dict[str, Any]]:
