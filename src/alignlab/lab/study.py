@@ -17,6 +17,7 @@ a study stopped by a failure resumes where it stopped when rerun; the study's ow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -69,37 +70,47 @@ def check_budgets_up_front(cfg: Any) -> None:
 def run_study(cfg: Any) -> Path:
     """Run (or reuse) every stage of every seed, then write study.md, study.json, frontiers.png and study.html;
     returns study.md's path. ``cfg`` is a :data:`alignlab.config.StudyConfig`."""
-    from tqdm.auto import tqdm
-
     from alignlab.lab.study_report import write_study_report
 
     check_budgets_up_front(cfg)
     start = time.perf_counter()
-    bar = tqdm(total=count_stages(cfg), desc="study", unit="stage", disable=not cfg.progress)
+    progress = Progress(count_stages(cfg), enabled=cfg.progress)
     runs: list[Run] = []
     sft_gold: dict[int, float] = {}
     stage_results: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in cfg.seeds:
         ctx = open_lab(cfg.lab_config(seed))
-        ctx.lab.after_stage = lambda name, result, cached, seed=seed: _advance(bar, seed, name, result, cached)
+        ctx.lab.after_stage = functools.partial(progress.stage_done, seed)
         run_shared_stages(ctx)
         sft_gold[seed] = ctx.lab.results["eval_sft"]["gold"]
         for method in cfg.methods:
             for value in sweep_values(cfg, method):
                 runs.append(_train_and_evaluate(ctx, method, value))
         stage_results[seed] = ctx.lab.results
-    bar.close()
+    progress.close()
     frontiers = method_frontiers(runs, sft_gold, cfg.kl_budgets)
     report = write_study_report(cfg, runs, frontiers, stage_results, time.perf_counter() - start)
     print(f"[study] report: {report} (and {report.with_suffix('.html')}, study.json, frontiers.png)")
     return report
 
 
-def _advance(bar: Any, seed: int, name: str, result: dict[str, Any], cached: bool) -> None:
-    """One stage done: advance the bar (its ETA counts every stage of the study) and print a line."""
-    bar.update(1)
-    how = "cached" if cached else f"done in {result['wall_s']:.0f} s"
-    bar.write(f"[study] {bar.n}/{bar.total} seed {seed}: {name} {how}")
+class Progress:
+    """One bar over every stage of the study (so its ETA counts them all) and a printed line per stage."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="study", unit="stage", disable=not enabled)
+        self.total, self.done = total, 0  # counted here: a disabled bar counts nothing
+
+    def stage_done(self, seed: int, name: str, result: dict[str, Any], cached: bool) -> None:
+        self.done += 1
+        self.bar.update(1)
+        how = "cached" if cached else f"done in {result['wall_s']:.0f} s"
+        self.bar.write(f"[study] {self.done}/{self.total} seed {seed}: {name} {how}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _train_and_evaluate(ctx: stages.Context, method: str, value: float | None) -> Run:
