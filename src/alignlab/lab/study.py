@@ -45,7 +45,7 @@ def stage_name(method: str, value: float | None, lab_cfg: LabConfig) -> str:
     sweep = STUDY_SWEEPS.get(method)
     if value is None or sweep is None or value == getattr(lab_cfg, sweep.lab_field):
         return method
-    return f"{method}@{sweep.label}={value:g}"
+    return f"{method}@{sweep.label}={value:.12g}"  # 12 digits: distinct values, distinct stages
 
 
 def count_stages(cfg: Any) -> int:
