@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_options(p, _import(cls_path))
         p.set_defaults(func=_stage_command(cls_path, fn_path))
 
+    from alignlab.config import StudyConfig
+
+    study = groups["lab"].add_parser(
+        "study", help="the answer across KL controls and seeds: every method's reward/KL frontier, compared at KL "
+        "budgets (study.md/json/html, frontiers.png)",
+        description="Run one lab per seed (OUTPUT_ROOT/NAME/seed-S) and in each train every method at each value of "
+        "its KL control (ppo: ppo_kl_coefs; dpo, ipo: betas; grpo, rloo: grpo_betas; rs: rs_ns; bon: its curve "
+        "over n), evaluated along training; then compare the methods' frontiers at the KL budgets across seeds. "
+        "Every lab option applies to each seed's lab, with the lab's defaults (the demo's). Every stage is cached: "
+        "a rerun resumes where a failure stopped it.")
+    study.add_argument("--quick", action="store_true",
+                       help="tiny-random model, the quick lab budgets, 2 seeds, 2 values for ppo and dpo, best-of-n: "
+                       "the whole study in well under a minute")
+    add_config_options(study, StudyConfig)
+    study.set_defaults(func=cmd_lab_study)
+
     g = sub.add_parser("generate", help="sample from a model for prompts, or chat interactively",
                        description="Sample from any model. Prompts come from --prompt (repeatable), "
                        "--prompts FILE (one per line, or any instruction/preference file), or an "
@@ -244,6 +260,22 @@ def cmd_demo(args: argparse.Namespace) -> Path:
                     if getattr(cfg, f.name) != getattr(LabConfig(), f.name)}
         cfg = quick_config(**explicit)
     return run_lab(cfg)
+
+
+def cmd_lab_study(args: argparse.Namespace) -> Path:
+    """``alignlab lab study``: every method's frontier across its KL control and seeds (``alignlab.lab.study``);
+    ``--quick`` starts from :func:`alignlab.config.quick_study_config`, then whatever the user set explicitly."""
+    import dataclasses
+
+    from alignlab.config import StudyConfig, quick_study_config
+    from alignlab.lab.study import run_study
+
+    cfg = config_from_args(StudyConfig, args)
+    if args.quick:
+        explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudyConfig)
+                    if getattr(cfg, f.name) != getattr(StudyConfig(), f.name)}
+        cfg = quick_study_config(**explicit)
+    return run_study(cfg)
 
 
 def check_ranges(args: argparse.Namespace, ranges: dict[str, dict[str, float]]) -> None:

@@ -11,9 +11,10 @@ import dataclasses
 import functools
 import math
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, NamedTuple, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -35,6 +36,7 @@ __all__ = [
     "RewardScoreConfig",
     "SFTConfig",
     "SampleConfig",
+    "StudyConfig",
     "TrainConfig",
     "build_config",
     "config_fields",
@@ -42,6 +44,7 @@ __all__ = [
     "opt",
     "parse_columns",
     "quick_config",
+    "quick_study_config",
 ]
 
 T = TypeVar("T")
@@ -57,7 +60,9 @@ def opt(default: Any, help: str, *, choices: list | None = None, ge: float | Non
         metadata["choices"] = choices
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if bounds:
-        metadata["range"] = bounds
+        metadata["range"] = bounds  # a list option: the range of each of its values
+    if isinstance(default, list):  # each config gets its own copy
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -723,3 +728,118 @@ def quick_config(**overrides: Any) -> LabConfig:
                 rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8, gen_batch_size=48, lora=False)
     base.update(overrides)
     return LabConfig(**base)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- the study
+
+
+class Sweep(NamedTuple):
+    """A method's KL control in a study: the study's list option, the lab option it sets, and its name in a stage's
+    name (``dpo@beta=0.5``)."""
+
+    option: str
+    lab_field: str
+    label: str
+
+
+STUDY_SWEEPS = {
+    "ppo": Sweep("ppo_kl_coefs", "ppo_kl_coef", "kl_coef"),
+    "dpo": Sweep("dpo_betas", "dpo_beta", "beta"),
+    "ipo": Sweep("ipo_betas", "ipo_beta", "beta"),
+    "grpo": Sweep("grpo_betas", "grpo_beta", "beta"),
+    "rloo": Sweep("grpo_betas", "grpo_beta", "beta"),
+    "rs": Sweep("rs_ns", "rs_n", "n"),
+}  # ppo_nokl and simpo have no KL control (one run each); best-of-n's curve over n is its sweep
+STUDY_OWN_FIELDS = ("name", "output_root", "seed", "methods")  # the study sets these in each seed's LabConfig
+
+
+@dataclass
+class _StudyOptions(Checked):
+    """The study's own options; :data:`StudyConfig` adds every other :class:`LabConfig` option (each seed's lab)."""
+
+    name: str = opt("study", "study name: the report goes to OUTPUT_ROOT/NAME/study.md, seed S's lab to "
+                    "OUTPUT_ROOT/NAME/seed-S")
+    output_root: str = opt("runs", "folder holding studies and lab runs")
+    seeds: list[int] = opt([0, 1, 2], "seeds, one lab each (comma list of distinct integers; at least 2 for "
+                           "intervals across seeds)")
+    methods: list[str] = opt(["ppo", "dpo", "ipo", "rs", "bon", "grpo", "rloo"],
+                             f"methods to compare (comma list of {', '.join(ALL_METHODS)}; ppo_nokl and simpo have "
+                             "no KL control and run once)")
+    ppo_kl_coefs: list[float] = opt([0.02, 0.05, 0.2], "ppo's KL penalty coefficients (comma list)", ge=0)
+    dpo_betas: list[float] = opt([0.05, 0.15, 0.5], "dpo's betas (comma list)", gt=0)
+    ipo_betas: list[float] = opt([0.25, 0.5, 1.0], "ipo's betas (tau; comma list)", gt=0)
+    grpo_betas: list[float] = opt([0.02, 0.05, 0.2], "grpo's and rloo's KL coefficients (comma list)", ge=0)
+    rs_ns: list[int] = opt([2, 6], "rejection sampling's samples per prompt (comma list)", ge=1)
+    kl_budgets: list[float] = opt([2.0, 5.0, 10.0], "KL budgets of the verdict table, nats (comma list)", gt=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # types, and the options that are single values
+        check_study_lists(self)
+
+    def lab_config(self, seed: int) -> LabConfig:
+        """Seed ``seed``'s lab: OUTPUT_ROOT/NAME/seed-S, the study's methods and every other lab option."""
+        shared = {f.name: copy_value(getattr(self, f.name)) for f in dataclasses.fields(LabConfig)
+                  if f.name not in STUDY_OWN_FIELDS}
+        return LabConfig(name=f"{self.name}/seed-{seed}", output_root=self.output_root, seed=seed,
+                         methods=list(self.methods), **shared)
+
+
+def copy_value(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def check_study_lists(cfg: Any) -> None:
+    """The study's list options: every value in its range, no empty or repeated seeds, known methods, a non-empty
+    sweep for each chosen method, and at least one KL budget (each finite and > 0)."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        inner = get_args(hints[f.name])
+        if get_origin(hints[f.name]) is list and inner and inner[0] in (int, float):
+            for value in getattr(cfg, f.name):
+                check_value(f.name, value, inner[0], f.metadata)
+    if not cfg.seeds:
+        raise AlignlabError("a study needs at least 1 seed", field="seeds")
+    repeated = sorted(s for s, n in Counter(cfg.seeds).items() if n > 1)
+    if repeated:
+        raise AlignlabError(f"seeds {repeated} are repeated (each seed is one lab)", field="seeds")
+    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
+    if unknown or not cfg.methods:
+        raise AlignlabError(f"unknown methods {unknown} (choose from {', '.join(ALL_METHODS)})" if unknown
+                            else "no methods to compare", field="methods")
+    if len(set(cfg.methods)) < len(cfg.methods):
+        raise AlignlabError(f"methods {cfg.methods} name one twice", field="methods")
+    for method in cfg.methods:
+        sweep = STUDY_SWEEPS.get(method)
+        if sweep and not getattr(cfg, sweep.option):
+            raise AlignlabError(f"method {method} is chosen but its sweep is empty (give at least one "
+                                f"{sweep.lab_field})", field=sweep.option)
+    if not cfg.kl_budgets:
+        raise AlignlabError("give at least one KL budget (nats)", field="kl_budgets")
+
+
+def _lab_fields_for_study() -> list[tuple[str, Any, Any]]:
+    """Every :class:`LabConfig` field but :data:`STUDY_OWN_FIELDS`, with its type, default and help."""
+    hints = _hints(LabConfig)
+    return [(f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory,  # type: ignore
+                                          metadata=f.metadata))
+            for f in dataclasses.fields(LabConfig) if f.name not in STUDY_OWN_FIELDS]
+
+
+# A study's options: its own (seeds, methods, sweeps, budgets), then every lab option with the lab's default, so
+# a sweep value equal to the demo's default is the demo's own stage (the same key). Built from LabConfig's fields
+# rather than copied, so a new lab option is a study option at once.
+StudyConfig = dataclasses.make_dataclass(
+    "StudyConfig", _lab_fields_for_study(), bases=(_StudyOptions,),
+    namespace={"__module__": __name__, "__doc__": "A study (``alignlab lab study``): every method's reward/KL "
+               "frontier traced by sweeping its KL control, one lab per seed, compared at KL budgets."})
+
+
+def quick_study_config(**overrides: Any) -> Any:
+    """The ``--quick`` study: :func:`quick_config`'s tiny model and budgets, two seeds, two values of ppo's and
+    dpo's KL control, best-of-n, and budgets the tiny model's methods reach (best-of-n with n = 4 reaches
+    log 4 - 3/4 = 0.64 nats). Under a minute; used in the test suite."""
+    lab = {k: v for k, v in dataclasses.asdict(quick_config()).items() if k not in STUDY_OWN_FIELDS}
+    base = dict(lab, name="study-quick", seeds=[0, 1], methods=["ppo", "dpo", "bon"], ppo_kl_coefs=[0.05, 0.5],
+                dpo_betas=[0.15, 0.5], kl_budgets=[0.1, 0.5])
+    base.update(overrides)
+    return StudyConfig(**base)

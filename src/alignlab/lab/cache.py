@@ -9,6 +9,7 @@ import ctypes
 import gc
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -63,6 +64,8 @@ class Lab:
         self.root.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, dict[str, Any]] = {}
         self.keys: dict[str, str] = {}
+        # called with (name, result, cached) after each stage, e.g. to advance a study's progress bar
+        self.after_stage: Callable[[str, dict[str, Any], bool], None] | None = None
 
     def stage(self, name: str, params: dict[str, Any], after: list[str], fn: Callable[[Path], dict]) -> dict:
         """Run ``fn(folder)`` unless a finished stage with the same key exists. The key hashes ``params``,
@@ -77,6 +80,7 @@ class Lab:
             if saved.get("key") == key:
                 print(f"[lab] {name}: cached ({folder})")
                 self.keys[name], self.results[name] = key, saved["result"]
+                self._after(name, saved["result"], cached=True)
                 return saved["result"]
         if folder.exists():
             shutil.rmtree(folder)
@@ -87,7 +91,22 @@ class Lab:
         result = fn(folder)
         result.setdefault("wall_s", time.perf_counter() - start)
         result.setdefault("peak_rss_mb", peak_rss_mb())
-        marker.write_text(json.dumps({"key": key, "params": params, "result": result}, indent=1, default=float))
+        # written whole or not at all: a run killed while writing leaves no marker a rerun would trust
+        write_atomic(marker, json.dumps({"key": key, "params": params, "result": result}, indent=1, default=float))
         self.keys[name], self.results[name] = key, result
         print(f"[lab] {name}: done in {result['wall_s']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MiB")
+        self._after(name, result, cached=False)
         return result
+
+    def _after(self, name: str, result: dict[str, Any], cached: bool) -> None:
+        if self.after_stage is not None:
+            self.after_stage(name, result, cached)
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX): a
+    reader sees the old file or the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from alignlab.config import ALL_METHODS, CHECKPOINTING_METHODS, PAIRWISE_METHODS, VERIFIABLE_METHODS, LabConfig
 from alignlab.data.templates import render_alpaca_prompt
@@ -42,6 +43,18 @@ from alignlab.tasks import load_task
 
 def run_lab(cfg: LabConfig) -> Path:
     """Run (or reuse) every stage and write the report; returns the report's path."""
+    ctx = open_lab(cfg)
+    run_shared_stages(ctx)
+    for method in ctx.cfg.methods:
+        run_method(ctx, method)
+    report = write_report(ctx.lab, ctx.task)
+    print(f"[lab] report: {report} (and {report.with_suffix('.html')})")
+    return report
+
+
+def open_lab(cfg: LabConfig) -> stages.Context:
+    """Check ``cfg`` against its task, open its lab folder and render the prompts: the context every stage runs
+    in. Nothing is trained here."""
     unknown = [m for m in cfg.methods if m not in ALL_METHODS]
     if unknown:
         raise AlignlabError(f"unknown methods {unknown} (choose from {', '.join(ALL_METHODS)})", field="methods")
@@ -58,11 +71,19 @@ def run_lab(cfg: LabConfig) -> Path:
     (lab.root / "lab_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     train_prompts = [render_alpaca_prompt(task.instruction, p) for p in task.train_prompts[: cfg.n_train]]
     eval_prompts = [render_alpaca_prompt(task.instruction, p) for p in task.eval_prompts]
-    ctx = stages.Context(cfg=cfg, task=task, lab=lab, train_prompts=train_prompts, eval_prompts=eval_prompts)
-    common = {"model": cfg.model, "task": cfg.task, "prompts": cfg.prompts, "seed": cfg.seed,
-              "n_train": cfg.n_train, "n_eval": cfg.n_eval, "lora": cfg.lora, "max_new_tokens": cfg.max_new_tokens,
-              "batch_size": cfg.batch_size}
+    return stages.Context(cfg=cfg, task=task, lab=lab, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
+
+def common_params(cfg: LabConfig) -> dict[str, Any]:
+    """The parameters every stage's key holds: what the task, the model and the sampling depend on."""
+    return {"model": cfg.model, "task": cfg.task, "prompts": cfg.prompts, "seed": cfg.seed,
+            "n_train": cfg.n_train, "n_eval": cfg.n_eval, "lora": cfg.lora, "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size}
+
+
+def run_shared_stages(ctx: stages.Context) -> None:
+    """The stages every method starts from: SFT, the preference data, the reward model, SFT's evaluation."""
+    cfg, lab, common = ctx.cfg, ctx.lab, common_params(ctx.cfg)
     lab.stage("sft", {**common, "steps": cfg.sft_steps, "lr": cfg.sft_lr}, [], ctx.sft)
     # "unfinished": the file marks answers cut at max_new_tokens (trained without EOS); older runs lack the flags
     lab.stage("preferences", {**common, "k": cfg.k_annotate, "temperature": cfg.annotator_temperature,
@@ -70,12 +91,17 @@ def run_lab(cfg: LabConfig) -> Path:
     lab.stage("reward_model", {**common, "steps": cfg.rm_steps, "lr": cfg.rm_lr}, ["preferences"],
               ctx.reward_model)
     lab.stage("eval_sft", {**common}, ["sft", "reward_model"], ctx.evaluate_sft)
+
+
+def method_params(cfg: LabConfig, method: str) -> dict[str, Any]:
+    """The parameters of ``method``'s training stage (besides :func:`common_params`): its budget and its KL
+    control, so a changed beta is another stage."""
     ppo_params = {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr,
                   "epochs": cfg.ppo_epochs, "share_backbone": cfg.ppo_share_backbone,
                   "responses_per_prompt": cfg.ppo_responses_per_prompt}
     grpo_params = {"iterations": cfg.grpo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.grpo_lr,
                    "epochs": cfg.grpo_epochs, "group_size": cfg.grpo_group_size, "beta": cfg.grpo_beta}
-    method_params = {
+    return {
         "ppo": {**ppo_params, "kl_coef": cfg.ppo_kl_coef},
         # beta = 0 runs longer: the penalized run levels off, the unpenalized one needs the length to overoptimize
         "ppo_nokl": {**ppo_params, "iterations": cfg.ppo_nokl_iterations, "kl_coef": 0.0},
@@ -88,18 +114,20 @@ def run_lab(cfg: LabConfig) -> Path:
         "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "rankings_per_step": cfg.dpo_batch_size},
         "rs": {"rounds": cfg.rs_rounds, "n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
         "bon": {"n": cfg.bon_n},
-    }
-    for method in cfg.methods:
-        params = {**common, **method_params[method]}
-        if task.reward is not None and method not in PAIRWISE_METHODS:
-            params["reward"] = "verifiable"  # trained on the task's checked reward, not the reward model
-        if method in CHECKPOINTING_METHODS:  # the trainer keeps the checkpoints the evaluation along training reads
-            params["curve_points"] = ctx.curve_points(method)
-        # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
-        needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
-        lab.stage(method, params, needs, ctx.method(method))
-        eval_params = {**params, "curve_points": ctx.curve_points(method)} if method != "bon" else params
-        lab.stage(f"eval_{method}", eval_params, [method, "eval_sft"], ctx.evaluate_method(method))
-    report = write_report(lab, task)
-    print(f"[lab] report: {report} (and {report.with_suffix('.html')})")
-    return report
+    }[method]
+
+
+def run_method(ctx: stages.Context, method: str, stage: str | None = None) -> dict[str, Any]:
+    """Train ``method`` from the SFT model and evaluate it: stages ``STAGE`` and ``eval_STAGE`` (``STAGE`` =
+    ``stage`` or the method's name), with the budget and KL control of ``ctx.cfg``; returns the evaluation."""
+    cfg, task, stage = ctx.cfg, ctx.task, stage or method
+    params = {**common_params(cfg), **method_params(cfg, method)}
+    if task.reward is not None and method not in PAIRWISE_METHODS:
+        params["reward"] = "verifiable"  # trained on the task's checked reward, not the reward model
+    if method in CHECKPOINTING_METHODS:  # the trainer keeps the checkpoints the evaluation along training reads
+        params["curve_points"] = ctx.curve_points(method)
+    # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
+    needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
+    ctx.lab.stage(stage, params, needs, ctx.method(method))
+    eval_params = {**params, "curve_points": ctx.curve_points(method)} if method != "bon" else params
+    return ctx.lab.stage(f"eval_{stage}", eval_params, [stage, "eval_sft"], ctx.evaluate_method(method, stage))

@@ -195,9 +195,13 @@ class Context:
         result["base_gold"] = sum(self.task.gold_score(self.eval_prompts, [s.text for s in base])) / len(base)
         return result
 
-    def evaluate_method(self, method: str) -> Callable[[Path], dict[str, Any]]:
+    def evaluate_method(self, method: str, stage: str | None = None) -> Callable[[Path], dict[str, Any]]:
+        """The evaluation of ``method`` trained by stage ``stage`` (default: the method's name; a study names
+        a method trained at another KL control e.g. ``dpo@beta=0.5``)."""
+        stage = stage or method
+
         def run(folder: Path) -> dict[str, Any]:
-            trained = self.result(method)
+            trained = self.result(stage)
             baseline = self.result("eval_sft")["gold_scores"]
             if method == "bon":
                 samples = [Sample(**s) for s in trained["chosen_samples"]]
@@ -207,7 +211,7 @@ class Context:
             result = self._evaluate(folder, self.held_out_samples(trained["model"]), trained["model"], baseline,
                                     judges=judges)
             points = []
-            for step, load in self._models_along_training(method):  # measured as the final model is
+            for step, load in self._models_along_training(method, stage):  # measured as the final model is
                 model = load()
                 measured = self._measure(self.held_out_samples(model), model, baseline, judges)
                 points.append({"step": step, **{k: measured.get(k) for k in POINT_KEYS}})
@@ -217,7 +221,7 @@ class Context:
 
         return run
 
-    def _models_along_training(self, method: str) -> list[tuple[int, Callable[[], torch.nn.Module]]]:
+    def _models_along_training(self, method: str, stage: str) -> list[tuple[int, Callable[[], torch.nn.Module]]]:
         """(optimizer steps done, a loader of the model then) for the method's checkpoints before its end:
         the trainer's checkpoints (``curve_points`` of them, saved by the method's stage), or rejection
         sampling's earlier rounds."""
@@ -225,7 +229,7 @@ class Context:
         from alignlab.train.checkpoints import list_checkpoints, run_config
         from alignlab.train.policy import policy_from_checkpoint
 
-        trained, c = self.result(method), self.cfg
+        trained, c = self.result(stage), self.cfg
         if not self.curve_points(method):
             return []
         if method == "rs":
