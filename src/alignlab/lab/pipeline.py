@@ -58,7 +58,7 @@ def run_lab(cfg: LabConfig) -> Path:
     ctx = stages.Context(cfg=cfg, task=task, lab=lab, train_prompts=train_prompts, eval_prompts=eval_prompts)
     common = {"model": cfg.model, "task": cfg.task, "prompts": cfg.prompts, "seed": cfg.seed,
               "n_train": cfg.n_train, "n_eval": cfg.n_eval, "lora": cfg.lora, "max_new_tokens": cfg.max_new_tokens,
-              "batch_size": cfg.batch_size}
+              "batch_size": cfg.batch_size, "gold": task.gold_formula}  # a new gold re-ranks the preference data
 
     lab.stage("sft", {**common, "steps": cfg.sft_steps, "lr": cfg.sft_lr}, [], ctx.sft)
     # "unfinished": the file marks answers cut at max_new_tokens (trained without EOS); older runs lack the flags
@@ -66,7 +66,7 @@ def run_lab(cfg: LabConfig) -> Path:
                               "unfinished": True}, ["sft"], ctx.preferences)
     lab.stage("reward_model", {**common, "steps": cfg.rm_steps, "lr": cfg.rm_lr}, ["preferences"],
               ctx.reward_model)
-    lab.stage("eval_sft", {**common}, ["sft", "reward_model"], ctx.evaluate_sft)
+    lab.stage("eval_sft", {**common, "eval_answers": cfg.eval_answers}, ["sft", "reward_model"], ctx.evaluate_sft)
     ppo_params = {"iterations": cfg.ppo_iterations, "rollout": cfg.ppo_rollout, "lr": cfg.ppo_lr,
                   "epochs": cfg.ppo_epochs, "share_backbone": cfg.ppo_share_backbone,
                   "responses_per_prompt": cfg.ppo_responses_per_prompt}
@@ -83,7 +83,7 @@ def run_lab(cfg: LabConfig) -> Path:
                 "rankings_per_step": cfg.dpo_batch_size},
         "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "rankings_per_step": cfg.dpo_batch_size},
         "rs": {"rounds": cfg.rs_rounds, "n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
-        "bon": {"n": cfg.bon_n},
+        "bon": {"n": cfg.bon_n, "eval_answers": cfg.eval_answers},
     }
     for method in cfg.methods:
         params = {**common, **method_params[method]}
