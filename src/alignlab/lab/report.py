@@ -208,6 +208,11 @@ def _range(value: Any, lo: Any, hi: Any, percent: bool = False) -> str:
     return show(value) + (f" [{show(lo)}, {show(hi)}]" if lo is not None and hi is not None else "")
 
 
+def _scorer_label(name: str) -> str:
+    """A reported scorer's name as the report writes it (``vader`` -> ``VADER``)."""
+    return "VADER" if name == "vader" else name
+
+
 def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "gold (95% CI)", "VADER (95% CI)", "proxy", "KL (95% CI)", "fluency NLL/token", "distinct-2",
             "win rate vs SFT [95% CI]", "gap closed [95% CI]", "target met", "train time (s)", "peak RSS (MiB)",
@@ -278,7 +283,7 @@ def write_report(lab: Lab, task: Task) -> Path:
     near = [LABELS[r["method"]] for r in compared if r["target"] == "within noise"]
     n_prompts, n_answers = sft_eval.get("prompts", len(sft_eval["gold_scores"])), len(sft_eval["gold_scores"])
     per_prompt = n_answers // max(1, n_prompts)
-    rank_agreement = [f"{name}: {sft_eval[f'gold_{name}_spearman']:.2f}" for name in task.reports
+    rank_agreement = [f"{_scorer_label(name)}: {sft_eval[f'gold_{name}_spearman']:.2f}" for name in task.reports
                       if f"gold_{name}_spearman" in sft_eval]
     intro = [
         f"# alignlab lab report: {cfg.name}",
@@ -305,7 +310,7 @@ def write_report(lab: Lab, task: Task) -> Path:
         "answers are paired by prompt)"
         + (f"; on the SFT model's answers its rank correlation (Spearman) with {', '.join(rank_agreement)} (1 = the "
            "same order)" if rank_agreement else "")
-        + ("; " + ", ".join(n.upper() if n == "vader" else n for n in task.reports) + " = the reported scorer alone"
+        + ("; " + ", ".join(map(_scorer_label, task.reports)) + " = the reported scorer alone"
            if task.reports else "")
         + "; proxy = the trained reward model's score; KL = sum over response "
         "tokens of log pi - log ref on the policy's own samples, reference = the SFT model (best-of-n: the "
