@@ -114,6 +114,17 @@ def test_demo_quick_runs_the_whole_lab(tmp_path):
     report = (root / "report.md").read_text()
     sft_gold = rows[0]["gold"]
     assert f"{sft_gold:.3f}" in report
+    # 8 held-out prompts x 2 answers, intervals clustered by prompt; every method paired with SFT's answers
+    sft_eval = json.loads((root / "eval_sft" / "stage.json").read_text())["result"]
+    assert sft_eval["prompt_index"] == [j for j in range(8) for _ in range(2)] and len(sft_eval["proxy_scores"]) == 16
+    assert "8 held-out prompts x 2 answers" in report and "Spearman" in report
+    rho = sft_eval["gold_vader_spearman"]  # nan when the tiny model's answers all have one VADER score
+    assert math.isnan(rho) or -1 <= rho <= 1
+    for row in rows[1:]:
+        assert row["target"] in ("yes", "no", "within noise") and row["vader"] is not None
+        assert row["win_rate_lo"] <= row["win_rate"] <= row["win_rate_hi"], row["method"]
+    bon = json.loads((root / "eval_bon" / "stage.json").read_text())["result"]
+    assert bon["n"] == 16 and bon["prompt_index"] == sft_eval["prompt_index"]  # bon_n x 2 sampled, 2 kept a prompt
     # rejection sampling's second round samples from the first round's model; its budget counts both rounds
     rs = json.loads((root / "rs" / "stage.json").read_text())["result"]
     assert [r["round"] for r in rs["rounds"]] == [1, 2]

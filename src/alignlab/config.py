@@ -657,7 +657,12 @@ class LabConfig(Checked):
                                        "task with a verifiable reward (arithmetic) the default is "
                                        f"{', '.join(VERIFIABLE_METHODS)}"})
     seed: int = opt(0, "one seed for everything")
-    n_eval: int = opt(32, "held-out prompts for evaluation", ge=1)
+    n_eval: int = opt(64, "held-out prompts for evaluation", ge=1)
+    eval_answers: int = opt(4, "answers sampled per held-out prompt (temperature 1): intervals treat the prompt as "
+                            "the unit, so more answers narrow them by averaging out sampling noise", ge=1)
+    curve_answers: int = opt(2, "answers per held-out prompt for the checkpoints along training (curve_points): "
+                             "fewer than the final models' eval_answers, as these points cost an evaluation each",
+                             ge=1)
     n_train: int = opt(48, "training prompts used by every method", ge=1)
     lora: bool = opt(True, "train LoRA adapters (r=16) instead of all weights")
     max_new_tokens: int = opt(32, "response length for sampling (annotation, PPO, RS, BoN, evaluation)", ge=1)
@@ -722,7 +727,7 @@ class LabConfig(Checked):
 
 def quick_config(**overrides: Any) -> LabConfig:
     """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
-    base = dict(name="quick", model="tiny-random", n_eval=8, n_train=8, max_new_tokens=8, sft_steps=3,
+    base = dict(name="quick", model="tiny-random", n_eval=8, eval_answers=2, curve_answers=1, n_train=8, max_new_tokens=8, sft_steps=3,
                 sft_lr=3e-3, k_annotate=3, rm_steps=3, rm_lr=3e-3, dpo_steps=2, dpo_lr=3e-3, ppo_iterations=2,
                 ppo_nokl_iterations=3, ppo_rollout=8, ppo_lr=3e-3, grpo_iterations=2, grpo_lr=3e-3, rs_n=3,
                 rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8, gen_batch_size=48, lora=False)

@@ -74,23 +74,25 @@ def open_lab(cfg: LabConfig) -> stages.Context:
     return stages.Context(cfg=cfg, task=task, lab=lab, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 
-def common_params(cfg: LabConfig) -> dict[str, Any]:
-    """The parameters every stage's key holds: what the task, the model and the sampling depend on."""
+def common_params(ctx: stages.Context) -> dict[str, Any]:
+    """The parameters every stage's key holds: what the task, its gold, the model and the sampling depend on (a
+    new gold re-ranks the preference data)."""
+    cfg = ctx.cfg
     return {"model": cfg.model, "task": cfg.task, "prompts": cfg.prompts, "seed": cfg.seed,
             "n_train": cfg.n_train, "n_eval": cfg.n_eval, "lora": cfg.lora, "max_new_tokens": cfg.max_new_tokens,
-            "batch_size": cfg.batch_size}
+            "batch_size": cfg.batch_size, "gold": ctx.task.gold_formula}
 
 
 def run_shared_stages(ctx: stages.Context) -> None:
     """The stages every method starts from: SFT, the preference data, the reward model, SFT's evaluation."""
-    cfg, lab, common = ctx.cfg, ctx.lab, common_params(ctx.cfg)
+    cfg, lab, common = ctx.cfg, ctx.lab, common_params(ctx)
     lab.stage("sft", {**common, "steps": cfg.sft_steps, "lr": cfg.sft_lr}, [], ctx.sft)
     # "unfinished": the file marks answers cut at max_new_tokens (trained without EOS); older runs lack the flags
     lab.stage("preferences", {**common, "k": cfg.k_annotate, "temperature": cfg.annotator_temperature,
                               "unfinished": True}, ["sft"], ctx.preferences)
     lab.stage("reward_model", {**common, "steps": cfg.rm_steps, "lr": cfg.rm_lr}, ["preferences"],
               ctx.reward_model)
-    lab.stage("eval_sft", {**common}, ["sft", "reward_model"], ctx.evaluate_sft)
+    lab.stage("eval_sft", {**common, "eval_answers": cfg.eval_answers}, ["sft", "reward_model"], ctx.evaluate_sft)
 
 
 def method_params(cfg: LabConfig, method: str) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def method_params(cfg: LabConfig, method: str) -> dict[str, Any]:
                 "rankings_per_step": cfg.dpo_batch_size},
         "simpo": {"steps": cfg.dpo_steps, "lr": cfg.dpo_lr, "rankings_per_step": cfg.dpo_batch_size},
         "rs": {"rounds": cfg.rs_rounds, "n": cfg.rs_n, "steps": cfg.rs_steps, "lr": cfg.rs_lr},
-        "bon": {"n": cfg.bon_n},
+        "bon": {"n": cfg.bon_n, "eval_answers": cfg.eval_answers},
     }[method]
 
 
@@ -121,7 +123,7 @@ def run_method(ctx: stages.Context, method: str, stage: str | None = None) -> di
     """Train ``method`` from the SFT model and evaluate it: stages ``STAGE`` and ``eval_STAGE`` (``STAGE`` =
     ``stage`` or the method's name), with the budget and KL control of ``ctx.cfg``; returns the evaluation."""
     cfg, task, stage = ctx.cfg, ctx.task, stage or method
-    params = {**common_params(cfg), **method_params(cfg, method)}
+    params = {**common_params(ctx), **method_params(cfg, method)}
     if task.reward is not None and method not in PAIRWISE_METHODS:
         params["reward"] = "verifiable"  # trained on the task's checked reward, not the reward model
     if method in CHECKPOINTING_METHODS:  # the trainer keeps the checkpoints the evaluation along training reads
@@ -129,5 +131,6 @@ def run_method(ctx: stages.Context, method: str, stage: str | None = None) -> di
     # the DPO family learns from the pairs alone; the others need the reward model (which needs the pairs)
     needs = ["sft", "preferences"] if method in PAIRWISE_METHODS else ["sft", "reward_model"]
     ctx.lab.stage(stage, params, needs, ctx.method(method))
-    eval_params = {**params, "curve_points": ctx.curve_points(method)} if method != "bon" else params
+    eval_params = ({**params, "curve_points": ctx.curve_points(method), "curve_answers": cfg.curve_answers}
+                   if method != "bon" else params)
     return ctx.lab.stage(f"eval_{stage}", eval_params, [stage, "eval_sft"], ctx.evaluate_method(method, stage))

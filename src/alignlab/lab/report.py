@@ -29,22 +29,44 @@ COLORS = {"sft": "#444444", "ppo": "#1f77b4", "ppo_nokl": "#d62728", "grpo": "#b
 TARGET_KL = 10.0  # nats: a method meets the target at no more KL than this
 
 
+def target(method: str, gap: float, gap_lo: float, gap_hi: float, within_budget: bool) -> str:
+    """Whether a method met the target (half the gap closed within the KL and fluency budgets): "yes" when the
+    whole gap-closed interval is at or above 50 %, "no" when it is below (or the budgets are broken), and "within
+    noise" when the interval straddles 50 %: another seed may put the method on either side."""
+    if method == "sft":
+        return "-"
+    if not within_budget:
+        return "no"
+    if gap_lo != gap_lo or gap_hi != gap_hi:  # no interval (best-of-n at n = 1 has none to straddle)
+        return "yes" if gap >= 0.5 else "no"
+    return "yes" if gap_lo >= 0.5 else "no" if gap_hi < 0.5 else "within noise"
+
+
 def summary_rows(lab: Lab) -> list[dict[str, Any]]:
     """One row per method (SFT first) with the report's columns."""
     sft_eval = lab.results["eval_sft"]
     sft_gold, sft_nll = sft_eval["gold"], sft_eval.get("fluency_nll", float("nan"))
     rows = []
+    nan = float("nan")
     for method in ["sft", *[m for m in lab.cfg.methods if f"eval_{m}" in lab.results]]:
         ev = sft_eval if method == "sft" else lab.results[f"eval_{method}"]
         trained = lab.results["sft" if method == "sft" else method]
-        gap = (ev["gold"] - sft_gold) / (1.0 - sft_gold) if method != "sft" and sft_gold < 1 else 0.0
-        fluency = ev.get("fluency_nll", float("nan"))
+        gap = ev.get("gap_closed", (ev["gold"] - sft_gold) / (1.0 - sft_gold)) if method != "sft" else 0.0
+        fluency = ev.get("fluency_nll", nan)
         kl = ev.get("kl", 0.0)
+        within_budget = kl <= TARGET_KL and fluency <= sft_nll + 1.0
+        gap_lo, gap_hi = ev.get("gap_closed_lo", nan), ev.get("gap_closed_hi", nan)
         rows.append({
-            "method": method, "gold": ev["gold"], "gold_ci95": ev["gold_ci95"], "proxy": ev.get("proxy"),
-            "kl": kl, "fluency_nll": fluency, "distinct_2": ev["distinct_2"],
-            "win_rate": ev.get("win_rate", 0.5), "gap_closed": gap,
-            "meets_target": bool(method != "sft" and gap >= 0.5 and kl <= TARGET_KL and fluency <= sft_nll + 1.0),
+            "method": method, "gold": ev["gold"], "gold_ci95": ev["gold_ci95"],
+            "vader": ev.get("vader"), "vader_ci95": ev.get("vader_ci95"),
+            "proxy": ev.get("proxy"), "proxy_ci95": ev.get("proxy_ci95"),
+            "kl": kl, "kl_ci95": ev.get("kl_ci95"), "fluency_nll": fluency, "distinct_2": ev["distinct_2"],
+            "win_rate": ev.get("win_rate", 0.5), "win_rate_lo": ev.get("win_rate_lo"),
+            "win_rate_hi": ev.get("win_rate_hi"),
+            "gap_closed": gap, "gap_closed_lo": ev.get("gap_closed_lo"), "gap_closed_hi": ev.get("gap_closed_hi"),
+            "meets_target": bool(method != "sft" and gap >= 0.5 and within_budget),
+            "target": target(method, gap, gap_lo, gap_hi, within_budget),
+            "prompts": ev.get("prompts", ev["n"]), "answers": ev["n"],
             "wall_s": trained["wall_s"], "peak_rss_mb": trained["peak_rss_mb"],
             "samples": trained.get("samples", trained.get("examples")),
             "optimizer_steps": trained.get("optimizer_steps"), "models": MODELS_IN_MEMORY.get(method, ""),
@@ -211,17 +233,40 @@ def plot_costs(rows: list[dict], path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- text
 
 
+def _pm(value: Any, half_width: Any, digits: int = 3) -> str:
+    """``value ± half-width`` (just the value without an interval)."""
+    if value is None:
+        return "-"
+    return _fmt(value, digits) + (f" ± {_fmt(half_width, digits)}" if half_width is not None else "")
+
+
+def _range(value: Any, lo: Any, hi: Any, percent: bool = False) -> str:
+    """``value [lo, hi]`` (a bootstrap interval, not symmetric), in percent or with 2 digits."""
+    if value is None:
+        return "-"
+    show = (lambda x: "nan" if x != x else f"{x:.0%}") if percent else (lambda x: _fmt(x, 2))
+    return show(value) + (f" [{show(lo)}, {show(hi)}]" if lo is not None and hi is not None else "")
+
+
+def _scorer_label(name: str) -> str:
+    """A reported scorer's name as the report writes it (``vader`` -> ``VADER``)."""
+    return "VADER" if name == "vader" else name
+
+
 def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "gold (95% CI)", "proxy", "KL", "fluency NLL/token", "distinct-2", "win rate vs SFT",
-            "gap closed", "target met", "train time (s)", "peak RSS (MiB)", "samples", "opt. steps",
-            "models held in memory"]
+    head = ["method", "gold (95% CI)", "VADER (95% CI)", "proxy", "KL (95% CI)", "fluency NLL/token", "distinct-2",
+            "win rate vs SFT [95% CI]", "gap closed [95% CI]", "target met", "train time (s)", "peak RSS (MiB)",
+            "samples", "opt. steps", "models held in memory"]
     body = []
     for r in rows:
+        sft = r["method"] == "sft"
         body.append([
-            LABELS[r["method"]], f"{r['gold']:.3f} ± {_fmt(r['gold_ci95'])}", _fmt(r["proxy"]), _fmt(r["kl"], 2),
-            _fmt(r["fluency_nll"], 2), _fmt(r["distinct_2"], 2), _fmt(r["win_rate"], 2),
-            "-" if r["method"] == "sft" else f"{r['gap_closed']:.0%}",
-            "-" if r["method"] == "sft" else ("yes" if r["meets_target"] else "no"),
+            LABELS[r["method"]], _pm(r["gold"], r["gold_ci95"]), _pm(r.get("vader"), r.get("vader_ci95")),
+            _fmt(r["proxy"]), _pm(r["kl"], r.get("kl_ci95"), 2),
+            _fmt(r["fluency_nll"], 2), _fmt(r["distinct_2"], 2),
+            "-" if sft else _range(r["win_rate"], r.get("win_rate_lo"), r.get("win_rate_hi")),
+            "-" if sft else _range(r["gap_closed"], r.get("gap_closed_lo"), r.get("gap_closed_hi"), percent=True),
+            r["target"],
             f"{r['wall_s']:.0f}", f"{r['peak_rss_mb']:.0f}", _fmt(r["samples"]), _fmt(r["optimizer_steps"]),
             r["models"],
         ])
@@ -235,6 +280,7 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def _examples(lab: Lab, n: int = 3) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The first answer of each method to each of the first ``n`` held-out prompts."""
     out = []
     methods = ["sft", *[m for m in lab.cfg.methods if f"eval_{m}" in lab.results]]
     prompts = _eval_inputs(lab)
@@ -242,14 +288,17 @@ def _examples(lab: Lab, n: int = 3) -> list[tuple[str, list[tuple[str, str]]]]:
         answers = []
         for m in methods:
             ev = lab.results["eval_sft" if m == "sft" else f"eval_{m}"]
-            answers.append((LABELS[m], f"{ev['examples'][i]!s}  (gold {ev['gold_scores'][i]:+.2f})"))
+            first = ev.get("prompt_index", list(range(len(ev["examples"])))).index(i)
+            answers.append((LABELS[m], f"{ev['examples'][first]!s}  (gold {ev['gold_scores'][first]:+.2f})"))
         out.append((prompts[i], answers))
     return out
 
 
 def _eval_inputs(lab: Lab) -> list[str]:
+    """The held-out prompts' inputs, in prompt-index order (each once)."""
     rows = [json.loads(line) for line in (lab.root / "eval_sft" / "samples.jsonl").read_text().splitlines()]
-    return [r["prompt"].split("### Input:\n")[-1].split("\n\n### Response:")[0] for r in rows]
+    firsts = {r.get("prompt_index", i): r["prompt"] for i, r in reversed(list(enumerate(rows)))}
+    return [firsts[j].split("### Input:\n")[-1].split("\n\n### Response:")[0] for j in sorted(firsts)]
 
 
 def write_report(lab: Lab, task: Task) -> Path:
@@ -268,17 +317,20 @@ def write_report(lab: Lab, task: Task) -> Path:
     cfg = lab.cfg
     prefs, rm, sft_eval = lab.results["preferences"], lab.results["reward_model"], lab.results["eval_sft"]
     head, body = _table(rows)
-    missed = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
-              and not r["meets_target"]]
+    compared = [r for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")]
+    missed = [LABELS[r["method"]] for r in compared if r["target"] == "no"]
     line = sft_eval["gold"] + (1.0 - sft_eval["gold"]) / 2
-    # one answer per held-out prompt: a method whose interval straddles the line could fall either side of it
-    near = [LABELS[r["method"]] for r in rows if r["method"] not in ("sft", "ppo_nokl", "bon")
-            and abs(r["gold"] - line) <= r["gold_ci95"]]
+    # a method whose gap-closed interval straddles 50 % could fall either side of the line in another run
+    near = [LABELS[r["method"]] for r in compared if r["target"] == "within noise"]
+    n_prompts, n_answers = sft_eval.get("prompts", len(sft_eval["gold_scores"])), len(sft_eval["gold_scores"])
+    per_prompt = n_answers // max(1, n_prompts)
+    rank_agreement = [f"{_scorer_label(name)}: {sft_eval[f'gold_{name}_spearman']:.2f}" for name in task.reports
+                      if f"gold_{name}_spearman" in sft_eval]
     intro = [
         f"# alignlab lab report: {cfg.name}",
         "",
         f"Task **{task.name}**: {task.description}. Base model `{cfg.model}`; {cfg.n_train} training prompts, "
-        f"{len(sft_eval['gold_scores'])} held-out prompts; responses of up to {cfg.max_new_tokens} tokens; "
+        f"{n_prompts} held-out prompts x {per_prompt} answers; responses of up to {cfg.max_new_tokens} tokens; "
         f"{'LoRA (r=16)' if cfg.lora else 'full fine-tuning'}; seed {cfg.seed}.",
         "",
         "## The answer",
@@ -286,19 +338,33 @@ def write_report(lab: Lab, task: Task) -> Path:
         f"The SFT model's held-out gold score is {sft_eval['gold']:.3f} (the base model's: "
         f"{sft_eval['base_gold']:.3f}); the maximum is 1.0. A method meets the target when it closes at least half "
         f"of that gap at a KL of at most 10 nats with fluency no more than 1 nat/token worse than SFT's. "
-        + (f"Missed here: {', '.join(missed)}." if missed else "Every trained method met it in this run.")
-        + (f" The line (half the gap closed) is at gold {line:.3f}, inside the 95% interval of "
-           f"{', '.join(near)}: with one answer per held-out prompt, another run (seed) may put "
-           f"{'it' if len(near) == 1 else 'them'} on the other side." if near else ""),
+        + (f"Missed here: {', '.join(missed)}." if missed
+           else "" if near else "Every trained method met it in this run.")
+        + (f" The line (half the gap closed) is at gold {line:.3f}; the gap-closed interval of "
+           f"{', '.join(near)} straddles 50 % (\"within noise\"): another run (seed) may put "
+           f"{'it' if len(near) == 1 else 'them'} on either side." if near else ""),
         "",
         _md_table(head, body),
         "",
-        "Columns: gold = the simulated user's score (VADER for the sentiment task) of one sampled response per "
-        "held-out prompt (temperature 1); proxy = the trained reward model's score; KL = sum over response "
+        f"Columns: gold = the simulated user's score, {task.gold_formula or 'the task scorer'}, of {per_prompt} "
+        f"sampled answer(s) per held-out prompt (temperature 1, the same random stream for every model, so "
+        "answers are paired by prompt)"
+        + (f"; on the SFT model's answers its rank correlation (Spearman) with {', '.join(rank_agreement)} (1 = the "
+           "same order)" if rank_agreement else "")
+        + ("; " + ", ".join(map(_scorer_label, task.reports)) + " = the reported scorer alone"
+           if task.reports else "")
+        + "; proxy = the trained reward model's score; KL = sum over response "
         "tokens of log pi - log ref on the policy's own samples, reference = the SFT model (best-of-n: the "
         "analytic bound log n - (n-1)/n); fluency = the SFT model's negative log-likelihood per token of the "
-        "responses; win rate = share of prompts where the gold score beats SFT's response (ties 1/2); "
+        "responses; win rate = per prompt, the share of (method answer, SFT answer) pairs whose gold is higher "
+        "(ties 1/2), averaged over prompts; gap closed = (gold - gold of SFT) / (1 - gold of SFT); target met = "
+        "yes / no, or within noise when the gap-closed interval straddles 50 %; "
         "samples = responses generated for training (SFT: demonstrations); opt. steps = optimizer steps.",
+        "",
+        f"Intervals: the prompt is the unit ({n_prompts} held-out prompts x {per_prompt} answers), since answers to "
+        "one prompt are correlated. ± = 1.96 x the standard deviation of the per-prompt means / sqrt(prompts) "
+        "around the mean of the per-prompt means; [lo, hi] = 2.5 and 97.5 percentiles of 2000 paired bootstrap "
+        "resamples of the prompts (the method's and SFT's answers to a prompt drawn together).",
         "",
         "## Budgets",
         "",

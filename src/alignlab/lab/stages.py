@@ -18,7 +18,7 @@ import torch
 
 from alignlab.config import LabConfig
 from alignlab.data.io import write_jsonl
-from alignlab.evaluate import evaluate_samples
+from alignlab.evaluate import evaluate_samples, spearman
 from alignlab.generation import Sample, SamplingConfig, generate_from_ids
 from alignlab.lab.annotate import annotate
 from alignlab.lab.cache import Lab
@@ -26,7 +26,8 @@ from alignlab.models import load_model, load_tokenizer, resolve_precision
 from alignlab.tasks import Task
 
 # what a point along training records (the final model's evaluation holds these and more)
-POINT_KEYS = ("gold", "gold_ci95", "proxy", "kl", "kl_ci95", "fluency_nll", "distinct_2", "win_rate")
+POINT_KEYS = ("gold", "gold_ci95", "vader", "proxy", "proxy_ci95", "kl", "kl_ci95", "fluency_nll", "distinct_2",
+              "win_rate")
 
 
 def eval_autocast() -> torch.autocast:
@@ -157,9 +158,19 @@ class Context:
 
     # -- evaluation ------------------------------------------------------------------------------------
 
-    def held_out_samples(self, model: str | torch.nn.Module) -> list[Sample]:
-        """One answer per held-out prompt, with the seed every evaluation uses."""
-        return [g[0] for g in self.sample(model, self.eval_prompts, 1, seed=self.cfg.seed + 7)]
+    def held_out_samples(self, model: str | torch.nn.Module, answers: int | None = None) -> list[Sample]:
+        """``answers`` (default ``eval_answers``) answers per held-out prompt, prompt by prompt
+        (:meth:`eval_prompt_index`), with the seed every evaluation uses: each model answers the same prompts with
+        the same random stream, so the comparison with SFT is paired by prompt."""
+        groups = self.sample(model, self.eval_prompts, answers or self.cfg.eval_answers, seed=self.cfg.seed + 7)
+        return [s for g in groups for s in g]
+
+    def eval_prompt_index(self, answers: int | None = None) -> list[int]:
+        """Which held-out prompt each evaluated answer answers: 0, 0, .., 1, 1, .. (``answers`` each)."""
+        return [j for j in range(len(self.eval_prompts)) for _ in range(answers or self.cfg.eval_answers)]
+
+    def eval_prompts_per_answer(self, answers: int | None = None) -> list[str]:
+        return [self.eval_prompts[j] for j in self.eval_prompt_index(answers)]
 
     def judges(self) -> tuple[torch.nn.Module, Any, int]:
         """What every evaluation measures with, loaded once per stage: the SFT model (the reference of KL and
@@ -169,30 +180,39 @@ class Context:
         return (load_model(self.sft_model), load_scorer(self.rm_path, precision="auto"),
                 load_tokenizer(self.sft_model).pad_token_id)
 
-    def _measure(self, samples: list[Sample], policy: torch.nn.Module | None, baseline_gold: list[float] | None,
-                 judges: tuple[torch.nn.Module, Any, int]) -> dict[str, Any]:
+    def _measure(self, samples: list[Sample], policy: torch.nn.Module | None, baseline: dict[str, Any] | None,
+                 judges: tuple[torch.nn.Module, Any, int], answers: int | None = None) -> dict[str, Any]:
+        """Evaluate held-out answers (``answers``, default ``eval_answers``, per prompt, in prompt order);
+        ``baseline`` is SFT's evaluation (its per-answer ``gold_scores`` and ``prompt_index``: the win rate and
+        gap closed)."""
         reference, proxy, pad = judges
         with eval_autocast():
-            return evaluate_samples(samples, self.eval_prompts, gold_score=self.task.gold_score, policy=policy,
+            return evaluate_samples(samples, self.eval_prompts_per_answer(answers), gold_score=self.task.gold_score,
+                                    prompt_index=self.eval_prompt_index(answers), reports=self.task.reports, policy=policy,
                                     reference=reference, pad_token_id=pad, proxy_scorer=proxy,
-                                    baseline_gold=baseline_gold)
+                                    baseline_gold=baseline["gold_scores"] if baseline else None,
+                                    baseline_index=baseline["prompt_index"] if baseline else None)
 
     def _evaluate(self, folder: Path, samples: list[Sample], policy_path: str | None,
-                  baseline_gold: list[float] | None, extra: dict[str, Any] | None = None,
+                  baseline: dict[str, Any] | None, extra: dict[str, Any] | None = None,
                   judges: tuple[torch.nn.Module, Any, int] | None = None) -> dict[str, Any]:
         policy = load_model(policy_path) if policy_path else None
-        result = self._measure(samples, policy, baseline_gold, judges or self.judges())
+        result = self._measure(samples, policy, baseline, judges or self.judges())
         result.update(extra or {})
         write_jsonl(folder / "samples.jsonl", [
-            {"prompt": p, "response": s.text, "gold": g} for p, s, g in
-            zip(self.eval_prompts, samples, result["gold_scores"])])
+            {"prompt": p, "prompt_index": j, "response": s.text, "gold": g} for p, j, s, g in
+            zip(self.eval_prompts_per_answer(), self.eval_prompt_index(), samples, result["gold_scores"])])
         result["examples"] = [s.text for s in samples]
         return result
 
     def evaluate_sft(self, folder: Path) -> dict[str, Any]:
         result = self._evaluate(folder, self.held_out_samples(self.sft_model), self.sft_model, None)
-        base = self.held_out_samples(self.cfg.model)
-        result["base_gold"] = sum(self.task.gold_score(self.eval_prompts, [s.text for s in base])) / len(base)
+        # how far the gold departs from the tone alone on the SFT model's answers (1 = the same order)
+        for name in self.task.reports:
+            result[f"gold_{name}_spearman"] = spearman(result["gold_scores"], result[f"{name}_scores"])
+        base = self.held_out_samples(self.cfg.model, answers=1)  # the base model's gold is context: one answer each
+        base_gold = self.task.gold_score(self.eval_prompts, [s.text for s in base])
+        result["base_gold"] = sum(base_gold) / len(base)
         return result
 
     def evaluate_method(self, method: str, stage: str | None = None) -> Callable[[Path], dict[str, Any]]:
@@ -202,7 +222,7 @@ class Context:
 
         def run(folder: Path) -> dict[str, Any]:
             trained = self.result(stage)
-            baseline = self.result("eval_sft")["gold_scores"]
+            baseline = self.result("eval_sft")
             if method == "bon":
                 samples = [Sample(**s) for s in trained["chosen_samples"]]
                 return self._evaluate(folder, samples, None, baseline, {"kl": trained["kl_bound"],
@@ -213,7 +233,9 @@ class Context:
             points = []
             for step, load in self._models_along_training(method, stage):  # measured as the final model is
                 model = load()
-                measured = self._measure(self.held_out_samples(model), model, baseline, judges)
+                # points along training: curve_answers per prompt (fewer than the final model's: cheaper)
+                answers = self.cfg.curve_answers
+                measured = self._measure(self.held_out_samples(model, answers), model, baseline, judges, answers)
                 points.append({"step": step, **{k: measured.get(k) for k in POINT_KEYS}})
             ends = {"step": trained["optimizer_steps"], **{k: result.get(k) for k in POINT_KEYS}}
             result["curve"] = [*points, ends] if points else []
@@ -391,12 +413,18 @@ class Context:
         from alignlab.scoring import load_scorer
         from alignlab.train.rejection import best_of_n_kl, curve_ks
 
-        n = self.cfg.bon_n
-        groups = self.sample(self.sft_model, self.eval_prompts, n, seed=self.cfg.seed + 11)
+        n, answers = self.cfg.bon_n, self.cfg.eval_answers
+        # n x eval_answers samples per prompt, cut into eval_answers groups of n: best-of-n then has as many
+        # answers per prompt as every other method's evaluation (one sampling call, one scoring call)
+        per_prompt = self.sample(self.sft_model, self.eval_prompts, n * answers, seed=self.cfg.seed + 11)
+        groups = [g[a * n : (a + 1) * n] for g in per_prompt for a in range(answers)]  # prompt by prompt
+        prompts = [p for p in self.eval_prompts_per_answer() for _ in range(n)]
+        texts = [s.text for g in groups for s in g]
         scorer = load_scorer(self.method_reward, precision="auto")
-        curve, chosen = [], []
-        proxy = [scorer.score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
-        gold = [self.task.gold_score([p] * n, [s.text for s in g]) for p, g in zip(self.eval_prompts, groups)]
+        proxy_flat, gold_flat = scorer.score(prompts, texts), self.task.gold_score(prompts, texts)
+        proxy = [proxy_flat[i * n : (i + 1) * n] for i in range(len(groups))]
+        gold = [gold_flat[i * n : (i + 1) * n] for i in range(len(groups))]
+        curve = []
         for k in curve_ks(n):
             picks = [max(range(k), key=lambda i, s=s: (s[i], -i)) for s in proxy]
             curve.append({"n": k, "kl": best_of_n_kl(k),
@@ -404,5 +432,5 @@ class Context:
                           "proxy": sum(s[i] for s, i in zip(proxy, picks)) / len(picks)})
         picks = [max(range(n), key=lambda i, s=s: (s[i], -i)) for s in proxy]
         chosen = [groups[j][i] for j, i in enumerate(picks)]
-        return {"n": n, "kl_bound": best_of_n_kl(n), "samples": n * len(self.eval_prompts), "optimizer_steps": 0,
+        return {"n": n, "kl_bound": best_of_n_kl(n), "samples": len(texts), "optimizer_steps": 0,
                 "curve": curve, "chosen_samples": [s.__dict__ for s in chosen]}

@@ -149,4 +149,5 @@ def arithmetic_task(n_eval: int = 64, seed: int = 0, prompts: Sequence[str] | No
         demonstrations=demos,
         description="two-step integer word problems; gold: the final number is the exact answer (accuracy)",
         reward=arithmetic_reward,
+        gold_formula="1 when the answer's final number is the exact result, else 0 (accuracy)",
     )

@@ -27,6 +27,10 @@ class Task:
         description: one line for the report.
         reward: a *verifiable* reward a trainer may optimise directly (``f(prompts, responses) -> scores``,
             e.g. exact-answer checks), or None when the reward must be learned from preferences.
+        reports: extra scorers (name -> ``f(prompts, responses) -> scores``) the evaluation reports beside the gold,
+            e.g. ``{"vader": ...}``: the tone alone, for comparison with published numbers.
+        gold_formula: the gold score in one line, for the report; it also keys the lab's cached stages, so data
+            ranked by an older gold is recomputed.
     """
 
     name: str
@@ -37,6 +41,8 @@ class Task:
     demonstrations: list[dict[str, str]] = field(default_factory=list)
     description: str = ""
     reward: GoldScorer | None = None
+    reports: dict[str, GoldScorer] = field(default_factory=dict)
+    gold_formula: str = ""
 
     def as_prompt(self, text: str) -> dict[str, str]:
         """The prompt a trainer sees: an Alpaca mapping (rendered by ``encode_prompt(template="alpaca")``)."""

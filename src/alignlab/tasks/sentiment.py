@@ -1,8 +1,11 @@
 """Controlled sentiment generation: the experiment the DPO paper used to compare DPO with PPO.
 
 The model writes the rest of a movie review from its opening; the preference to learn is positive
-sentiment. The gold "user" is the VADER sentiment analyser (``vaderSentiment``, compound score in [-1, 1]),
-which nobody here wrote: the learners only ever see it through preference labels, and it judges the result.
+sentiment. The gold "user" starts from the VADER sentiment analyser (``vaderSentiment``, compound score in
+[-1, 1]), which nobody here wrote, and asks for substance besides tone (:func:`substantive_gold`): VADER alone
+gives 0.99 to positive word salad ("... beautiful beautiful characters with great ..."), which a reward-hacked
+policy finds. The learners only ever see the gold through preference labels, and it judges the result; VADER
+alone stays a reported column (``Task.reports``), the DPO paper's measure.
 
 Prompts: review openings written for this project, combining positive, neutral and negative opening
 phrases with kinds of film (3 x 8 x 15 = 360 openings, the same on every machine), split into train and
@@ -18,6 +21,7 @@ sentiment: its mean gold score starts near zero and there is room to align it.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -97,9 +101,86 @@ def _vader():  # loading the lexicon is slow: once per process
 
 
 def vader_compound(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """The gold score: VADER's compound sentiment of each response, in [-1, 1]."""
+    """VADER's compound sentiment of each response, in [-1, 1] (tone only; reported beside the gold)."""
     analyser = _vader()
     return [float(analyser.polarity_scores(r)["compound"]) for r in responses]
+
+
+# -- the gold: tone, without repetition, about the film --------------------------------------------------------
+
+REPETITION_WEIGHT = 1.5  # w_rep: all content words repeats (rep = 1) cost 1.5, more than VADER's whole upper half
+RELEVANCE_WEIGHT = 0.3  # w_rel: an answer with nothing about the film loses 0.3, a clear but not dominant drop
+RELEVANCE_WORDS = 1  # on-topic content words an answer needs for full relevance (answers are ~30 tokens)
+
+GOLD_FORMULA = (f"clip(VADER - {REPETITION_WEIGHT:g} x repeated content-word share - {RELEVANCE_WEIGHT:g} x "
+                f"(1 - relevance), -1, 1); relevance = min(1, distinct on-topic content words / {RELEVANCE_WORDS})")
+
+# function words: what is left ("content words") carries the answer's substance
+STOPWORDS = frozenset("""
+a about after again all also am an and any are as at be because been before being but by can could did do does
+doing don down during each even ever every few for from further had has have having he her here hers him his how
+if in into is it its itself just me more most much my no nor not now of off on once only or other our out over own
+really same she should so some such than that the their them then there these they this those through to too
+under until up very was we were what when where which while who whom why will with would you your yet quite
+""".split())
+
+# what a movie review talks about: films, their parts and makers, and the kinds of film the openings name
+MOVIE_WORDS = frozenset("""
+film films movie movies cinema theater theatre screen story stories plot acting actor actors actress cast scene
+scenes setting sets ending climax twist opening director directors direction directing script screenplay writing
+dialogue narrative tale plot pacing performance performances role roles lead leads protagonist hero villain
+character characters actresses music soundtrack score songs jokes humor visuals effects camera cinematography
+trailer sequel original remake thriller western horror comedy documentary musical drama epic indie animated
+animation romantic romance science fiction detective war family book viewer viewers audience watch watched
+recommend
+""".split())
+
+
+def content_words(text: str) -> list[str]:
+    """The lowercase alphabetic words of ``text`` that are not function words (``STOPWORDS``), nor shorter
+    than 3 letters (the halves of contractions: "don", "t")."""
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2 and w not in STOPWORDS]
+
+
+def repetition(response: str) -> float:
+    """rep = (content words that repeat an earlier content word of the response) / (content words), in [0, 1);
+    0 without content words. "beautiful beautiful" and "great ... great ... great" count every repeat; a varied
+    continuation scores near 0."""
+    words = content_words(response)
+    return (len(words) - len(set(words))) / len(words) if words else 0.0
+
+
+def _opening(prompt: str) -> str:
+    """The review opening inside a rendered Alpaca prompt (its ``input``), or the prompt itself: the template's
+    preamble and instruction are the same for every prompt and say nothing about this film."""
+    if "### Input:" in prompt:
+        prompt = prompt.split("### Input:", 1)[1].split("### Response:", 1)[0]
+    return prompt
+
+
+def relevance(prompt: str | None, response: str) -> float:
+    """rel = min(1, |on-topic content words of the response| / RELEVANCE_WORDS), in [0, 1]: distinct content words
+    the response shares with the prompt's opening or with ``MOVIE_WORDS``. An answer about a restaurant scores 0."""
+    topic = MOVIE_WORDS | set(content_words(_opening(prompt or "")))
+    return min(1.0, len(set(content_words(response)) & topic) / RELEVANCE_WORDS)
+
+
+def substantive_gold(prompts: Sequence[str] | None, responses: Sequence[str]) -> list[float]:
+    """The sentiment task's gold: positive tone, with substance.
+
+        gold = clip(s - w_rep * rep - w_rel * (1 - rel), -1, 1)
+
+    s = VADER compound of the response in [-1, 1] (:func:`vader_compound`); rep = the share of its content words
+    that repeat an earlier one (:func:`repetition`); rel = its relevance to the review it continues
+    (:func:`relevance`); w_rep = ``REPETITION_WEIGHT``, w_rel = ``RELEVANCE_WEIGHT``. On the SFT model's samples the
+    order is nearly VADER's (docs/lab.md gives the rank correlation; every lab report states it), while positive
+    word salad drops from ~0.99 to below 0.5 and an answer that ignores its prompt loses ``RELEVANCE_WEIGHT``.
+    Pure text functions: no model computes it. ``prompts`` may be None (relevance then from ``MOVIE_WORDS`` only).
+    """
+    tone = vader_compound(prompts or [], responses)
+    prompts = prompts if prompts is not None else [None] * len(responses)
+    return [max(-1.0, min(1.0, s - REPETITION_WEIGHT * repetition(r) - RELEVANCE_WEIGHT * (1 - relevance(p, r))))
+            for s, p, r in zip(tone, prompts, responses)]
 
 
 def all_openings() -> list[tuple[str, str]]:
@@ -142,7 +223,10 @@ def sentiment_task(n_eval: int = 64, seed: int = 0, prompts: Sequence[str] | Non
         instruction=INSTRUCTION,
         train_prompts=train,
         eval_prompts=evals,
-        gold_score=vader_compound,
+        gold_score=substantive_gold,
         demonstrations=demos,
-        description="continue a movie review; preferred: positive sentiment (VADER compound, gold)",
+        description="continue a movie review; preferred: positive sentiment with substance (VADER compound, less "
+                    "repetition and off-topic penalties: the gold)",
+        reports={"vader": vader_compound},
+        gold_formula=GOLD_FORMULA,
     )
