@@ -727,7 +727,8 @@ class LabConfig(Checked):
 
 def quick_config(**overrides: Any) -> LabConfig:
     """The ``--quick`` lab: the tiny model and small budgets (about a minute; used in the test suite)."""
-    base = dict(name="quick", model="tiny-random", n_eval=8, eval_answers=2, curve_answers=1, n_train=8, max_new_tokens=8, sft_steps=3,
+    base = dict(name="quick", model="tiny-random", n_eval=8, eval_answers=2, curve_answers=1, n_train=8,
+                max_new_tokens=8, sft_steps=3,
                 sft_lr=3e-3, k_annotate=3, rm_steps=3, rm_lr=3e-3, dpo_steps=2, dpo_lr=3e-3, ppo_iterations=2,
                 ppo_nokl_iterations=3, ppo_rollout=8, ppo_lr=3e-3, grpo_iterations=2, grpo_lr=3e-3, rs_n=3,
                 rs_steps=2, rs_lr=3e-3, bon_n=4, batch_size=8, gen_batch_size=48, lora=False)

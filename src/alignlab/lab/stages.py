@@ -188,7 +188,8 @@ class Context:
         reference, proxy, pad = judges
         with eval_autocast():
             return evaluate_samples(samples, self.eval_prompts_per_answer(answers), gold_score=self.task.gold_score,
-                                    prompt_index=self.eval_prompt_index(answers), reports=self.task.reports, policy=policy,
+                                    prompt_index=self.eval_prompt_index(answers), reports=self.task.reports,
+                                    policy=policy,
                                     reference=reference, pad_token_id=pad, proxy_scorer=proxy,
                                     baseline_gold=baseline["gold_scores"] if baseline else None,
                                     baseline_index=baseline["prompt_index"] if baseline else None)
