@@ -399,7 +399,8 @@ def write_report(lab: Lab, task: Task) -> Path:
         "",
         "Each star is a method's final model on the held-out prompts (with its 95% interval); "
         + ("the thin line behind it follows the same method along training, from the SFT model (KL 0) through "
-           "checkpoints evaluated the same way (rejection sampling: the end of each round); "
+           f"checkpoints evaluated the same way on {cfg.curve_answers} answer(s) per held-out prompt (rejection "
+           "sampling: the end of each round); "
            if cfg.curve_points else "dashed lines follow PPO along training on its rollouts; ")
         + "the best-of-n line is the cheapest way to trade KL for reward and the baseline for the others.",
         "",
