@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from alignlab.data.templates import render_alpaca_prompt
+from alignlab.data.templates import alpaca_input, render_alpaca_prompt
 from alignlab.evaluate import (
     clustered_mean_ci95,
     compare_to_baseline,
@@ -60,6 +60,8 @@ def test_an_answer_that_ignores_its_prompt_scores_below_one_that_continues_it():
     # the prompt's own words count as on topic (the rendered Alpaca prompt: only its input is read)
     rendered = render_alpaca_prompt("Continue the review.", "The waiter saw it.")
     assert relevance(rendered, off_topic) == 1.0 and relevance(PROMPT, off_topic) == 0.0
+    # the input, as the report shows it too; a prompt without an input section is read whole
+    assert alpaca_input(rendered) == "The waiter saw it." and alpaca_input(PROMPT) == PROMPT
 
 
 def test_gold_formula_on_a_hand_computed_example():

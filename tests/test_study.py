@@ -68,8 +68,25 @@ def test_budget_sentence_names_a_clear_winner_or_says_within_noise():
     assert sentence.startswith("At KL <= 5 nats DPO wins") and "runner-up PPO (KL)" in sentence
     noisy = {"ppo": _at(0.50, 0.70, 0.60), "dpo": _at(0.62, 0.58, 0.66)}
     sentence = budget_sentence(2.0, noisy)
-    assert "DPO" in sentence and "PPO (KL)" in sentence and "within noise" in sentence and "includes 0" in sentence
+    assert sentence.startswith("At KL <= 2 nats DPO leads") and "within noise of PPO (KL)" in sentence
+    assert "includes 0" in sentence and "wins" not in sentence
     assert "no interval" in budget_sentence(2.0, {"ppo": _at(0.5), "dpo": _at(0.6)})  # one seed
+
+
+def test_the_leader_wins_only_when_it_beats_every_method_that_reaches_the_budget():
+    # DPO is clearly above the runner-up by mean (IPO: differences 0.2, 0.21, 0.2) but not above PPO, whose
+    # mean is lower and whose seeds scatter (differences 0.25, -0.03, 0.25): DPO only leads, within noise of PPO
+    at = {"ipo": _at(0.50, 0.55, 0.60), "dpo": _at(0.70, 0.76, 0.80), "ppo": _at(0.45, 0.79, 0.55)}
+    sentence = budget_sentence(5.0, at)
+    assert sentence.startswith("At KL <= 5 nats DPO leads") and "wins" not in sentence
+    assert "within noise of PPO (KL)" in sentence and "IPO" not in sentence
+    # a method that never reaches the budget is not compared (its value is its best at less KL)
+    at["ppo"] = _at(0.45, 0.79, 0.55, reached=False)
+    sentence = budget_sentence(5.0, at)
+    assert sentence.startswith("At KL <= 5 nats DPO wins") and "Not compared: PPO (KL)" in sentence
+    # the leader reaching the budget on only some seeds is said
+    at["dpo"] = [AtBudget(0.70, True), AtBudget(0.76, False), AtBudget(0.80, True)]
+    assert "DPO's frontier reached on 2/3 seeds" in budget_sentence(5.0, at)
 
 
 def test_dpo_paper_statement_reproduced_not_or_inconclusive():
@@ -86,6 +103,16 @@ def test_dpo_paper_statement_reproduced_not_or_inconclusive():
                  10.0: {"dpo": _at(0.90, 0.91, 0.92), "ppo": _at(0.50, 0.70, 0.60, reached=False)}}
     assert dpo_paper_verdict(unreached)[0] == "inconclusive"
     assert dpo_paper_verdict({2.0: {"dpo": _at(0.5)}})[0] == "not tested"
+
+
+def test_dpo_paper_statement_is_mixed_when_each_leads_somewhere():
+    # DPO significantly better at 2 nats; PPO's mean higher at 5 nats, within noise: neither "reproduced" nor noise
+    mixed = {2.0: {"dpo": _at(0.70, 0.76, 0.80), "ppo": _at(0.50, 0.55, 0.60)},
+             5.0: {"dpo": _at(0.80, 0.82, 0.86), "ppo": _at(0.85, 0.76, 0.90)}}
+    status, sentence = dpo_paper_verdict(mixed)
+    assert status == "mixed" and "**mixed**" in sentence
+    assert "DPO is significantly better at 2 nats" in sentence
+    assert "PPO's mean is higher (within noise) at 5 nats" in sentence
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -182,7 +209,7 @@ def test_quick_study_resumes_after_a_failure_then_reuses_every_stage(tmp_path, m
     assert (root / "frontiers.png").stat().st_size > 10_000
     assert "data:image/png;base64," in (root / "study.html").read_text()
     summary = json.loads((root / "study.json").read_text())
-    assert summary["dpo_paper"]["status"] in ("reproduced", "not reproduced", "inconclusive")
+    assert summary["dpo_paper"]["status"] in ("reproduced", "not reproduced", "mixed", "inconclusive")
     runs = summary["runs"]
     assert {(r["seed"], r["stage"]) for r in runs} == {(s, n) for s in (0, 1) for n in (
         "ppo", "ppo@kl_coef=0.5", "dpo", "dpo@beta=0.5", "bon")}

@@ -33,8 +33,13 @@ from alignlab.train.forward import collate_aligned, completion_logps
 Z_95 = 1.96  # the normal 97.5% quantile; with 64 prompts Student's t (2.00) would widen intervals by 2%
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% normal interval) of independent values."""
+def mean_half_width(values: Sequence[float], quantile: float) -> tuple[float, float]:
+    """(mean, half-width) of independent values for a two-sided interval with the given ``quantile``:
+
+        half-width = quantile * sqrt(s^2 / n),    s^2 = sum (v - mean)^2 / (n - 1)
+
+    (the normal 1.96 for :func:`mean_ci95`, Student's t_{0.975, n-1} for few values); nan for both when there are
+    no values, nan half-width for one (no spread to measure)."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
@@ -42,7 +47,12 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     if n == 1:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, Z_95 * math.sqrt(var / n)
+    return mean, quantile * math.sqrt(var / n)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% normal interval) of independent values: :func:`mean_half_width` with 1.96."""
+    return mean_half_width(values, Z_95)
 
 
 def group_by_prompt(values: Sequence[float], prompt_index: Sequence[int]) -> dict[int, list[float]]:

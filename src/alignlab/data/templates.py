@@ -20,6 +20,7 @@ __all__ = [
     "CHAT_ROLES",
     "render_alpaca_prompt",
     "alpaca_user_message",
+    "alpaca_input",
     "has_chat_template",
     "require_chat_template",
     "check_messages",
@@ -59,6 +60,14 @@ def alpaca_user_message(instruction: str, input: str = "") -> str:  # noqa: A002
     """The user turn for an Alpaca record rendered with a chat template: the instruction, then a blank line
     and the input when the input is non-empty."""
     return f"{instruction}\n\n{input}" if input else instruction
+
+
+def alpaca_input(prompt: str) -> str:
+    """The ``input`` of a prompt rendered with :data:`ALPACA_PROMPT_WITH_INPUT` (the text between ``### Input:``
+    and ``### Response:``, surrounding newlines dropped), or ``prompt`` unchanged when it has no input section."""
+    if "### Input:" not in prompt:
+        return prompt
+    return prompt.split("### Input:", 1)[1].split("### Response:", 1)[0].strip("\n")
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from alignlab.errors import AlignlabError
+from alignlab.evaluate import mean_half_width
 
 Point = tuple[float, float]  # (KL nats, gold)
 
@@ -125,17 +126,11 @@ def t_cdf(x: float, df: int, steps: int = 2000) -> float:
 
 
 def mean_interval(values: Sequence[float]) -> Interval:
-    """The mean of ``values`` (one per seed) and the half-width of its 95% t-interval:
-
-        half_width = t_{0.975, S-1} * sd / sqrt(S),   sd = sqrt(sum (v - mean)^2 / (S - 1)),  S = len(values)
-
-    (nan for S = 1: one seed says nothing about the spread across seeds)."""
+    """The mean of ``values`` (one per seed) and the half-width of its 95% t-interval, t_{0.975, S-1} sd / sqrt(S)
+    with S = len(values) (:func:`alignlab.evaluate.mean_half_width`; nan for S = 1: one seed says nothing about
+    the spread across seeds)."""
     s = len(values)
-    mean = sum(values) / s
-    if s < 2:
-        return Interval(mean, math.nan)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (s - 1))
-    return Interval(mean, t_quantile_975(s - 1) * sd / math.sqrt(s))
+    return Interval(*mean_half_width(values, t_quantile_975(s - 1) if s > 1 else math.nan))
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> Interval:

@@ -9,9 +9,10 @@ where R is the reward's gain over the initial policy (d = 0). The proxy follows 
 b: it keeps rising where the gold has turned. This module holds those fits and the verdicts the lab's report
 draws from them, as pure functions over plain numbers and the stage results (dicts): nothing here loads a model.
 
-    calibrate_proxy          proxy -> gold units, fitted on the SFT model's held-out answers
+    calibrate_proxy          proxy -> gold units by the ratio of spreads on the SFT model's held-out answers, with r
     fit_bon, fit_rl          the two forms, linear least squares in (a, b)
-    overoptimization_onset   the first point after the gold's peak where it has fallen while the proxy still rises
+    overoptimization_onset   the first point after the gold's peak where it has fallen by more than the combined
+                             interval of the two points while the proxy still rises
     analyze                  all of the above for one lab run: the JSON the report and later checks read
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from alignlab.errors import AlignlabError
 
@@ -30,22 +31,43 @@ RUNS = ("ppo", "ppo_nokl", "bon")  # the runs drawn: PPO with and without the pe
 # ----------------------------------------------------------------------------------------------- calibration
 
 
-def calibrate_proxy(proxy: Sequence[float], gold: Sequence[float]) -> tuple[float, float]:
-    """The least-squares line ``gold ~ slope * proxy + intercept`` over paired answers.
+class ProxyLine(NamedTuple):
+    """The proxy's map into gold units, ``gold ~ slope * proxy + intercept``, and the proxy's Pearson correlation
+    ``r`` with the gold on the answers it was fitted on (None when only summaries were available)."""
+
+    slope: float
+    intercept: float
+    r: float | None
+
+
+def proxy_line(proxy_mean: float, proxy_sd: float, gold_mean: float, gold_sd: float, r: float | None) -> ProxyLine:
+    """The line that gives the proxy the gold's mean and spread:
+
+        slope = sign(r) * sd_gold / sd_proxy,    intercept = mean_gold - slope * mean_proxy
+
+    (sign(r) = -1 for r < 0, else +1; r None counts as positive: the reward model was trained to agree with the
+    gold's annotators). Not the least-squares slope r * sd_gold / sd_proxy: that one shrinks every proxy gain by
+    the correlation |r| < 1, so a proxy that rose as far as the gold, in standard deviations, would be drawn below
+    it and its overoptimization understated. ``r`` is reported beside the line to say how far to trust it.
+    Only the slope matters for gains (``slope * (proxy - proxy_sft)``); the intercept places absolute values.
+    """
+    slope = (-1.0 if r is not None and r < 0 else 1.0) * gold_sd / proxy_sd
+    return ProxyLine(slope, gold_mean - slope * proxy_mean, r)
+
+
+def calibrate_proxy(proxy: Sequence[float], gold: Sequence[float]) -> ProxyLine:
+    """The proxy in gold units over paired answers: :func:`proxy_line` with their means, standard deviations and
+    Pearson correlation r = sum (p - mean_p)(g - mean_g) / sqrt(sum (p - mean_p)^2 sum (g - mean_g)^2).
 
     Why: a reward model trained on rankings is defined only up to a shift and a scale (the K-wise loss sees
     differences of scores, and its scale is whatever the training reached), so its raw numbers cannot be drawn
     beside the gold's. Fitted on the SFT model's held-out answers (the distribution the reward model was trained
     on, where it is as right as it will ever be), the line puts the proxy in gold units; how far the calibrated
-    proxy then parts from the gold as the policy drifts is the overoptimization. Only the slope matters for gains
-    (``slope * (proxy - proxy_sft)``); the intercept places absolute values.
+    proxy then parts from the gold as the policy drifts is the overoptimization.
 
     Args:
         proxy: the reward model's scores, shape (n,).
         gold: the gold scores of the same answers, shape (n,).
-
-    Returns:
-        (slope, intercept).
     """
     pairs = [(p, g) for p, g in zip(proxy, gold) if math.isfinite(p) and math.isfinite(g)]
     if len(proxy) != len(gold) or len(pairs) < 2:
@@ -54,27 +76,26 @@ def calibrate_proxy(proxy: Sequence[float], gold: Sequence[float]) -> tuple[floa
     n = len(pairs)
     mean_p = sum(p for p, _ in pairs) / n
     mean_g = sum(g for _, g in pairs) / n
-    var_p = sum((p - mean_p) ** 2 for p, _ in pairs)
-    if var_p == 0 or all(g == pairs[0][1] for _, g in pairs):  # no line to fit, or every gain would read 0
+    ss_p = sum((p - mean_p) ** 2 for p, _ in pairs)
+    ss_g = sum((g - mean_g) ** 2 for _, g in pairs)
+    if ss_p == 0 or ss_g == 0:  # no spread to match, or every gain would read 0
         raise AlignlabError("calibrating the proxy needs proxy and gold scores that differ (all are equal)",
                             field="proxy_scores")
-    slope = sum((p - mean_p) * (g - mean_g) for p, g in pairs) / var_p
-    return slope, mean_g - slope * mean_p
+    r = sum((p - mean_p) * (g - mean_g) for p, g in pairs) / math.sqrt(ss_p * ss_g)
+    return proxy_line(mean_p, math.sqrt(ss_p / n), mean_g, math.sqrt(ss_g / n), r)
 
 
-def standardize_proxy(proxy_mean: float, proxy_ci95: float, gold_mean: float, gold_ci95: float) -> tuple[float, float]:
-    """The fallback of :func:`calibrate_proxy` when per-answer proxy scores are not stored: the line that gives
-    the proxy the gold's mean and spread on the SFT answers. Both intervals are 1.96 std / sqrt(n) over the same
-    answers, so their ratio is the ratio of the spreads: slope = gold_ci95 / proxy_ci95 (a standardization, which
-    ignores how well the two agree: the regression slope is that times their correlation).
+def standardize_proxy(proxy_mean: float, proxy_ci95: float, gold_mean: float, gold_ci95: float) -> ProxyLine:
+    """The fallback of :func:`calibrate_proxy` when per-answer proxy scores are not stored: :func:`proxy_line` on
+    the means and intervals of the SFT answers. Both intervals are 1.96 sd / sqrt(n) over the same answers, so
+    their ratio is the ratio of the spreads; the correlation is unknown (r None, taken as positive).
 
     Returns:
-        (slope, intercept); slope 1 (the raw proxy, shifted) when either interval is zero or not finite: no
-        spread to match, and a slope of 0 would flatten every proxy gain.
+        the line; slope 1 (the raw proxy, shifted) when either interval is zero or not finite: no spread to
+        match, and a slope of 0 would flatten every proxy gain.
     """
     ok = math.isfinite(proxy_ci95) and math.isfinite(gold_ci95) and proxy_ci95 > 0 and gold_ci95 > 0
-    slope = gold_ci95 / proxy_ci95 if ok else 1.0
-    return slope, gold_mean - slope * proxy_mean
+    return proxy_line(proxy_mean, proxy_ci95 if ok else 1.0, gold_mean, gold_ci95 if ok else 1.0, None)
 
 
 # ----------------------------------------------------------------------------------------------- fits
@@ -160,14 +181,24 @@ def fit_rl(d: Sequence[float], gain: Sequence[float]) -> Fit:
 # ----------------------------------------------------------------------------------------------- onset
 
 
+def combined_ci95(*half_widths: float | None) -> float:
+    """The 95% half-width of a difference of independent estimates, sqrt(sum h_i^2); nan when any is missing or
+    not finite (no interval, so no test)."""
+    if any(h is None or not math.isfinite(h) for h in half_widths):
+        return math.nan
+    return math.sqrt(sum(h * h for h in half_widths))
+
+
 @dataclass(frozen=True)
 class Onset:
-    """Where the gold turned while the proxy did not: the peak (index, KL, gold, proxy) and the first later
-    point whose gold is below the peak by more than its own 95% interval while its proxy is above the peak's."""
+    """Where the gold turned while the proxy did not: the peak (index, KL, gold and its interval, proxy) and the
+    first later point whose gold is below the peak's by more than :attr:`combined_ci95` while its proxy is above
+    the peak's."""
 
     peak_index: int
     peak_kl: float
     peak_gold: float
+    peak_gold_ci95: float
     peak_proxy: float
     index: int
     kl: float
@@ -177,20 +208,29 @@ class Onset:
 
     @property
     def drop(self) -> float:
-        """How far the gold fell from the peak (> gold_ci95)."""
+        """How far the gold fell from the peak (> combined_ci95)."""
         return self.peak_gold - self.gold
+
+    @property
+    def combined_ci95(self) -> float:
+        """The interval the drop had to exceed: sqrt(ci_peak^2 + ci_later^2) (:func:`combined_ci95`)."""
+        return combined_ci95(self.peak_gold_ci95, self.gold_ci95)
 
 
 def overoptimization_onset(points: Sequence[Mapping[str, Any]]) -> Onset | None:
-    """The first point after the gold's peak where the gold has fallen below the peak by more than that point's
-    95% interval while the proxy is still above its value at the peak, or None.
+    """The first point after the gold's peak where the gold has fallen below the peak by more than the combined
+    95% interval of the two points while the proxy is above its value at the peak, or None:
+
+        gold(peak) - gold(later) > sqrt(ci_peak^2 + ci_later^2)   and   proxy(later) > proxy(peak)
 
     Args:
         points: one run along its training, in order (held-out checkpoints, then the final model; the SFT model
             may lead at KL 0): each with ``kl``, ``gold``, ``gold_ci95`` and ``proxy``.
 
-    The interval is the later point's alone (the peak's own noise is not added): a fall of more than it is a fall
-    the later point's sampling cannot explain, given the peak; a non-finite interval never counts as a fall.
+    Both points are noisy and the peak is the largest of several, so the later point's interval alone would
+    take the peak's luck for a fall. The combined interval treats the two as independent, which is conservative:
+    they answer the same held-out prompts, so a paired interval (of the per-prompt differences) would be
+    narrower. A non-finite interval at either point never counts as a fall.
     """
     if not points:
         return None
@@ -198,18 +238,19 @@ def overoptimization_onset(points: Sequence[Mapping[str, Any]]) -> Onset | None:
     top = points[peak]
     for i in range(peak + 1, len(points)):
         p = points[i]
-        ci = p.get("gold_ci95")
-        fell = ci is not None and math.isfinite(ci) and top["gold"] - p["gold"] > ci
+        ci = combined_ci95(top.get("gold_ci95"), p.get("gold_ci95"))
+        fell = math.isfinite(ci) and top["gold"] - p["gold"] > ci
         if fell and p["proxy"] > top["proxy"]:
-            return Onset(peak_index=peak, peak_kl=top["kl"], peak_gold=top["gold"], peak_proxy=top["proxy"],
-                         index=i, kl=p["kl"], gold=p["gold"], gold_ci95=ci, proxy=p["proxy"])
+            return Onset(peak_index=peak, peak_kl=top["kl"], peak_gold=top["gold"], peak_gold_ci95=top["gold_ci95"],
+                         peak_proxy=top["proxy"], index=i, kl=p["kl"], gold=p["gold"], gold_ci95=p["gold_ci95"],
+                         proxy=p["proxy"])
     return None
 
 
 # ----------------------------------------------------------------------------------------------- one lab run
 
 
-def _d(kl: float) -> float:
+def sqrt_kl(kl: float) -> float:
     """d = sqrt(KL); a sampled KL estimate can dip below 0 near the start, which is KL 0."""
     return math.sqrt(max(kl, 0.0))
 
@@ -227,30 +268,33 @@ def json_safe(value: Any) -> Any:
 
 
 def calibration(sft_eval: Mapping[str, Any]) -> dict[str, Any]:
-    """The proxy's line into gold units from the SFT model's held-out evaluation: least squares on its per-answer
-    ``proxy_scores`` and ``gold_scores`` where stored, else :func:`standardize_proxy` on the means and intervals."""
+    """The proxy's line into gold units from the SFT model's held-out evaluation: :func:`calibrate_proxy` on its
+    per-answer ``proxy_scores`` and ``gold_scores`` where stored, else :func:`standardize_proxy` on the means and
+    intervals. Returns slope, intercept, r (Pearson, None when not measured) and how."""
     proxy, gold = sft_eval.get("proxy_scores"), sft_eval.get("gold_scores")
     if proxy and gold:
         try:
-            slope, intercept = calibrate_proxy(proxy, gold)
-            return {"slope": slope, "intercept": intercept, "how": "least squares on the SFT answers"}
+            line = calibrate_proxy(proxy, gold)
+            how = "the gold's spread over the proxy's on the SFT answers, sd_gold / sd_proxy"
+            return {**line._asdict(), "how": how}
         except AlignlabError:
             pass  # all proxy scores equal, say: standardize
     proxy_ci, gold_ci = sft_eval.get("proxy_ci95", float("nan")), sft_eval.get("gold_ci95", float("nan"))
-    slope, intercept = standardize_proxy(sft_eval.get("proxy", 0.0), proxy_ci, sft_eval["gold"], gold_ci)
+    line = standardize_proxy(sft_eval.get("proxy", 0.0), proxy_ci, sft_eval["gold"], gold_ci)
     spread = proxy_ci > 0 and gold_ci > 0  # false for nan too
-    return {"slope": slope, "intercept": intercept,
-            "how": "standardized to the gold's mean and spread on the SFT answers" if spread
+    return {**line._asdict(),
+            "how": "standardized to the gold's mean and spread on the SFT answers (from their intervals)" if spread
             else "not scaled (no spread on the SFT answers to match)"}
 
 
 def run_points(results: Mapping[str, Mapping[str, Any]], run: str,
                proxy_is_reward_model: bool = True) -> list[dict[str, Any]]:
-    """A run's points from the SFT model (KL 0) on: ``{kl, gold, gold_ci95, proxy}``.
+    """A run's points from the SFT model (KL 0) on: ``{step, kl, gold, gold_ci95, proxy}``.
 
     PPO runs: the held-out checkpoints and the final model (``eval_<run>``'s curve, or its final evaluation
-    alone), after the SFT model's held-out evaluation. Best-of-n: its curve over n (n = 1 is the SFT model on
-    the same draws, a better origin for its gains than another draw; KL the analytic bound; no intervals); its
+    alone), after the SFT model's held-out evaluation (step 0); ``step`` = optimizer steps done (the final model's
+    from the training stage when its evaluation has no curve). Best-of-n: its curve over n (n = 1 is the SFT model
+    on the same draws, a better origin for its gains than another draw; KL the analytic bound; no intervals); its
     proxy is nan when it picked by a task's checked reward (``proxy_is_reward_model`` False), which the reward
     model's calibration does not map.
     """
@@ -263,17 +307,23 @@ def run_points(results: Mapping[str, Mapping[str, Any]], run: str,
         return []
     sft = results["eval_sft"]
     keys = ("kl", "gold", "gold_ci95", "proxy")
-    along = ev.get("curve") or [ev]
-    return [{**{k: sft.get(k) for k in keys}, "kl": 0.0}, *({k: c.get(k) for k in keys} for c in along)]
+    along = ev.get("curve") or [{**ev, "step": results.get(run, {}).get("optimizer_steps")}]
+    return [{**{k: sft.get(k) for k in keys}, "kl": 0.0, "step": 0},
+            *({**{k: c.get(k) for k in keys}, "step": c.get("step")} for c in along)]
 
 
 def gains(points: Sequence[Mapping[str, Any]], slope: float) -> dict[str, list[float]]:
-    """Per point: d = sqrt(KL), the gold's gain over the first point (d = 0) and the calibrated proxy's,
-    slope * (proxy - proxy at d = 0), each shape (n,)."""
+    """Per point: d = sqrt(KL) (:func:`sqrt_kl`), the gold's gain over the first point (d = 0) and the calibrated
+    proxy's, slope * (proxy - proxy at d = 0), each shape (n,)."""
     first = points[0]
-    return {"d": [_d(p["kl"]) for p in points],
+    return {"d": [sqrt_kl(p["kl"]) for p in points],
             "gold": [p["gold"] - first["gold"] for p in points],
             "proxy": [slope * (p["proxy"] - first["proxy"]) for p in points]}
+
+
+def kl_at_step(points: Sequence[Mapping[str, Any]], step: int | None) -> float | None:
+    """The KL of the point evaluated after ``step`` optimizer steps, or None when the run has no such point."""
+    return next((p["kl"] for p in points if step is not None and p.get("step") == step), None)
 
 
 def _fit_or_reason(fit: Callable[[Sequence[float], Sequence[float]], Fit], d: list[float],
@@ -296,12 +346,16 @@ def analyze(results: Mapping[str, Mapping[str, Any]], target_kl: float = 10.0,
             scored by the checked reward rather than the reward model.
 
     Returns:
-        ``calibration`` (slope, intercept, how); ``runs``: per run its ``points`` (kl, d, gold, gold_ci95, proxy,
-        gold_gain, proxy_gain) and fits ``fit_gold`` / ``fit_proxy`` (a, b, r2, rmse, n, or an ``error``; RL form
-        for PPO, best-of-n form for best-of-n); ``onset``: the unpenalized run's :func:`overoptimization_onset`
-        (None if none) and ``gold_falls_while_proxy_rises``; ``penalized_kl``, ``unpenalized_kl`` and
-        ``penalty_halves_kl`` (the penalized run ends at no more than half the unpenalized one's KL; None when
-        either is missing); ``simpo_kl`` and ``simpo_over_target``.
+        ``calibration`` (slope, intercept, r, how); ``runs``: per run its ``points`` (step or n, kl, d, gold,
+        gold_ci95, proxy, gold_gain, proxy_gain) and fits ``fit_gold`` / ``fit_proxy`` (a, b, r2, rmse, n, or an
+        ``error``; RL form for PPO, best-of-n form for best-of-n); ``onset``: the unpenalized run's
+        :func:`overoptimization_onset` with its ``drop`` and ``combined_ci95`` (None if none) and
+        ``gold_falls_while_proxy_rises``; ``penalized_kl``, ``unpenalized_kl`` and ``penalty_halves_kl`` (the
+        penalized run ends at no more than half the unpenalized one's end KL; None when either is missing);
+        ``penalized_steps``, ``unpenalized_steps`` (optimizer steps at each run's end) and
+        ``unpenalized_kl_at_penalized_steps`` (the unpenalized run's KL at its point after as many optimizer steps
+        as the penalized run's end: the runs differ in length, so this compares like with like; None without such
+        a point); ``simpo_kl`` and ``simpo_over_target``.
     """
     cal = calibration(results["eval_sft"])
     runs: dict[str, Any] = {}
@@ -320,17 +374,22 @@ def analyze(results: Mapping[str, Mapping[str, Any]], target_kl: float = 10.0,
     onset = overoptimization_onset(runs["ppo_nokl"]["points"]) if "ppo_nokl" in runs else None
     penalized = results.get("eval_ppo", {}).get("kl")
     unpenalized = results.get("eval_ppo_nokl", {}).get("kl")
+    steps = runs["ppo"]["points"][-1]["step"] if "ppo" in runs else None
+    nokl_points = runs["ppo_nokl"]["points"] if "ppo_nokl" in runs else []
     simpo_kl = results.get("eval_simpo", {}).get("kl")
     return {
         "calibration": cal,
         "proxy_is_reward_model": proxy_is_reward_model,
         "runs": runs,
-        "onset": {**asdict(onset), "drop": onset.drop} if onset else None,
+        "onset": {**asdict(onset), "drop": onset.drop, "combined_ci95": onset.combined_ci95} if onset else None,
         "gold_falls_while_proxy_rises": onset is not None if "ppo_nokl" in runs else None,
         "penalized_kl": penalized,
         "unpenalized_kl": unpenalized,
         "penalty_halves_kl": (penalized <= unpenalized / 2
                               if penalized is not None and unpenalized is not None else None),
+        "penalized_steps": steps,
+        "unpenalized_steps": nokl_points[-1]["step"] if nokl_points else None,
+        "unpenalized_kl_at_penalized_steps": kl_at_step(nokl_points, steps),
         "target_kl": target_kl,
         "simpo_kl": simpo_kl,
         "simpo_over_target": simpo_kl > target_kl if simpo_kl is not None else None,

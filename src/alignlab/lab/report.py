@@ -14,10 +14,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from alignlab.config import MODELS_IN_MEMORY  # noqa: E402
+from alignlab.data.templates import alpaca_input  # noqa: E402
+from alignlab.evaluate import gap_closed  # noqa: E402
 from alignlab.lab.cache import Lab  # noqa: E402
-from alignlab.lab.overoptimization import Fit, analyze, json_safe  # noqa: E402
+from alignlab.lab.overoptimization import Fit, analyze, gains, json_safe  # noqa: E402
 from alignlab.tasks import Task  # noqa: E402
 
 LABELS = {"sft": "SFT", "ppo": "PPO (KL)", "ppo_nokl": "PPO (beta=0)", "grpo": "GRPO", "rloo": "RLOO",
@@ -51,11 +54,13 @@ def summary_rows(lab: Lab) -> list[dict[str, Any]]:
     for method in ["sft", *[m for m in lab.cfg.methods if f"eval_{m}" in lab.results]]:
         ev = sft_eval if method == "sft" else lab.results[f"eval_{method}"]
         trained = lab.results["sft" if method == "sft" else method]
-        gap = ev.get("gap_closed", (ev["gold"] - sft_gold) / (1.0 - sft_gold)) if method != "sft" else 0.0
+        gap = 0.0 if method == "sft" else ev["gap_closed"] if "gap_closed" in ev else \
+            gap_closed(np.array([ev["gold"]]), np.array([sft_gold]))  # older results: from the means alone
         fluency = ev.get("fluency_nll", nan)
         kl = ev.get("kl", 0.0)
         within_budget = kl <= TARGET_KL and fluency <= sft_nll + 1.0
         gap_lo, gap_hi = ev.get("gap_closed_lo", nan), ev.get("gap_closed_hi", nan)
+        met = target(method, gap, gap_lo, gap_hi, within_budget)
         rows.append({
             "method": method, "gold": ev["gold"], "gold_ci95": ev["gold_ci95"],
             "vader": ev.get("vader"), "vader_ci95": ev.get("vader_ci95"),
@@ -64,8 +69,7 @@ def summary_rows(lab: Lab) -> list[dict[str, Any]]:
             "win_rate": ev.get("win_rate", 0.5), "win_rate_lo": ev.get("win_rate_lo"),
             "win_rate_hi": ev.get("win_rate_hi"),
             "gap_closed": gap, "gap_closed_lo": ev.get("gap_closed_lo"), "gap_closed_hi": ev.get("gap_closed_hi"),
-            "meets_target": bool(method != "sft" and gap >= 0.5 and within_budget),
-            "target": target(method, gap, gap_lo, gap_hi, within_budget),
+            "meets_target": met == "yes", "target": met,
             "prompts": ev.get("prompts", ev["n"]), "answers": ev["n"],
             "wall_s": trained["wall_s"], "peak_rss_mb": trained["peak_rss_mb"],
             "samples": trained.get("samples", trained.get("examples")),
@@ -149,10 +153,10 @@ def plot_overoptimization(lab: Lab, analysis: dict[str, Any], path: Path) -> Pat
         held.errorbar(d, gold, yerr=ci, fmt=marker, ms=4, capsize=2, color=color)
         held.plot(d, proxy, "x", ms=6, color=color)
         form = "best-of-n form" if run == "bon" else "RL form"
-        for key, style, gains, what in (("fit_gold", "-", gold, "gold"), ("fit_proxy", "--", proxy, "proxy")):
+        for key, style, values, what in (("fit_gold", "-", gold, "gold"), ("fit_proxy", "--", proxy, "proxy")):
             label = f"{LABELS[run]}: {what} ({form})"
             if not _fit_line(held, fits[key], max(d) * 1.05, style, color, label):  # too few points: join them
-                held.plot(d, gains, style, lw=1, color=color, label=f"{LABELS[run]}: {what} (no fit)")
+                held.plot(d, values, style, lw=1, color=color, label=f"{LABELS[run]}: {what} (no fit)")
     held.axhline(0.0, color="#999999", lw=0.8)
     held.set_xlabel("d = sqrt(KL to the SFT model)  (nats^0.5)")
     held.set_ylabel("gain over the SFT model (gold units)")
@@ -163,12 +167,11 @@ def plot_overoptimization(lab: Lab, analysis: dict[str, Any], path: Path) -> Pat
         curve = lab.results.get(run, {}).get("curve") or []
         if not curve:
             continue
-        d = [math.sqrt(max(c["kl"], 0.0)) for c in curve]
-        rollouts.plot(d, [c["gold"] - curve[0]["gold"] for c in curve], "-", lw=0.9, marker=".", color=COLORS[run],
-                      label=f"{LABELS[run]}: gold")
+        g = gains(curve, slope)  # over the first rollout
+        rollouts.plot(g["d"], g["gold"], "-", lw=0.9, marker=".", color=COLORS[run], label=f"{LABELS[run]}: gold")
         if analysis["proxy_is_reward_model"]:
-            rollouts.plot(d, [slope * (c["proxy"] - curve[0]["proxy"]) for c in curve], "--", lw=0.9,
-                          marker=".", color=COLORS[run], label=f"{LABELS[run]}: proxy")
+            rollouts.plot(g["d"], g["proxy"], "--", lw=0.9, marker=".", color=COLORS[run],
+                          label=f"{LABELS[run]}: proxy")
     rollouts.axhline(0.0, color="#999999", lw=0.8)
     rollouts.set_xlabel("d = sqrt(KL of the rollouts)  (nats^0.5)")
     rollouts.set_ylabel("gain over the first rollout (gold units)")
@@ -234,10 +237,12 @@ def plot_costs(rows: list[dict], path: Path) -> Path:
 
 
 def _pm(value: Any, half_width: Any, digits: int = 3) -> str:
-    """``value ± half-width`` (just the value without an interval)."""
+    """``0.712 ± 0.031``: a value and the half-width of its interval; the value alone when there is no interval
+    (None, or nan: one answer, one seed), "-" without a value."""
     if value is None:
         return "-"
-    return _fmt(value, digits) + (f" ± {_fmt(half_width, digits)}" if half_width is not None else "")
+    no_interval = half_width is None or (isinstance(half_width, float) and math.isnan(half_width))
+    return _fmt(value, digits) + ("" if no_interval else f" ± {_fmt(half_width, digits)}")
 
 
 def _range(value: Any, lo: Any, hi: Any, percent: bool = False) -> str:
@@ -298,7 +303,7 @@ def _eval_inputs(lab: Lab) -> list[str]:
     """The held-out prompts' inputs, in prompt-index order (each once)."""
     rows = [json.loads(line) for line in (lab.root / "eval_sft" / "samples.jsonl").read_text().splitlines()]
     firsts = {r.get("prompt_index", i): r["prompt"] for i, r in reversed(list(enumerate(rows)))}
-    return [firsts[j].split("### Input:\n")[-1].split("\n\n### Response:")[0] for j in sorted(firsts)]
+    return [alpaca_input(firsts[j]) for j in sorted(firsts)]
 
 
 def write_report(lab: Lab, task: Task) -> Path:
@@ -337,7 +342,7 @@ def write_report(lab: Lab, task: Task) -> Path:
         "",
         f"The SFT model's held-out gold score is {sft_eval['gold']:.3f} (the base model's: "
         f"{sft_eval['base_gold']:.3f}); the maximum is 1.0. A method meets the target when it closes at least half "
-        f"of that gap at a KL of at most 10 nats with fluency no more than 1 nat/token worse than SFT's. "
+        f"of that gap at a KL of at most {TARGET_KL:g} nats with fluency no more than 1 nat/token worse than SFT's. "
         + (f"Missed here: {', '.join(missed)}." if missed
            else "" if near else "Every trained method met it in this run.")
         + (f" The line (half the gap closed) is at gold {line:.3f}; the gap-closed interval of "
@@ -439,7 +444,10 @@ def _overoptimization_section(lab: Lab, analysis: dict[str, Any], plotted: bool)
             "d (a - b d) for best-of-n (least squares in a and b; R² around the mean gain, so a form that explains "
             "less than a flat line scores below 0). Gold: markers with 95% intervals, the fit solid; proxy: "
             f"crosses, the fit dashed, the reward model's score put in gold units by a line ({cal['how']}: slope "
-            f"{cal['slope']:.3g}) so the two can be compared. Right: the PPO runs per iteration on their training "
+            f"{cal['slope']:.3g}"
+            + (f"; the proxy's Pearson correlation with the gold there r = {cal['r']:.2f}; not the least-squares "
+               "slope, which is |r| times smaller and would shrink the proxy's gains" if cal.get("r") is not None
+               else "") + ") so the two can be compared. Right: the PPO runs per iteration on their training "
             "rollouts.", "",
             _md_table(["run", "score", "form", "a", "b", "R²", "RMSE", "points"], _fit_rows(analysis)), "",
         ]
@@ -461,51 +469,63 @@ def _fit_rows(analysis: dict[str, Any]) -> list[list[str]]:
 
 
 def _fall_sentence(lab: Lab, analysis: dict[str, Any]) -> str:
-    """Whether the unpenalized run's held-out gold fell past its interval after its peak while the proxy rose."""
+    """Whether the unpenalized run's held-out gold fell after its peak by more than the combined interval of the
+    peak and the later point while the proxy rose, with the numbers of the test."""
     run = analysis["runs"].get("ppo_nokl")
     if not run:
         return ""
     onset, points = analysis["onset"], run["points"]
+    test = ("by more than the combined 95% interval of the two points, sqrt(ci_peak² + ci_later²) (conservative: "
+            "both answer the same prompts, so a paired interval would be narrower)")
     if onset:
-        return (f"Without the KL penalty the gold turns: it peaks at {onset['peak_gold']:.3f} at KL "
-                f"{onset['peak_kl']:.1f} nats, then falls to {onset['gold']:.3f} ± {onset['gold_ci95']:.3f} at KL "
-                f"{onset['kl']:.1f} (a drop of {onset['drop']:.3f}, more than that interval) while the proxy still "
-                f"rises, {onset['peak_proxy']:.3f} -> {onset['proxy']:.3f}: the policy is exploiting the reward "
-                "model where it is wrong.")
+        return (f"Without the KL penalty the gold turns: it peaks at "
+                f"{_pm(onset['peak_gold'], onset['peak_gold_ci95'])} at KL {onset['peak_kl']:.1f} nats, then falls "
+                f"to {_pm(onset['gold'], onset['gold_ci95'])} at KL {onset['kl']:.1f}, a drop of {onset['drop']:.3f}, "
+                f"more than the combined interval {onset['combined_ci95']:.3f} ({test}), while the proxy still rises, "
+                f"{onset['peak_proxy']:.3f} -> {onset['proxy']:.3f}: the policy is exploiting the reward model where "
+                "it is wrong.")
     peak = max(points, key=lambda p: p["gold"])
     end, hacked = points[-1], lab.results.get("eval_ppo_nokl", {})
     sft = lab.results["eval_sft"]
-    return (f"Without the KL penalty no held-out point after the gold's peak ({peak['gold']:.3f} at KL "
-            f"{peak['kl']:.1f} nats) falls below it by more than its 95% interval while the proxy still rises: "
-            f"this run does not show the fall (it ends at gold {end['gold']:.3f} ± {_fmt(end['gold_ci95'])} at KL "
-            f"{end['kl']:.1f}, proxy {points[0]['proxy']:.3f} -> {end['proxy']:.3f})."
+    return (f"Without the KL penalty no held-out point after the gold's peak ({_pm(peak['gold'], peak['gold_ci95'])} "
+            f"at KL {peak['kl']:.1f} nats) falls below it {test} while the proxy still rises: this run does not show "
+            f"the fall (it ends at gold {_pm(end['gold'], end['gold_ci95'])} at KL {end['kl']:.1f}, proxy "
+            f"{points[0]['proxy']:.3f} -> {end['proxy']:.3f})."
             + (f" Its final answers: fluency NLL {hacked['fluency_nll']:.2f} (SFT {sft['fluency_nll']:.2f}), "
                f"distinct-2 {hacked['distinct_2']:.2f} (SFT {sft['distinct_2']:.2f})."
                if "fluency_nll" in hacked else ""))
 
 
 def _kl_sentence(analysis: dict[str, Any]) -> str:
-    """Whether the penalized PPO run ends at no more than half the unpenalized run's KL."""
+    """Whether the penalized PPO run ends at no more than half the unpenalized run's KL (end against end), and the
+    unpenalized run's KL after as many optimizer steps as the penalized run took, where it has that checkpoint."""
     held, free = analysis["penalized_kl"], analysis["unpenalized_kl"]
     if analysis["penalty_halves_kl"] is None:
         return ""
+    halves = analysis["penalty_halves_kl"]
     ratio = f" ({held / free:.0%} of it)" if free > 0 else ""
-    return (f"The KL penalty {'holds' if analysis['penalty_halves_kl'] else 'does not hold'} the policy: PPO (KL) "
-            f"ends at KL {held:.1f} nats, {'no more than' if analysis['penalty_halves_kl'] else 'more than'} half "
-            f"of PPO at beta = 0's {free:.1f}{ratio}.")
+    steps, same = analysis.get("penalized_steps"), analysis.get("unpenalized_kl_at_penalized_steps")
+    # runs of different lengths: at the same optimizer steps the comparison is like with like
+    matched = (f" The unpenalized run is longer ({analysis['unpenalized_steps']} optimizer steps); after the "
+               f"penalized run's {steps} it was at KL {same:.1f}"
+               + (f", so the penalized run ends at {held / same:.0%} of that." if same > 0 else ".")
+               if same is not None and analysis.get("unpenalized_steps") != steps else "")
+    return (f"The KL penalty {'holds' if halves else 'does not hold'} the policy: PPO (KL) ends at KL {held:.1f} "
+            f"nats, {'no more than' if halves else 'more than'} half of PPO at beta = 0's {free:.1f} at its end"
+            f"{ratio}.{matched}")
 
 
 def _simpo_sentence(lab: Lab, analysis: dict[str, Any]) -> str:
-    """SimPO past the KL target: the reference-free method's known cost, and the settings that would tame it."""
+    """SimPO past the KL target: the reference-free method's known cost, and the attempt to tame it that the
+    lab's docs record (measured, not assumed)."""
     if not analysis["simpo_over_target"]:
         return ""
-    cfg = lab.cfg
     return (f"SimPO ends at KL {analysis['simpo_kl']:.1f} nats, above the {analysis['target_kl']:g}-nat target, so "
-            "it misses: that is the reference-free method's known cost. Its loss compares the answers' "
+            "it misses: the drift is the reference-free method's known cost. Its loss compares the answers' "
             "length-normalised log-probabilities with no reference model, so nothing holds it near the SFT model "
-            "(DPO and IPO measure their margins against it). Fewer steps (`dpo_steps`, "
-            f"{cfg.dpo_steps} here, shared with DPO and IPO) or a lower learning rate (`dpo_lr`, {cfg.dpo_lr:g}) "
-            "would tame it, at the price of part of its gain.")
+            "(DPO and IPO measure their margins against it). SimPO keeps its defaults here and the report shows the "
+            "miss: in a measured attempt (docs/lab.md) a lower learning rate held its KL under 10 nats but lost the "
+            "gold and still cost 1.3 nats/token of fluency.")
 
 
 def _along_training(lab: Lab, rows: list[dict]) -> list[str]:

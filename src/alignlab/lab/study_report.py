@@ -1,9 +1,10 @@
 """The study's report: ``study.md``, ``study.json``, ``frontiers.png`` and a self-contained ``study.html``, from the
 runs' points and the frontiers of :mod:`alignlab.lab.study`.
 
-The verdict at a KL budget compares the methods by the best gold their frontiers reach within it: the leader and the
-runner-up by their paired difference across seeds (``frontier.paired_difference``); a difference whose 95%
-interval includes 0 is within noise.
+The verdict at a KL budget compares the methods by the best gold their frontiers reach within it: the leader (the
+highest mean over seeds) against every other method that reaches the budget, by their paired difference across seeds
+(``frontier.paired_difference``); a difference whose 95% interval includes 0 is within noise, and the leader wins
+only when no difference is.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from alignlab.config import MODELS_IN_MEMORY, STUDY_SWEEPS  # noqa: E402
 from alignlab.lab.cache import write_atomic  # noqa: E402
 from alignlab.lab.frontier import (  # noqa: E402
     AtBudget,
-    Interval,
     MethodFrontier,
     Run,
     envelope_at,
     mean_interval,
     paired_difference,
 )
-from alignlab.lab.report import COLORS, LABELS, _html, _md_table  # noqa: E402
+from alignlab.lab.report import COLORS, LABELS, _html, _md_table, _pm  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- the verdict
 
@@ -39,11 +39,9 @@ def _golds(at: list[AtBudget]) -> list[float]:
     return [a.gold for a in at]
 
 
-def _pm(interval: Interval, digits: int = 3) -> str:
-    """``0.712 ± 0.031`` (``0.712`` alone with one seed)."""
-    if math.isnan(interval.half_width):
-        return f"{interval.mean:.{digits}f}"
-    return f"{interval.mean:.{digits}f} ± {interval.half_width:.{digits}f}"
+def _gold(at: list[AtBudget]) -> str:
+    """A method's gold at a budget across seeds: ``mean ± t-interval`` (the mean alone with one seed)."""
+    return _pm(*mean_interval(_golds(at)))
 
 
 def reach_note(at: list[AtBudget]) -> str:
@@ -52,9 +50,18 @@ def reach_note(at: list[AtBudget]) -> str:
     return "" if reached == len(at) else "not reached" if reached == 0 else f"reached on {reached}/{len(at)} seeds"
 
 
+def _names(methods: list[str]) -> str:
+    return ", ".join(LABELS[m] for m in methods)
+
+
 def budget_sentence(budget: float, at: dict[str, list[AtBudget]]) -> str:
-    """Which method wins at KL <= ``budget``: the one with the highest mean gold over seeds, when its paired
-    difference to the runner-up has a 95% interval above 0; otherwise the two are within noise.
+    """Which method wins at KL <= ``budget``.
+
+    The leader is the method with the highest mean gold over seeds. It wins when its paired difference with every
+    other method whose frontier reaches the budget (on at least one seed) has a 95% interval above 0 (lower bound
+    > 0); otherwise it only leads, and the methods it cannot be told apart from (interval including 0) are named.
+    A method whose frontier ends before the budget on every seed is not compared (its value there is its best at
+    less KL, said in the table); the sentence says when the leader reaches the budget on only some seeds.
 
     Args:
         budget: the KL budget, nats.
@@ -62,32 +69,42 @@ def budget_sentence(budget: float, at: dict[str, list[AtBudget]]) -> str:
             order, for every method).
     """
     ranked = sorted(at, key=lambda m: -mean_interval(_golds(at[m])).mean)  # stable: ties keep the methods' order
-    best = ranked[0]
+    best, others = ranked[0], ranked[1:]
     head = f"At KL <= {budget:g} nats"
-    unreached = f" ({LABELS[best]}'s frontier ends before this budget: its best at less KL)" \
-        if reach_note(at[best]) == "not reached" else ""
-    if len(ranked) == 1:
-        return f"{head} only {LABELS[best]} ran: gold {_pm(mean_interval(_golds(at[best])))}{unreached}."
-    second = ranked[1]
-    diff = paired_difference(_golds(at[best]), _golds(at[second]))
-    best_gold, second_gold = (_pm(mean_interval(_golds(at[m]))) for m in (best, second))
-    if math.isnan(diff.half_width):
-        return (f"{head} {LABELS[best]} is ahead ({best_gold} against {LABELS[second]}'s {second_gold}), but with one "
-                f"seed there is no interval to tell it from noise{unreached}.")
-    if diff.excludes_zero():
-        return (f"{head} {LABELS[best]} wins: gold {best_gold}, {_pm(diff)} above the runner-up {LABELS[second]} "
-                f"({second_gold}; paired across {len(at[best])} seeds){unreached}.")
-    return (f"{head} {LABELS[best]} ({best_gold}) and {LABELS[second]} ({second_gold}) are within noise: their paired "
-            f"difference {_pm(diff)} includes 0{unreached}.")
+    note = reach_note(at[best])
+    reach = (f" ({LABELS[best]}'s frontier ends before this budget: its best at less KL)" if note == "not reached"
+             else f" ({LABELS[best]}'s frontier {note}; on the others its best at less KL)" if note else "")
+    if not others:
+        return f"{head} only {LABELS[best]} ran: gold {_gold(at[best])}{reach}."
+    rivals = [m for m in others if reach_note(at[m]) != "not reached"]
+    unreached = [m for m in others if m not in rivals]
+    skipped = (f" Not compared: {_names(unreached)} (frontier ends before this budget on every seed)."
+               if unreached else "")
+    if not rivals:
+        return f"{head} {LABELS[best]} leads (gold {_gold(at[best])}){reach}: no other frontier reaches it.{skipped}"
+    diffs = {m: paired_difference(_golds(at[best]), _golds(at[m])) for m in rivals}
+    runner = rivals[0]
+    if all(math.isnan(d.half_width) for d in diffs.values()):
+        return (f"{head} {LABELS[best]} is ahead ({_gold(at[best])} against {LABELS[runner]}'s {_gold(at[runner])}), "
+                f"but with one seed there is no interval to tell it from noise{reach}.{skipped}")
+    close = [m for m, d in diffs.items() if not d.low > 0]  # includes 0 (the leader's mean is the highest)
+    if not close:
+        return (f"{head} {LABELS[best]} wins: gold {_gold(at[best])}, {_pm(*diffs[runner])} above the runner-up "
+                f"{LABELS[runner]} ({_gold(at[runner])}), and its paired difference with every other method that "
+                f"reaches this budget excludes 0 (paired across {len(at[best])} seeds){reach}.{skipped}")
+    return (f"{head} {LABELS[best]} leads (gold {_gold(at[best])}){reach}; within noise of "
+            + "; ".join(f"{LABELS[m]} ({_gold(at[m])}; paired difference {_pm(*diffs[m])} includes 0)" for m in close)
+            + f".{skipped}")
 
 
 def dpo_paper_verdict(by_budget: dict[float, dict[str, list[AtBudget]]]) -> tuple[str, str]:
     """Whether the DPO paper's IMDb finding (DPO's frontier dominates PPO's) holds here, as (status, sentence).
 
     Over the budgets both frontiers reach (each on at least one seed), with d = DPO - PPO paired across seeds:
-    ``reproduced`` when mean d >= 0 at every such budget and d's 95% interval is above 0 at one; ``not reproduced``
-    when d's interval is below 0 at some budget (PPO significantly better); else ``inconclusive``; ``not tested``
-    when the study did not run both.
+    ``not reproduced`` when d's 95% interval is below 0 at some budget (PPO significantly better); ``reproduced``
+    when mean d >= 0 at every such budget and d's interval is above 0 at one; ``mixed`` when d's interval is above
+    0 at one budget but PPO's mean is higher (within noise) at another, naming where each leads; else
+    ``inconclusive``; ``not tested`` when the study did not run both.
     """
     if not all("dpo" in at and "ppo" in at for at in by_budget.values()):
         return "not tested", "The DPO paper's IMDb finding (DPO's frontier dominates PPO's) is not tested: the " \
@@ -97,14 +114,20 @@ def dpo_paper_verdict(by_budget: dict[float, dict[str, list[AtBudget]]]) -> tupl
     claim = "The DPO paper's IMDb finding (DPO's reward/KL frontier dominates PPO's)"
     if not shared:
         return "inconclusive", f"{claim} cannot be checked here: no budget is reached by both frontiers."
-    listed = "; ".join(f"{b:g} nats: DPO - PPO = {_pm(d)}" for b, d in shared.items())
+    listed = "; ".join(f"{b:g} nats: DPO - PPO = {_pm(*d)}" for b, d in shared.items())
     ppo_ahead = [b for b, d in shared.items() if d.high < 0]
     if ppo_ahead:
         return "not reproduced", f"{claim} is **not reproduced**: PPO is significantly better at " \
                                  f"{', '.join(f'{b:g}' for b in ppo_ahead)} nats ({listed})."
-    if all(d.mean >= 0 for d in shared.values()) and any(d.low > 0 for d in shared.values()):
+    dpo_ahead = [b for b, d in shared.items() if d.low > 0]
+    ppo_mean_ahead = [b for b, d in shared.items() if d.mean < 0]
+    if dpo_ahead and not ppo_mean_ahead:
         return "reproduced", f"{claim} is **reproduced**: DPO is at least as good at every budget both reach and " \
                              f"significantly better at one ({listed})."
+    if dpo_ahead:
+        return "mixed", (f"{claim} is **mixed** here: DPO is significantly better at "
+                         f"{', '.join(f'{b:g}' for b in dpo_ahead)} nats, while PPO's mean is higher (within noise) at "
+                         f"{', '.join(f'{b:g}' for b in ppo_mean_ahead)} nats ({listed}).")
     return "inconclusive", f"{claim} is **inconclusive** here: the differences are within noise ({listed})."
 
 
@@ -140,11 +163,26 @@ def _verdict_table(cfg: Any, rows: list[dict[str, Any]]) -> str:
         cells = []
         for b in cfg.kl_budgets:
             cell = r["budgets"][str(b)]
-            text = _pm(Interval(cell["mean"], cell["ci95"]))
+            text = _pm(cell["mean"], cell["ci95"])
             cells.append(f"{text} ({cell['note']})" if cell["note"] else text)
         body.append([LABELS[r["method"]], r["sweep"], *cells, f"{r['train_wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
                      r["models"]])
     return _md_table(head, body)
+
+
+def checkpoints(cfg: Any) -> str:
+    """How many models along training each method's run is evaluated at, besides its end: ``curve_points``, but
+    ``nokl_curve_points`` for PPO at beta = 0 and the earlier rounds for rejection sampling."""
+    if not cfg.curve_points and "ppo_nokl" not in cfg.methods:
+        return "no checkpoints"
+    parts = [f"{cfg.curve_points} checkpoints per run"]
+    if "ppo_nokl" in cfg.methods:
+        parts.append(f"PPO at beta = 0: {cfg.nokl_curve_points}")
+    if "rs" in cfg.methods and cfg.curve_points:
+        parts.append(f"rejection sampling: the end of each of its first {cfg.rs_rounds - 1} round(s)")
+    if "bon" in cfg.methods:
+        parts.append("best-of-n: its curve over n")
+    return "; ".join(parts)
 
 
 def stage_kind(name: str) -> str:
@@ -215,7 +253,7 @@ def write_study_report(cfg: Any, runs: list[Run], frontiers: dict[str, MethodFro
         "",
         f"Task **{cfg.task}**, model `{cfg.model}`, seeds {', '.join(map(str, cfg.seeds))} (one lab each: its own "
         "SFT model, preference data and reward model); every method trained at each value of its KL control and "
-        f"evaluated along training ({cfg.curve_points} checkpoints) and at the end on {cfg.n_eval} held-out prompts.",
+        f"evaluated along training ({checkpoints(cfg)}) and at the end on {cfg.n_eval} held-out prompts.",
         "",
         "## The answer",
         "",
@@ -227,11 +265,15 @@ def write_study_report(cfg: Any, runs: list[Run], frontiers: dict[str, MethodFro
         "Gold at a budget = the best held-out gold the method's frontier reaches at KL <= the budget (linear between "
         "frontier points: a mixture of two models reaches it), mean ± the 95% t-interval across seeds "
         "(t_{0.975, S-1} sd / sqrt(S)). A frontier is the upper envelope of every checkpoint and final model of all "
-        "the method's runs on one seed, with the SFT model at KL 0. *not reached*: none of the method's models spent "
-        "that much KL on any seed (the value is its best at less KL). Winner: the highest mean whose difference to "
-        "the runner-up, paired by seed, has a 95% interval above 0. Train time: mean wall time of one training "
-        "stage; peak RSS: the largest over its training stages. Best-of-n's KL is the analytic bound "
-        "log n - (n-1)/n.",
+        "the method's runs on one seed, with the SFT model at KL 0. An envelope is a maximum over noisy points, so it "
+        "is biased upward, the more so the more points it takes and the noisier they are (checkpoints are scored on "
+        f"{cfg.curve_answers} answer(s) per prompt, final models on {cfg.eval_answers}): a method with more runs or "
+        "checkpoints is favoured. *reached on k/S seeds*: on only k of the S seeds did one of the method's models "
+        "spend that much KL; on the others the value is its best at less KL. *not reached*: on no seed. Winner: the "
+        "highest mean whose difference to every other method that reaches the budget, paired by seed, has a 95% "
+        "interval above 0; otherwise the leader and the methods within noise of it are named. Train time: mean wall "
+        "time of one training stage; peak RSS: the largest over its training stages. Best-of-n's KL is the analytic "
+        "bound log n - (n-1)/n.",
         "",
         "## Frontiers",
         "",

@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+from alignlab.data.templates import alpaca_input
 from alignlab.tasks.base import Task
 
 INSTRUCTION = "Continue the movie review."
@@ -153,9 +154,7 @@ def repetition(response: str) -> float:
 def _opening(prompt: str) -> str:
     """The review opening inside a rendered Alpaca prompt (its ``input``), or the prompt itself: the template's
     preamble and instruction are the same for every prompt and say nothing about this film."""
-    if "### Input:" in prompt:
-        prompt = prompt.split("### Input:", 1)[1].split("### Response:", 1)[0]
-    return prompt
+    return alpaca_input(prompt)
 
 
 def relevance(prompt: str | None, response: str) -> float:
