@@ -80,10 +80,13 @@ def test_the_leader_wins_only_when_it_beats_every_method_that_reaches_the_budget
     sentence = budget_sentence(5.0, at)
     assert sentence.startswith("At KL <= 5 nats DPO leads") and "wins" not in sentence
     assert "within noise of PPO (KL)" in sentence and "IPO" not in sentence
-    # a method that never reaches the budget is not compared (its value is its best at less KL)
+    # a method that never reaches the budget is compared by its best at less KL, and named as such
     at["ppo"] = _at(0.45, 0.79, 0.55, reached=False)
     sentence = budget_sentence(5.0, at)
-    assert sentence.startswith("At KL <= 5 nats DPO wins") and "Not compared: PPO (KL)" in sentence
+    assert sentence.startswith("At KL <= 5 nats DPO leads") and "within noise of PPO (KL)" in sentence
+    assert "PPO (KL): frontier ends before this budget on every seed, compared by its best" in sentence
+    at["ppo"] = _at(0.45, 0.50, 0.55, reached=False)
+    assert budget_sentence(5.0, at).startswith("At KL <= 5 nats DPO wins")
     # the leader reaching the budget on only some seeds is said
     at["dpo"] = [AtBudget(0.70, True), AtBudget(0.76, False), AtBudget(0.80, True)]
     assert "DPO's frontier reached on 2/3 seeds" in budget_sentence(5.0, at)

@@ -60,8 +60,9 @@ def budget_sentence(budget: float, at: dict[str, list[AtBudget]]) -> str:
     The leader is the method with the highest mean gold over seeds. It wins when its paired difference with every
     other method whose frontier reaches the budget (on at least one seed) has a 95% interval above 0 (lower bound
     > 0); otherwise it only leads, and the methods it cannot be told apart from (interval including 0) are named.
-    A method whose frontier ends before the budget on every seed is not compared (its value there is its best at
-    less KL, said in the table); the sentence says when the leader reaches the budget on only some seeds.
+    A method whose frontier ends before the budget on every seed is compared by its best at less KL (a method that
+    needs less drift is a fair choice under the budget) and named as such; the sentence says when the leader
+    reaches the budget on only some seeds.
 
     Args:
         budget: the KL budget, nats.
@@ -76,12 +77,10 @@ def budget_sentence(budget: float, at: dict[str, list[AtBudget]]) -> str:
              else f" ({LABELS[best]}'s frontier {note}; on the others its best at less KL)" if note else "")
     if not others:
         return f"{head} only {LABELS[best]} ran: gold {_gold(at[best])}{reach}."
-    rivals = [m for m in others if reach_note(at[m]) != "not reached"]
-    unreached = [m for m in others if m not in rivals]
-    skipped = (f" Not compared: {_names(unreached)} (frontier ends before this budget on every seed)."
-               if unreached else "")
-    if not rivals:
-        return f"{head} {LABELS[best]} leads (gold {_gold(at[best])}){reach}: no other frontier reaches it.{skipped}"
+    rivals = others
+    unreached = [m for m in others if reach_note(at[m]) == "not reached"]
+    skipped = (f" {_names(unreached)}: frontier ends before this budget on every seed, compared by its best at "
+               "less KL." if unreached else "")
     diffs = {m: paired_difference(_golds(at[best]), _golds(at[m])) for m in rivals}
     runner = rivals[0]
     if all(math.isnan(d.half_width) for d in diffs.values()):
@@ -90,8 +89,8 @@ def budget_sentence(budget: float, at: dict[str, list[AtBudget]]) -> str:
     close = [m for m, d in diffs.items() if not d.low > 0]  # includes 0 (the leader's mean is the highest)
     if not close:
         return (f"{head} {LABELS[best]} wins: gold {_gold(at[best])}, {_pm(*diffs[runner])} above the runner-up "
-                f"{LABELS[runner]} ({_gold(at[runner])}), and its paired difference with every other method that "
-                f"reaches this budget excludes 0 (paired across {len(at[best])} seeds){reach}.{skipped}")
+                f"{LABELS[runner]} ({_gold(at[runner])}), and its paired difference with every other method "
+                f"excludes 0 (paired across {len(at[best])} seeds){reach}.{skipped}")
     return (f"{head} {LABELS[best]} leads (gold {_gold(at[best])}){reach}; within noise of "
             + "; ".join(f"{LABELS[m]} ({_gold(at[m])}; paired difference {_pm(*diffs[m])} includes 0)" for m in close)
             + f".{skipped}")
