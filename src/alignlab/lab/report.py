@@ -481,7 +481,9 @@ def _fall_sentence(lab: Lab, analysis: dict[str, Any]) -> str:
         return (f"Without the KL penalty the gold turns: it peaks at "
                 f"{_pm(onset['peak_gold'], onset['peak_gold_ci95'])} at KL {onset['peak_kl']:.1f} nats, then falls "
                 f"to {_pm(onset['gold'], onset['gold_ci95'])} at KL {onset['kl']:.1f}, a drop of {onset['drop']:.3f}, "
-                f"more than the combined interval {onset['combined_ci95']:.3f} ({test}), while the proxy still rises, "
+                f"more than the combined 95% interval of the two points, {onset['combined_ci95']:.3f} = sqrt(ci_peak² "
+                "+ ci_later²) (conservative: both answer the same prompts, so a paired interval would be narrower), "
+                "while the proxy still rises, "
                 f"{onset['peak_proxy']:.3f} -> {onset['proxy']:.3f}: the policy is exploiting the reward model where "
                 "it is wrong.")
     peak = max(points, key=lambda p: p["gold"])
