@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,11 +82,13 @@ def test_adapter_only_export_reloads_with_peft(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_smollm2_reloads_from_cache_quickly(smollm2_path):
-    start = time.perf_counter()
+def test_smollm2_reloads_from_the_cache_without_converting_again(smollm2_path):
+    # the GGUF is converted once: a reload reads the cached safetensors and rewrites nothing (how fast that is
+    # belongs to the benchmarks, not to a timed test)
+    before = {f: f.stat().st_mtime_ns for f in Path(smollm2_path).iterdir()}
     model = load_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    assert time.perf_counter() - start < 5.0  # < 2 s on an idle machine; slack for a loaded CI box
+    assert {f: f.stat().st_mtime_ns for f in Path(smollm2_path).iterdir()} == before
     assert resolve_model("smollm2-135m-instruct") == smollm2_path
     assert model.config.quantization_config is None if hasattr(model.config, "quantization_config") else True
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
