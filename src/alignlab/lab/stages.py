@@ -426,12 +426,11 @@ class Context:
         proxy = [proxy_flat[i * n : (i + 1) * n] for i in range(len(groups))]
         gold = [gold_flat[i * n : (i + 1) * n] for i in range(len(groups))]
         curve = []
-        for k in curve_ks(n):
+        for k in curve_ks(n):  # ends at k = n: its picks are the answers evaluated
             picks = [max(range(k), key=lambda i, s=s: (s[i], -i)) for s in proxy]
             curve.append({"n": k, "kl": best_of_n_kl(k),
                           "gold": sum(g[i] for g, i in zip(gold, picks)) / len(picks),
                           "proxy": sum(s[i] for s, i in zip(proxy, picks)) / len(picks)})
-        picks = [max(range(n), key=lambda i, s=s: (s[i], -i)) for s in proxy]
         chosen = [groups[j][i] for j, i in enumerate(picks)]
         return {"n": n, "kl_bound": best_of_n_kl(n), "samples": len(texts), "optimizer_steps": 0,
                 "curve": curve, "chosen_samples": [s.__dict__ for s in chosen]}
